@@ -1,0 +1,223 @@
+//! Validated newtypes: input is parsed into these once, at the edge, and trusted behind it.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use uuid::Uuid;
+
+/// Longest accepted user id, in bytes.
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Most messages one request may carry.
+pub const MAX_MESSAGES: usize = 256;
+const MAX_MODEL_LEN: usize = 256;
+
+/// A validation failure that names the offending field, e.g. `messages[2].role`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A job's identity: a UUIDv7, so ids sort by submission time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "Uuid", into = "Uuid")]
+pub struct JobId(Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    pub fn parse(text: &str) -> Result<Self, FieldError> {
+        let uuid =
+            Uuid::parse_str(text).map_err(|_| FieldError::new("job_id", "must be a UUID"))?;
+        Self::try_from(uuid)
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TryFrom<Uuid> for JobId {
+    type Error = FieldError;
+
+    fn try_from(uuid: Uuid) -> Result<Self, FieldError> {
+        if uuid.get_version_num() != 7 {
+            return Err(FieldError::new("job_id", "must be a UUIDv7"));
+        }
+        Ok(Self(uuid))
+    }
+}
+
+impl From<JobId> for Uuid {
+    fn from(id: JobId) -> Uuid {
+        id.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The user a job belongs to; also the Kafka record key, so one user's jobs keep their order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(text: impl Into<String>) -> Result<Self, FieldError> {
+        let text = text.into();
+        if text.is_empty() || text.len() > MAX_USER_ID_LEN {
+            return Err(FieldError::new(
+                "user_id",
+                format!("must be 1 to {MAX_USER_ID_LEN} bytes long"),
+            ));
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.:@".contains(c);
+        if !text.chars().all(allowed) {
+            return Err(FieldError::new(
+                "user_id",
+                "may hold only ASCII letters, digits and - _ . : @",
+            ));
+        }
+        Ok(Self(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = FieldError;
+
+    fn try_from(text: String) -> Result<Self, FieldError> {
+        Self::parse(text)
+    }
+}
+
+impl From<UserId> for String {
+    fn from(id: UserId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The model a job asks for, as the backend names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ModelName(String);
+
+impl ModelName {
+    pub fn parse(text: impl Into<String>) -> Result<Self, FieldError> {
+        let text = text.into();
+        if text.trim().is_empty() || text.len() > MAX_MODEL_LEN {
+            return Err(FieldError::new(
+                "model",
+                format!("must be 1 to {MAX_MODEL_LEN} bytes long"),
+            ));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "model",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ModelName {
+    type Error = FieldError;
+
+    fn try_from(text: String) -> Result<Self, FieldError> {
+        Self::parse(text)
+    }
+}
+
+impl From<ModelName> for String {
+    fn from(name: ModelName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for ModelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The author of a chat message, as in OpenAI's chat completions API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Sampling parameters passed through to the model backend (`temperature`, `max_tokens`, ...).
+/// Sluice does not interpret them; the backend validates them.
+pub type Params = serde_json::Map<String, serde_json::Value>;
+
+/// Checks a message list: not empty, not too long, no empty content.
+pub(crate) fn check_messages(messages: &[Message]) -> Result<(), FieldError> {
+    if messages.is_empty() {
+        return Err(FieldError::new(
+            "messages",
+            "must hold at least one message",
+        ));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(FieldError::new(
+            "messages",
+            format!("must hold at most {MAX_MESSAGES} messages"),
+        ));
+    }
+    if let Some(index) = messages
+        .iter()
+        .position(|message| message.content.is_empty())
+    {
+        return Err(FieldError::new(
+            format!("messages[{index}].content"),
+            "must not be empty",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! The event contract shared by every Sluice service and by producers that write to Kafka directly.
+//!
+//! `request.schema.json` and `status.schema.json` beside this crate are the public form of the
+//! same contract; `tests/schemas.rs` proves that the two agree.
+
+mod domain;
+mod events;
+
+pub use domain::{
+    FieldError, JobId, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role, UserId,
+};
+pub use events::{
+    DecodeError, ErrorCode, JobError, JobStatus, Output, RequestEvent, SCHEMA_VERSION, StatusEvent,
+    Timings, Usage, decode_json,
+};
+
+/// Record header names used on every Sluice topic.
+pub mod headers {
+    /// `application/json` on every record Sluice writes.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The event's `schema_version`, so a consumer can route without parsing the payload.
+    pub const SCHEMA_VERSION: &str = "schema-version";
+    /// Dead-letter records: why the record was rejected.
+    pub const DLQ_REASON: &str = "dlq-reason";
+    /// Dead-letter records: the topic the record came from.
+    pub const DLQ_SOURCE_TOPIC: &str = "dlq-source-topic";
+    /// Dead-letter records: the partition the record came from.
+    pub const DLQ_SOURCE_PARTITION: &str = "dlq-source-partition";
+    /// Dead-letter records: the offset the record had in its source partition.
+    pub const DLQ_SOURCE_OFFSET: &str = "dlq-source-offset";
+    /// Dead-letter records: the service that rejected it.
+    pub const DLQ_REJECTED_BY: &str = "dlq-rejected-by";
+}
+
+/// Default topic names; every service lets them be changed.
+pub mod topics {
+    pub const REQUESTS: &str = "sluice.requests";
+    pub const STATUS: &str = "sluice.status";
+    pub const REQUESTS_DLQ: &str = "sluice.requests.dlq";
+    pub const STATUS_DLQ: &str = "sluice.status.dlq";
+}

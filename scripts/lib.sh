@@ -1,0 +1,140 @@
+# Shared by scripts/run and scripts/test: installs what is missing, starts what is not running.
+# Everything installed goes to places that are reused the next time; nothing depends on what a
+# machine happens to have except Debian's apt and a Rust toolchain.
+#
+# Settings (environment):
+#   SLUICE_STATE_DIR   where the local Postgres cluster, the broker's SQLite file and logs live
+#   SLUICE_PG_PORT     port of the local Postgres cluster (default 55432)
+#   SLUICE_KAFKA_PORT  port of the local Tansu broker (default 9092)
+#   SLUICE_TOOLS_DIR   where Tansu and the Python checkers are installed (default ~/.local/share/sluice)
+
+TANSU_VERSION=0.6.0
+SLUICE_STATE_DIR=${SLUICE_STATE_DIR:-/var/tmp/sluice-$(id -u)}
+SLUICE_TOOLS_DIR=${SLUICE_TOOLS_DIR:-$HOME/.local/share/sluice}
+SLUICE_PG_PORT=${SLUICE_PG_PORT:-55432}
+SLUICE_KAFKA_PORT=${SLUICE_KAFKA_PORT:-9092}
+STARTED_PIDS=()
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() { # port seconds what
+  local deadline=$((SECONDS + $2))
+  until port_open "$1"; do
+    [ "$SECONDS" -lt "$deadline" ] || die "$3 did not open port $1 within $2 s"
+    sleep 0.2
+  done
+}
+
+apt_install() {
+  log "installing $* from Debian's packages"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- Postgres ---------------------------------------------------------------------------
+
+pg_bin_dir() {
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+# Runs a Postgres server program as the cluster's owner: Postgres refuses to run as root.
+pg_run() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+ensure_postgres() {
+  [ -n "$(pg_bin_dir)" ] && [ -x "$(pg_bin_dir)/postgres" ] || apt_install postgresql
+  PG_BIN=$(pg_bin_dir)
+  command -v psql >/dev/null || apt_install postgresql-client
+}
+
+start_postgres() {
+  ensure_postgres
+  local data="$SLUICE_STATE_DIR/postgres"
+  export SLUICE_PG_ADMIN_URL="postgres://postgres@127.0.0.1:$SLUICE_PG_PORT/postgres"
+  if port_open "$SLUICE_PG_PORT"; then
+    log "Postgres already listening on 127.0.0.1:$SLUICE_PG_PORT"
+    return
+  fi
+  mkdir -p "$SLUICE_STATE_DIR"
+  if [ ! -s "$data/PG_VERSION" ]; then
+    log "creating a Postgres cluster in $data"
+    mkdir -p "$data"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$data"
+    chmod 700 "$data"
+    # Trust on loopback only: a development and test cluster, never exposed.
+    pg_run "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  log "starting Postgres on 127.0.0.1:$SLUICE_PG_PORT"
+  pg_run "$PG_BIN/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
+    -o "-p $SLUICE_PG_PORT -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400" >/dev/null \
+    || { tail -n 20 "$data/server.log" >&2; die "Postgres did not start"; }
+  STOP_POSTGRES="$data"
+}
+
+stop_postgres() {
+  [ -n "${STOP_POSTGRES:-}" ] || return 0
+  pg_run "$(pg_bin_dir)/pg_ctl" -D "$STOP_POSTGRES" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+# --- Tansu (Kafka-compatible broker) ----------------------------------------------------
+
+ensure_tansu() {
+  local installed="$SLUICE_TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu"
+  if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q " $TANSU_VERSION"; then
+    TANSU_BIN=$(command -v tansu)
+  elif [ -x "$installed" ]; then
+    TANSU_BIN=$installed
+  else
+    log "building Tansu $TANSU_VERSION from crates.io (about 11 minutes, once)"
+    command -v cargo >/dev/null || die "cargo is needed to install Tansu"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql,postgres \
+      --root "$SLUICE_TOOLS_DIR/tansu-$TANSU_VERSION"
+    TANSU_BIN=$installed
+  fi
+}
+
+start_tansu() {
+  export KAFKA_BROKERS="127.0.0.1:$SLUICE_KAFKA_PORT"
+  if port_open "$SLUICE_KAFKA_PORT"; then
+    log "a Kafka broker is already listening on $KAFKA_BROKERS"
+    return
+  fi
+  ensure_tansu
+  mkdir -p "$SLUICE_STATE_DIR"
+  log "starting Tansu $TANSU_VERSION on $KAFKA_BROKERS (SQLite storage in $SLUICE_STATE_DIR)"
+  # sqlite:// plus an absolute path (so three slashes before it). SQLite storage, not memory://: the memory engine skips records when a consumer resumes
+  # from a committed offset inside a record batch.
+  "$TANSU_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$SLUICE_KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$SLUICE_KAFKA_PORT" \
+    --storage-engine "sqlite:///$SLUICE_STATE_DIR/tansu.db" \
+    >"$SLUICE_STATE_DIR/tansu.log" 2>&1 &
+  STARTED_PIDS+=($!)
+  wait_for_port "$SLUICE_KAFKA_PORT" 60 Tansu
+}
+
+# --- Python checkers (compose file) -----------------------------------------------------
+
+ensure_checkers() {
+  local venv="$SLUICE_TOOLS_DIR/venv"
+  if [ ! -x "$venv/bin/check-jsonschema" ]; then
+    log "installing check-jsonschema from PyPI into $venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install -q "check-jsonschema==0.39.0"
+  fi
+  CHECK_JSONSCHEMA="$venv/bin/check-jsonschema"
+}
+
+stop_started() {
+  for pid in "${STARTED_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${STARTED_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_postgres
+}

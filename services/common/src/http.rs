@@ -1,0 +1,56 @@
+//! The JSON error body every Sluice API answers with, and the liveness route.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// `{"error": {"code", "message"}}` with the given status.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: ErrorDetail { code, message },
+        }),
+    )
+        .into_response()
+}
+
+/// `GET /healthz`: the process is alive and serving HTTP.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz` body: ready, or the list of what is not.
+pub fn readiness(problems: Vec<String>) -> Response {
+    if problems.is_empty() {
+        return Json(serde_json::json!({ "status": "ready" })).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "status": "not_ready", "problems": problems })),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document for the ingest and results APIs.
+pub const OPENAPI_JSON: &str = include_str!("../../../schemas/openapi.json");
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON,
+    )
+}

@@ -1,0 +1,206 @@
+//! Kafka client settings shared by every service, and idempotent topic creation.
+
+use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where the brokers are and how Sluice talks to them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, comma separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+
+    /// Longest a consumer's fetch waits at the broker for data. librdkafka's default is 500;
+    /// brokers that do not answer a waiting fetch when records arrive (Tansu) want about 5.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
+    pub fetch_wait_max_ms: u32,
+
+    /// Partitions for topics this service creates. Fixed once a topic exists.
+    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 12)]
+    pub topic_partitions: i32,
+
+    /// Replication factor for topics this service creates.
+    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+
+    /// Producer linger: how long a record may wait to share a batch with others.
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u32,
+
+    /// Most time a produced record may take to be acknowledged before the send fails.
+    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub message_timeout_ms: u32,
+
+    /// Extra librdkafka properties, `key=value` comma separated (e.g. `security.protocol=ssl`).
+    #[arg(long, env = "KAFKA_EXTRA_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    pub extra_properties: Properties,
+}
+
+/// `key=value` pairs passed to librdkafka as they are.
+#[derive(Debug, Clone, Default)]
+pub struct Properties(pub Vec<(String, String)>);
+
+fn parse_properties(text: &str) -> Result<Properties, String> {
+    let mut pairs = Vec::new();
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}` is not key=value"))?;
+        pairs.push((key.trim().to_owned(), value.trim().to_owned()));
+    }
+    Ok(Properties(pairs))
+}
+
+impl KafkaArgs {
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.extra_properties.0 {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// An idempotent producer: `acks=all`, no duplicates or reordering on retry, short linger.
+    pub fn producer_config(&self, client_id: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("client.id", client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("message.timeout.ms", self.message_timeout_ms.to_string())
+            .set("compression.type", "lz4");
+        config
+    }
+
+    /// A group consumer that stores offsets only when told to (`store_offset`), and commits
+    /// what was stored in the background; services commit synchronously on revoke and shutdown.
+    pub fn consumer_config(&self, client_id: &str, group_id: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("client.id", client_id)
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            // Why: an offset is stored only after the record's work is durable downstream.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("max.poll.interval.ms", "300000");
+        config
+    }
+
+    /// Creates the topics that do not exist yet; existing ones are left as they are.
+    pub async fn ensure_topics(&self, names: &[&str]) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .base()
+            .create()
+            .context("creating the Kafka admin client")?;
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    self.topic_partitions,
+                    TopicReplication::Fixed(self.topic_replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&topics, &options)
+            .await
+            .with_context(|| format!("creating topics {names:?} at {}", self.brokers))?;
+        for result in results {
+            match result {
+                Ok(name) => {
+                    tracing::info!(topic = %name, partitions = self.topic_partitions, "created topic")
+                }
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    tracing::debug!(topic = %name, "topic exists")
+                }
+                Err((name, code)) => anyhow::bail!("creating topic {name} failed: {code}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the rebalance callbacks tell a consumer loop; they run inside `recv()`, on its task.
+#[derive(Debug, Default)]
+pub struct RebalanceState {
+    /// Set after the first assignment: the worker is in the group.
+    joined: AtomicBool,
+    /// Set by every assignment, so a paused loop also pauses the new partitions.
+    assigned_again: AtomicBool,
+    /// Partitions taken away since the loop last looked.
+    revoked: Mutex<Vec<(String, i32)>>,
+}
+
+impl RebalanceState {
+    pub fn is_joined(&self) -> bool {
+        self.joined.load(Ordering::SeqCst)
+    }
+
+    /// Partitions revoked since the last call.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        std::mem::take(&mut *self.revoked.lock().expect("revoked list lock"))
+    }
+
+    /// Whether partitions were assigned since the last call.
+    pub fn take_assigned_again(&self) -> bool {
+        self.assigned_again.swap(false, Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct RebalanceContext {
+    pub state: Arc<RebalanceState>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            // Why synchronously, here: once this returns the partitions belong to another
+            // worker, which starts from the last committed offset.
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!(
+                    partitions = partitions.count(),
+                    "committed offsets before revoke"
+                ),
+                Err(error) => tracing::debug!(error = %error, "nothing committed before revoke"),
+            }
+            let mut revoked = self.state.revoked.lock().expect("revoked list lock");
+            revoked.extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|element| (element.topic().to_owned(), element.partition())),
+            );
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(partitions = partitions.count(), "partitions assigned");
+            self.state.joined.store(true, Ordering::SeqCst);
+            self.state.assigned_again.store(true, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Ingest settings, read from flags or the environment; every default works on a laptop.
+
+use sluice_common::kafka::KafkaArgs;
+
+/// Largest body accepted; Kafka's default `message.max.bytes` is 1,000,012, and the event adds
+/// its own fields around the body, so the limit stays well below it.
+const MAX_BODY_LIMIT: usize = 900_000;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sluice-ingest",
+    about = "Accepts jobs over HTTP and publishes them to Kafka"
+)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "SLUICE_INGEST_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic request events are published to, keyed by user id.
+    #[arg(long, env = "SLUICE_REQUESTS_TOPIC", default_value = sluice_schemas::topics::REQUESTS)]
+    pub requests_topic: String,
+
+    /// Create the requests topic at start-up if it is missing.
+    #[arg(long, env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_topics: bool,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Deadline given to a job that names no `timeout_ms`.
+    #[arg(long, env = "SLUICE_DEFAULT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub default_timeout_ms: u64,
+
+    /// Longest deadline a job may ask for; larger `timeout_ms` values are capped to it.
+    #[arg(long, env = "SLUICE_MAX_TIMEOUT_MS", default_value_t = 600_000)]
+    pub max_timeout_ms: u64,
+
+    /// Longest a submission waits for the broker's acknowledgement before answering 503.
+    #[arg(long, env = "SLUICE_PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
+    pub publish_timeout_ms: u64,
+
+    /// Public base URL of the results service, for the `Location` header and the links in a 202.
+    #[arg(
+        long,
+        env = "SLUICE_RESULTS_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub results_url: String,
+}
+
+impl Config {
+    /// The defaults, as the binary would read them with nothing set.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["sluice-ingest"])
+    }
+
+    /// Rejects settings that cannot work, before anything is bound or connected.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=MAX_BODY_LIMIT).contains(&self.max_body_bytes),
+            "SLUICE_MAX_BODY_BYTES must be 1 to {MAX_BODY_LIMIT} (below the broker's message size limit)"
+        );
+        anyhow::ensure!(
+            self.default_timeout_ms > 0,
+            "SLUICE_DEFAULT_TIMEOUT_MS must be above 0"
+        );
+        anyhow::ensure!(
+            self.default_timeout_ms <= self.max_timeout_ms,
+            "SLUICE_DEFAULT_TIMEOUT_MS must not exceed SLUICE_MAX_TIMEOUT_MS"
+        );
+        anyhow::ensure!(
+            self.publish_timeout_ms > 0,
+            "SLUICE_PUBLISH_TIMEOUT_MS must be above 0"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! Ingest: validates a job, publishes a request event keyed by user id, and answers 202 with the
+//! job id as soon as the broker has acknowledged it. It never calls a model.
+
+mod config;
+mod error;
+mod publisher;
+mod submit;
+
+pub use config::Config;
+pub use error::ApiError;
+pub use publisher::Publisher;
+pub use submit::{Accepted, Limits, SubmitBody, to_request_event};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use rdkafka::producer::{FutureProducer, Producer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub publisher: Publisher,
+}
+
+impl AppState {
+    /// Creates the producer; librdkafka connects in the background, so this needs no broker.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let mut kafka = config.kafka.clone();
+        // Why: a record the broker has not taken within the publish timeout is expired by
+        // librdkafka too, so a client told 503 is not surprised by a late publish.
+        kafka.message_timeout_ms = u32::try_from(config.publish_timeout_ms).unwrap_or(u32::MAX);
+        let producer: FutureProducer = kafka
+            .producer_config("sluice-ingest")
+            .create()
+            .context("creating the Kafka producer")?;
+        let publisher = Publisher::new(
+            producer,
+            config.requests_topic.clone(),
+            Duration::from_millis(config.publish_timeout_ms),
+        );
+        Ok(Self {
+            config: Arc::new(config),
+            publisher,
+        })
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(submit::submit))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/healthz", get(sluice_common::http::healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(sluice_common::http::openapi))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let problems = state
+        .publisher
+        .check_broker()
+        .await
+        .err()
+        .into_iter()
+        .collect();
+    sluice_common::http::readiness(problems)
+}
+
+/// A built ingest service: bound, connected, topics in place, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        if config.create_topics {
+            config
+                .kafka
+                .ensure_topics(&[&config.requests_topic])
+                .await?;
+        }
+        let listener = TcpListener::bind(&config.addr)
+            .await
+            .with_context(|| format!("binding {}", config.addr))?;
+        let state = AppState::new(config)?;
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then flushes what the producer still holds.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let producer = self.state.publisher.producer().clone();
+        axum::serve(self.listener, router(self.state))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("serving HTTP")?;
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+            .await?
+            .context("flushing the producer")?;
+        Ok(())
+    }
+}

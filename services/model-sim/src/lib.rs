@@ -1,0 +1,220 @@
+//! A simulated OpenAI-compatible chat model: a fixed service time with jitter, a concurrency
+//! capacity beyond which calls queue (as vLLM's scheduler does), and a failure rate.
+//!
+//! It answers `echo: <last user message>`, so a test can check that the right output was stored,
+//! and reports what it saw at `GET /stats` (calls, open calls, peak open calls).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// How the simulated model behaves.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sluice-model-sim",
+    about = "A simulated OpenAI-compatible chat model"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "SIM_ADDR", default_value = "127.0.0.1:8090")]
+    pub addr: String,
+    /// Time one call spends being served, in milliseconds.
+    #[arg(long, env = "SIM_SERVICE_TIME_MS", default_value_t = 50)]
+    pub service_time_ms: u64,
+    /// Uniform random extra time added to each call, 0 to this many milliseconds.
+    #[arg(long, env = "SIM_JITTER_MS", default_value_t = 0)]
+    pub jitter_ms: u64,
+    /// Calls served at once; more wait in a queue, as at a real inference server.
+    #[arg(long, env = "SIM_CAPACITY", default_value_t = 64)]
+    pub capacity: usize,
+    /// Fraction of calls, 0.0 to 1.0, that fail with `failure_status`.
+    #[arg(long, env = "SIM_FAILURE_RATE", default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// HTTP status of a simulated failure.
+    #[arg(long, env = "SIM_FAILURE_STATUS", default_value_t = 503)]
+    pub failure_status: u16,
+}
+
+impl Config {
+    /// The defaults, as the binary would read them with nothing set.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["sluice-model-sim"])
+    }
+}
+
+/// What the simulated model has seen, for tests and load reports.
+#[derive(Debug, Default)]
+pub struct Stats {
+    calls: AtomicU64,
+    open: AtomicU64,
+    peak_open: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub calls: u64,
+    pub open: u64,
+    pub peak_open: u64,
+    pub failures: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            calls: self.calls.load(Ordering::SeqCst),
+            open: self.open.load(Ordering::SeqCst),
+            peak_open: self.peak_open.load(Ordering::SeqCst),
+            failures: self.failures.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// Counts a call as open from arrival until its answer is written or the caller goes away.
+struct OpenCall<'a>(&'a Stats);
+
+impl<'a> OpenCall<'a> {
+    fn start(stats: &'a Stats) -> Self {
+        stats.calls.fetch_add(1, Ordering::SeqCst);
+        let open = stats.open.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.peak_open.fetch_max(open, Ordering::SeqCst);
+        Self(stats)
+    }
+}
+
+impl Drop for OpenCall<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    config: Arc<Config>,
+    capacity: Arc<Semaphore>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: String,
+}
+
+/// A running simulated model.
+pub struct SimModel {
+    pub stats: Arc<Stats>,
+    router: Router,
+}
+
+impl SimModel {
+    pub fn new(config: Config) -> Self {
+        let stats = Arc::new(Stats::default());
+        let state = AppState {
+            capacity: Arc::new(Semaphore::new(config.capacity.max(1))),
+            config: Arc::new(config),
+            stats: stats.clone(),
+        };
+        let router = Router::new()
+            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/models", get(models))
+            .route("/stats", get(stats_handler))
+            .route("/healthz", get(sluice_common::http::healthz))
+            .with_state(state);
+        Self { stats, router }
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        axum::serve(listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+        Ok(())
+    }
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    Json(request): Json<ChatRequest>,
+) -> Response {
+    let _open = OpenCall::start(&state.stats);
+    let _slot = state
+        .capacity
+        .acquire()
+        .await
+        .expect("the capacity semaphore is never closed");
+    let jitter = if state.config.jitter_ms == 0 {
+        0
+    } else {
+        fastrand::u64(0..=state.config.jitter_ms)
+    };
+    tokio::time::sleep(Duration::from_millis(state.config.service_time_ms + jitter)).await;
+
+    if state.config.failure_rate > 0.0 && fastrand::f64() < state.config.failure_rate {
+        state.stats.failures.fetch_add(1, Ordering::SeqCst);
+        let status = StatusCode::from_u16(state.config.failure_status)
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let body =
+            serde_json::json!({"error": {"message": "simulated failure", "type": "server_error"}});
+        return (status, Json(body)).into_response();
+    }
+
+    let prompt = request
+        .messages
+        .iter()
+        .rev()
+        .find(|message| message.role == "user")
+        .map_or("", |message| message.content.as_str());
+    let content = format!("echo: {prompt}");
+    let prompt_tokens = request
+        .messages
+        .iter()
+        .map(|m| m.content.split_whitespace().count())
+        .sum::<usize>();
+    let completion_tokens = content.split_whitespace().count();
+    Json(serde_json::json!({
+        "id": format!("chatcmpl-sim-{}", fastrand::u64(..)),
+        "object": "chat.completion",
+        "model": request.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    }))
+    .into_response()
+}
+
+async fn models() -> Json<serde_json::Value> {
+    Json(
+        serde_json::json!({"object": "list", "data": [{"id": "sim", "object": "model", "owned_by": "sluice"}]}),
+    )
+}
+
+async fn stats_handler(State(state): State<AppState>) -> Json<StatsSnapshot> {
+    Json(state.stats.snapshot())
+}

@@ -1,0 +1,136 @@
+//! `GET /v1/jobs/{id}` and `GET /v1/jobs/{id}/events` (Server-Sent Events).
+
+use crate::AppState;
+use crate::state::Job;
+use crate::store::JobEvent;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use sluice_common::http::error_response;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// How often an open SSE stream re-reads the job even without a notification.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("`{0}` is not a job id (a UUID)")]
+    InvalidJobId(String),
+    #[error("no job with id {0}")]
+    NotFound(Uuid),
+    #[error("Last-Event-ID must be a non-negative integer")]
+    InvalidLastEventId,
+    #[error("internal error")]
+    Database(#[from] sqlx::Error),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJobId(_) | ApiError::InvalidLastEventId => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJobId(_) => "invalid_job_id",
+            ApiError::NotFound(_) => "job_not_found",
+            ApiError::InvalidLastEventId => "invalid_last_event_id",
+            ApiError::Database(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Database(error) = &self {
+            tracing::error!(error = %error, "database error");
+        }
+        error_response(self.status_code(), self.code(), &self.to_string())
+    }
+}
+
+fn parse_job_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::InvalidJobId(text.chars().take(64).collect()))
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    let job_id = parse_job_id(&id)?;
+    let job = state
+        .store
+        .job(job_id)
+        .await?
+        .ok_or(ApiError::NotFound(job_id))?;
+    Ok(Json(job))
+}
+
+/// One SSE event per recorded status change: `id` the change's sequence number, `event` the
+/// status, `data` the job. Opened before the job exists, it waits for it; it ends after a
+/// terminal status; `Last-Event-ID` resumes after the given change.
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+pub async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let job_id = parse_job_id(&id)?;
+    let last_seen = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .filter(|seq| *seq >= 0)
+            .ok_or(ApiError::InvalidLastEventId)?,
+    };
+    // Subscribed before the first read, so a change committed in between is not missed.
+    let mut changes = state.changes.subscribe();
+    let store = state.store.clone();
+    let stream = async_stream::stream! {
+        let mut last_seen = last_seen;
+        loop {
+            match store.events_after(job_id, last_seen).await {
+                Ok(events) => {
+                    for JobEvent { seq, status, job } in events {
+                        last_seen = seq;
+                        yield Ok(Event::default().id(seq.to_string()).event(status.as_str()).data(job.to_string()));
+                        if status.is_terminal() {
+                            return;
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "reading job events failed; retrying"),
+            }
+            wait_for_change(&mut changes, job_id).await;
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
+}
+
+/// Returns when `job_id` is announced as changed, or after the recheck interval.
+async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid) {
+    let wait = async {
+        loop {
+            match changes.recv().await {
+                Ok(changed) if changed == job_id => return,
+                Ok(_) => continue,
+                // Missed notifications may include ours: read again.
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(RECHECK_INTERVAL, wait).await;
+}

@@ -1,0 +1,85 @@
+//! Results settings, read from flags or the environment; every default works on a laptop.
+
+use secrecy::SecretString;
+use sluice_common::kafka::KafkaArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sluice-results",
+    about = "Stores job state in Postgres and serves it over HTTP and SSE"
+)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "SLUICE_RESULTS_ADDR", default_value = "127.0.0.1:8081")]
+    pub addr: String,
+
+    /// Postgres connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
+    )]
+    pub database_url: SecretString,
+
+    /// Most Postgres connections this service opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// Apply the migrations in `migrations/` at start-up.
+    #[arg(long, env = "SLUICE_RUN_MIGRATIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_migrations: bool,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic request events are read from (they create the `queued` row).
+    #[arg(long, env = "SLUICE_REQUESTS_TOPIC", default_value = sluice_schemas::topics::REQUESTS)]
+    pub requests_topic: String,
+
+    /// Topic status events are read from.
+    #[arg(long, env = "SLUICE_STATUS_TOPIC", default_value = sluice_schemas::topics::STATUS)]
+    pub status_topic: String,
+
+    /// Topic undecodable status events are moved to.
+    #[arg(long, env = "SLUICE_STATUS_DLQ_TOPIC", default_value = sluice_schemas::topics::STATUS_DLQ)]
+    pub dlq_topic: String,
+
+    /// Consumer group shared by all results replicas.
+    #[arg(long, env = "SLUICE_RESULTS_GROUP", default_value = "sluice-results")]
+    pub group_id: String,
+
+    /// Create the topics at start-up if they are missing.
+    #[arg(long, env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_topics: bool,
+
+    /// Most events written to Postgres in one transaction.
+    #[arg(long, env = "SLUICE_RESULTS_MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+
+    /// Interval of SSE keep-alive comments, in seconds.
+    #[arg(long, env = "SLUICE_SSE_KEEPALIVE_SECS", default_value_t = 15)]
+    pub sse_keepalive_secs: u64,
+}
+
+impl Config {
+    /// The defaults, as the binary would read them with nothing set.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["sluice-results"])
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_batch > 0,
+            "SLUICE_RESULTS_MAX_BATCH must be above 0"
+        );
+        anyhow::ensure!(
+            self.database_max_connections >= 2,
+            "DATABASE_MAX_CONNECTIONS must be at least 2"
+        );
+        anyhow::ensure!(
+            self.sse_keepalive_secs > 0,
+            "SLUICE_SSE_KEEPALIVE_SECS must be above 0"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,187 @@
+//! Reads both topics in batches, writes each batch in one transaction, stores offsets after
+//! the commit. Undecodable status events go to the dead-letter topic.
+
+use crate::state::Update;
+use crate::store::Store;
+use futures::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_common::kafka::RebalanceContext;
+use sluice_schemas::{RequestEvent, StatusEvent, headers};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub type ResultsConsumer = StreamConsumer<RebalanceContext>;
+
+pub struct EventLoop {
+    pub consumer: Arc<ResultsConsumer>,
+    pub producer: FutureProducer,
+    pub store: Store,
+    pub requests_topic: String,
+    pub dlq_topic: String,
+    pub max_batch: usize,
+}
+
+impl EventLoop {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                received = self.consumer.recv() => received,
+            };
+            let first = match first {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(error = %error, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Why now_or_never: take what librdkafka has already fetched, without waiting,
+            // so a burst becomes one transaction and a lone event is written at once.
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(message)) => batch.push(message),
+                    _ => break,
+                }
+            }
+            if !self.process(&batch, &shutdown).await {
+                break;
+            }
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("committed offsets"),
+            Err(error) => tracing::debug!(error = %error, "no offsets to commit"),
+        }
+        Ok(())
+    }
+
+    /// Writes one batch and stores its offsets. Returns false if stopped before it was written.
+    async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
+        let mut updates = Vec::with_capacity(batch.len());
+        for message in batch {
+            let payload = message.payload().unwrap_or_default();
+            let decoded = if message.topic() == self.requests_topic {
+                RequestEvent::decode(payload).map(Update::from)
+            } else {
+                StatusEvent::decode(payload).map(Update::from)
+            };
+            match decoded {
+                Ok(update) => updates.push(update),
+                // The worker dead-letters bad request events; here they are only skipped.
+                Err(error) if message.topic() == self.requests_topic => {
+                    tracing::debug!(reason = %error, offset = message.offset(), "skipping an undecodable request event");
+                }
+                Err(error) => {
+                    tracing::warn!(reason = %error, offset = message.offset(), "dead-lettering an undecodable status event");
+                    if !self
+                        .dead_letter(message, &format!("{}: {error}", error.kind()), shutdown)
+                        .await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        if !updates.is_empty() && !self.write(&updates, shutdown).await {
+            return false;
+        }
+        self.store_offsets(batch);
+        true
+    }
+
+    /// Retries until the write commits: Postgres restarts and deadlocks are waited out.
+    async fn write(&self, updates: &[Update], shutdown: &CancellationToken) -> bool {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.apply(updates).await {
+                Ok(changed) => {
+                    tracing::debug!(
+                        events = updates.len(),
+                        changed = changed.len(),
+                        "batch written"
+                    );
+                    return true;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "writing a batch failed")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &BorrowedMessage<'_>,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        loop {
+            let record_headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: headers::DLQ_REASON,
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: headers::DLQ_SOURCE_TOPIC,
+                    value: Some(message.topic()),
+                })
+                .insert(Header {
+                    key: headers::DLQ_SOURCE_PARTITION,
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: headers::DLQ_SOURCE_OFFSET,
+                    value: Some(offset.as_str()),
+                })
+                .insert(Header {
+                    key: headers::DLQ_REJECTED_BY,
+                    value: Some("sluice-results"),
+                });
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.dlq_topic).headers(record_headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                delivered = self.producer.send(record, Duration::from_secs(5)) => match delivered {
+                    Ok(_) => return true,
+                    Err((error, _)) => tracing::warn!(error = %error, "dead-lettering failed, retrying"),
+                },
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn store_offsets(&self, batch: &[BorrowedMessage<'_>]) {
+        let mut highest: HashMap<(&str, i32), i64> = HashMap::new();
+        for message in batch {
+            let entry = highest
+                .entry((message.topic(), message.partition()))
+                .or_insert(message.offset());
+            *entry = (*entry).max(message.offset());
+        }
+        for ((topic, partition), offset) in highest {
+            // Why not +1: rd_kafka_offset_store stores offset + 1, the next record to read.
+            if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
+                tracing::debug!(error = %error, partition, "offset not stored; partition no longer ours");
+            }
+        }
+    }
+}

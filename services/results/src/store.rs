@@ -1,0 +1,242 @@
+//! Postgres access: one transaction per batch of events, a few set-based statements each.
+
+use crate::state::{Job, JobTimings, Update};
+use chrono::{DateTime, Utc};
+use sluice_schemas::JobStatus;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// The channel `NOTIFY` announces changed job ids on, one id per notification.
+pub const NOTIFY_CHANNEL: &str = "sluice_job_changed";
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// One recorded status change, as SSE sends it.
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    pub seq: i64,
+    pub status: JobStatus,
+    pub job: serde_json::Value,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies a batch of updates in one transaction and returns the ids of changed jobs.
+    /// Replayed, duplicated or out-of-order updates never move a job back or add a row.
+    pub async fn apply(&self, updates: &[Update]) -> sqlx::Result<Vec<Uuid>> {
+        // Sorted by job id so every writer takes row locks in the same order (no deadlocks
+        // between results replicas that share jobs through the two topics).
+        let mut by_job: BTreeMap<Uuid, Vec<&Update>> = BTreeMap::new();
+        for update in updates {
+            by_job.entry(update.job_id).or_default().push(update);
+        }
+        let mut transaction = self.pool.begin().await?;
+        insert_placeholders(&mut transaction, &by_job).await?;
+        let ids: Vec<Uuid> = by_job.keys().copied().collect();
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *transaction)
+        .await?;
+
+        let mut changed_jobs = Vec::new();
+        let mut events = Vec::new();
+        for row in rows {
+            let mut job = job_from_row(&row)?;
+            let mut job_updates = by_job.remove(&job.job_id).unwrap_or_default();
+            let (dirty, changes) = job.apply(&mut job_updates);
+            if dirty {
+                changed_jobs.push(job);
+            }
+            events.extend(changes);
+        }
+        update_jobs(&mut transaction, &changed_jobs).await?;
+        insert_events(&mut transaction, &events).await?;
+
+        let notified: Vec<Uuid> = {
+            let mut ids: Vec<Uuid> = events.iter().map(|job| job.job_id).collect();
+            ids.dedup();
+            ids
+        };
+        let notify_ids: Vec<String> = notified.iter().map(Uuid::to_string).collect();
+        // Why inside the transaction: Postgres delivers a NOTIFY only when its transaction
+        // commits, so a listener never hears of a change it cannot read yet.
+        sqlx::query("SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id")
+            .bind(NOTIFY_CHANNEL)
+            .bind(&notify_ids)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(notified)
+    }
+
+    pub async fn job(&self, job_id: Uuid) -> sqlx::Result<Option<Job>> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1"))
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Status changes of a job after `after_seq`, oldest first.
+    pub async fn events_after(&self, job_id: Uuid, after_seq: i64) -> sqlx::Result<Vec<JobEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, status, job FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(job_id)
+        .bind(after_seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                Ok(JobEvent {
+                    seq: row.try_get("seq")?,
+                    status: JobStatus::parse(&status)
+                        .ok_or_else(|| decode_error(format!("unknown status {status}")))?,
+                    job: row.try_get("job")?,
+                })
+            })
+            .collect()
+    }
+}
+
+const JOB_COLUMNS: &str = "job_id, user_id, model, status, attempt, seq, output, error, worker_id, \
+     submitted_at, deadline, queued_at, started_at, finished_at";
+
+fn decode_error(message: String) -> sqlx::Error {
+    sqlx::Error::Decode(message.into())
+}
+
+fn job_from_row(row: &PgRow) -> sqlx::Result<Job> {
+    let status: String = row.try_get("status")?;
+    let json = |column: &str| -> sqlx::Result<Option<serde_json::Value>> { row.try_get(column) };
+    let output = json("output")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|error| decode_error(error.to_string()))?;
+    let error = json("error")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|error| decode_error(error.to_string()))?;
+    Ok(Job {
+        job_id: row.try_get("job_id")?,
+        user_id: row.try_get("user_id")?,
+        model: row.try_get("model")?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| decode_error(format!("unknown status {status}")))?,
+        attempt: row.try_get("attempt")?,
+        seq: row.try_get("seq")?,
+        output,
+        error,
+        worker_id: row.try_get("worker_id")?,
+        timings: JobTimings {
+            submitted_at: row.try_get("submitted_at")?,
+            deadline: row.try_get("deadline")?,
+            queued_at: row.try_get("queued_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        },
+    })
+}
+
+/// Makes sure a row exists for every job in the batch, so the next statement can lock them all.
+async fn insert_placeholders(
+    transaction: &mut Transaction<'_, Postgres>,
+    by_job: &BTreeMap<Uuid, Vec<&Update>>,
+) -> sqlx::Result<()> {
+    let placeholders: Vec<Job> = by_job
+        .values()
+        .map(|updates| Job::placeholder(updates[0]))
+        .collect();
+    sqlx::query(
+        "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at)
+         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS p(job_id, user_id, model, queued_at)
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(placeholders.iter().map(|job| job.job_id).collect::<Vec<_>>())
+    .bind(placeholders.iter().map(|job| job.user_id.clone()).collect::<Vec<_>>())
+    .bind(placeholders.iter().map(|job| job.model.clone()).collect::<Vec<_>>())
+    .bind(placeholders.iter().map(|job| job.timings.queued_at).collect::<Vec<_>>())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+fn to_json_text<T: serde::Serialize>(value: &Option<T>) -> Option<String> {
+    value
+        .as_ref()
+        .map(|value| serde_json::to_string(value).expect("job fields serialize"))
+}
+
+async fn update_jobs(
+    transaction: &mut Transaction<'_, Postgres>,
+    jobs: &[Job],
+) -> sqlx::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let column = |get: fn(&Job) -> Option<DateTime<Utc>>| jobs.iter().map(get).collect::<Vec<_>>();
+    sqlx::query(
+        "UPDATE jobs SET status = u.status, status_rank = u.status_rank, attempt = u.attempt, seq = u.seq,
+             output = u.output::jsonb, error = u.error::jsonb, worker_id = u.worker_id,
+             submitted_at = u.submitted_at, deadline = u.deadline, started_at = u.started_at,
+             finished_at = u.finished_at, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::text[], $3::smallint[], $4::int[], $5::bigint[], $6::text[], $7::text[],
+                     $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[])
+             AS u(job_id, status, status_rank, attempt, seq, output, error, worker_id,
+                  submitted_at, deadline, started_at, finished_at)
+         WHERE jobs.job_id = u.job_id",
+    )
+    .bind(jobs.iter().map(|job| job.job_id).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| job.status.rank()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| job.attempt).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| job.seq).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| to_json_text(&job.output)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| to_json_text(&job.error)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| job.worker_id.clone()).collect::<Vec<_>>())
+    .bind(column(|job| job.timings.submitted_at))
+    .bind(column(|job| job.timings.deadline))
+    .bind(column(|job| job.timings.started_at))
+    .bind(column(|job| job.timings.finished_at))
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+async fn insert_events(
+    transaction: &mut Transaction<'_, Postgres>,
+    snapshots: &[Job],
+) -> sqlx::Result<()> {
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, status, job)
+         SELECT job_id, seq, status, job::jsonb FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[])
+             AS e(job_id, seq, status, job)
+         ON CONFLICT (job_id, seq) DO NOTHING",
+    )
+    .bind(snapshots.iter().map(|job| job.job_id).collect::<Vec<_>>())
+    .bind(snapshots.iter().map(|job| job.seq).collect::<Vec<_>>())
+    .bind(snapshots.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(snapshots.iter().map(|job| serde_json::to_string(job).expect("a job serializes")).collect::<Vec<_>>())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Worker settings, read from flags or the environment; every default works on a laptop.
+
+use secrecy::SecretString;
+use sluice_common::kafka::KafkaArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sluice-worker",
+    about = "Consumes request events, calls the model, publishes status events"
+)]
+pub struct Config {
+    /// Address of the health endpoints (`/healthz`, `/readyz`).
+    #[arg(long, env = "SLUICE_WORKER_ADDR", default_value = "127.0.0.1:8082")]
+    pub addr: String,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic request events are read from.
+    #[arg(long, env = "SLUICE_REQUESTS_TOPIC", default_value = sluice_schemas::topics::REQUESTS)]
+    pub requests_topic: String,
+
+    /// Topic status events are written to.
+    #[arg(long, env = "SLUICE_STATUS_TOPIC", default_value = sluice_schemas::topics::STATUS)]
+    pub status_topic: String,
+
+    /// Topic undecodable request events are moved to, with the reason in headers.
+    #[arg(long, env = "SLUICE_REQUESTS_DLQ_TOPIC", default_value = sluice_schemas::topics::REQUESTS_DLQ)]
+    pub dlq_topic: String,
+
+    /// Consumer group shared by all workers.
+    #[arg(long, env = "SLUICE_WORKER_GROUP", default_value = "sluice-workers")]
+    pub group_id: String,
+
+    /// Create the topics at start-up if they are missing.
+    #[arg(long, env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_topics: bool,
+
+    /// Most jobs this worker runs at once; when all are busy its partitions are paused.
+    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+
+    /// Base URL of the OpenAI-compatible backend; `/v1/chat/completions` is appended.
+    #[arg(long, env = "MODEL_BASE_URL", default_value = "http://127.0.0.1:8090")]
+    pub model_base_url: String,
+
+    /// Bearer token for the backend, if it wants one.
+    #[arg(long, env = "MODEL_API_KEY")]
+    pub model_api_key: Option<SecretString>,
+
+    /// Longest one model call may take, whatever the job's deadline.
+    #[arg(long, env = "MODEL_TIMEOUT_MS", default_value_t = 120_000)]
+    pub model_timeout_ms: u64,
+
+    /// Longest a connection to the backend may take to open.
+    #[arg(long, env = "MODEL_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub model_connect_timeout_ms: u64,
+
+    /// How this worker names itself in status events; default host name and process id.
+    #[arg(long, env = "SLUICE_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// On SIGTERM, how long running jobs get to finish before the worker leaves anyway.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+impl Config {
+    /// The defaults, as the binary would read them with nothing set.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["sluice-worker"])
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_in_flight > 0,
+            "SLUICE_MAX_IN_FLIGHT must be above 0"
+        );
+        anyhow::ensure!(
+            self.model_timeout_ms > 0,
+            "MODEL_TIMEOUT_MS must be above 0"
+        );
+        reqwest::Url::parse(&self.model_base_url).map_err(|error| {
+            anyhow::anyhow!(
+                "MODEL_BASE_URL {:?} is not a URL: {error}",
+                self.model_base_url
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "worker".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! Worker: a consumer group member that runs jobs from the requests topic against an
+//! OpenAI-compatible backend with a bounded window, and publishes each job's status.
+
+mod config;
+mod consumer;
+mod job;
+mod model;
+mod offsets;
+mod status;
+
+pub use config::Config;
+pub use consumer::LoopSettings;
+pub use job::{JobContext, Outcome, Record, run as run_job};
+pub use model::ModelClient;
+pub use offsets::OffsetTracker;
+pub use status::StatusPublisher;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use consumer::WorkerConsumer;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::{FutureProducer, Producer};
+use sluice_common::kafka::RebalanceContext;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A built worker: subscribed, health endpoint bound, not yet consuming.
+pub struct Application {
+    listener: TcpListener,
+    consumer: Arc<WorkerConsumer>,
+    context: JobContext,
+    settings: LoopSettings,
+    give_up: CancellationToken,
+    requests_topic: String,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        if config.create_topics {
+            config
+                .kafka
+                .ensure_topics(&[
+                    &config.requests_topic,
+                    &config.status_topic,
+                    &config.dlq_topic,
+                ])
+                .await?;
+        }
+        let worker_id = config.worker_id();
+        let producer: FutureProducer = config
+            .kafka
+            .producer_config(&worker_id)
+            .create()
+            .context("creating the Kafka producer")?;
+        let consumer: WorkerConsumer = config
+            .kafka
+            .consumer_config(&worker_id, &config.group_id)
+            .create_with_context(RebalanceContext::default())
+            .context("creating the Kafka consumer")?;
+        consumer
+            .subscribe(&[&config.requests_topic])
+            .with_context(|| format!("subscribing to {}", config.requests_topic))?;
+
+        let give_up = CancellationToken::new();
+        let model = ModelClient::new(
+            &config.model_base_url,
+            config.model_api_key.clone(),
+            Duration::from_millis(config.model_connect_timeout_ms),
+        )?;
+        let context = JobContext {
+            model,
+            publisher: StatusPublisher::new(
+                producer,
+                config.status_topic.clone(),
+                config.dlq_topic.clone(),
+                give_up.clone(),
+            ),
+            worker_id,
+            model_timeout: Duration::from_millis(config.model_timeout_ms),
+        };
+        let listener = TcpListener::bind(&config.addr)
+            .await
+            .with_context(|| format!("binding {}", config.addr))?;
+        let settings = LoopSettings {
+            max_in_flight: config.max_in_flight,
+            drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+        };
+        Ok(Self {
+            listener,
+            consumer: Arc::new(consumer),
+            context,
+            settings,
+            give_up,
+            requests_topic: config.requests_topic,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Consumes until `shutdown`, drains, commits, leaves the group.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let health = HealthState {
+            consumer: self.consumer.clone(),
+            topic: self.requests_topic.clone(),
+        };
+        let http_stop = CancellationToken::new();
+        let router = Router::new()
+            .route("/healthz", get(sluice_common::http::healthz))
+            .route("/readyz", get(readyz))
+            .with_state(health);
+        let server = tokio::spawn(
+            axum::serve(self.listener, router)
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+
+        let producer = self.context.publisher.producer().clone();
+        let result = consumer::consume(
+            self.consumer.clone(),
+            self.context,
+            self.settings,
+            shutdown.clone(),
+            self.give_up,
+        )
+        .await;
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        http_stop.cancel();
+        let consumer = self.consumer;
+        // Why in a blocking task: flushing and closing the consumer (leaving the group) block.
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = producer.flush(Duration::from_secs(10)) {
+                tracing::warn!(error = %error, "producer flush failed");
+            }
+            consumer.unsubscribe();
+            drop(consumer);
+        })
+        .await?;
+        server.await?.context("serving health endpoints")?;
+        result
+    }
+}
+
+#[derive(Clone)]
+struct HealthState {
+    consumer: Arc<WorkerConsumer>,
+    topic: String,
+}
+
+async fn readyz(State(health): State<HealthState>) -> Response {
+    let mut problems = Vec::new();
+    if !health.consumer.context().state.is_joined() {
+        problems.push("consumer has not joined its group yet".to_owned());
+    }
+    let consumer = health.consumer.clone();
+    let topic = health.topic.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))
+    })
+    .await;
+    match broker {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => problems.push(format!("broker unreachable: {error}")),
+        Err(error) => problems.push(format!("metadata check failed: {error}")),
+    }
+    sluice_common::http::readiness(problems)
+}

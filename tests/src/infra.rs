@@ -1,0 +1,160 @@
+//! The real broker and the real Postgres, isolated per test.
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice_common::kafka::KafkaArgs;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const HOW_TO_START: &str = "run the tests with scripts/test, which starts Postgres and the broker";
+
+/// Brokers for tests: `SLUICE_TEST_KAFKA_BROKERS`, else `KAFKA_BROKERS`, else 127.0.0.1:9092.
+pub fn brokers() -> String {
+    std::env::var("SLUICE_TEST_KAFKA_BROKERS")
+        .or_else(|_| std::env::var("KAFKA_BROKERS"))
+        .unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Kafka settings for a test: the test broker, few partitions, and a short fetch wait because
+/// Tansu does not answer a waiting fetch when records arrive.
+pub fn kafka_args(partitions: i32) -> KafkaArgs {
+    let mut args = sluice_worker::Config::defaults().kafka;
+    args.brokers = brokers();
+    args.fetch_wait_max_ms = 5;
+    args.topic_partitions = partitions;
+    args
+}
+
+/// Topic names no other test uses.
+#[derive(Debug, Clone)]
+pub struct TestTopics {
+    pub requests: String,
+    pub status: String,
+    pub requests_dlq: String,
+    pub status_dlq: String,
+}
+
+impl TestTopics {
+    pub fn unique() -> Self {
+        let prefix = format!("test-{}", Uuid::now_v7().simple());
+        Self {
+            requests: format!("{prefix}.requests"),
+            status: format!("{prefix}.status"),
+            requests_dlq: format!("{prefix}.requests.dlq"),
+            status_dlq: format!("{prefix}.status.dlq"),
+        }
+    }
+
+    pub async fn create(&self, kafka: &KafkaArgs) {
+        let names = [
+            &*self.requests,
+            &*self.status,
+            &*self.requests_dlq,
+            &*self.status_dlq,
+        ];
+        kafka.ensure_topics(&names).await.unwrap_or_else(|error| {
+            panic!(
+                "cannot create topics at {} ({HOW_TO_START}): {error:#}",
+                kafka.brokers
+            )
+        });
+    }
+}
+
+/// A database made for one test, on the server at `SLUICE_TEST_DATABASE_URL`.
+pub struct TestDatabase {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin_url = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".to_owned());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|error| {
+                panic!("cannot reach Postgres at {admin_url} ({HOW_TO_START}): {error}")
+            });
+        let name = format!("sluice_test_{}", Uuid::now_v7().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("creating the test database");
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("the admin URL names a database");
+        let url = format!("{base}/{name}");
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("connecting to the test database");
+        Self { url, pool }
+    }
+
+    pub async fn migrated() -> Self {
+        let database = Self::create().await;
+        sluice_results::MIGRATOR
+            .run(&database.pool)
+            .await
+            .expect("applying migrations");
+        database
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Reads every record of `topic` from the start until `expected` are read or `timeout` passes.
+pub fn read_topic(
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("reader-{}", Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .expect("creating a reader");
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .expect("assignment");
+    }
+    consumer.assign(&assignment).expect("assigning partitions");
+    let started = Instant::now();
+    let mut records = Vec::new();
+    while records.len() < expected && started.elapsed() < timeout {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            records.push(message.detach());
+        }
+    }
+    records.sort_by_key(|record| (record.partition(), record.offset()));
+    records
+}

@@ -1,0 +1,11 @@
+//! Test support: a fresh database and fresh topics per test, the services started in-process on
+//! port 0, and `wait_until` instead of sleeps. A broker or database that cannot be reached fails
+//! the test with a message saying how to start it; nothing is ever skipped.
+
+pub mod infra;
+pub mod pipeline;
+pub mod sse;
+
+pub use infra::{TestDatabase, TestTopics, kafka_args, wait_until};
+pub use pipeline::{Pipeline, PipelineOptions};
+pub use sse::{SseEvent, read_sse};

@@ -1,0 +1,226 @@
+//! Ingest, worker(s), results and the simulated model, running together in this process
+//! against the real broker and Postgres, each test on its own topics, groups and database.
+
+use crate::infra::{TestDatabase, TestTopics, kafka_args, wait_until};
+use serde_json::{Value, json};
+use sluice_common::kafka::KafkaArgs;
+use sluice_ingest::Accepted;
+use sluice_model_sim::{SimModel, Stats};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub partitions: i32,
+    pub workers: usize,
+    pub max_in_flight: usize,
+    pub sim: sluice_model_sim::Config,
+    /// Points the workers somewhere other than the simulated model (e.g. a closed port).
+    pub model_base_url: Option<String>,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        let mut sim = sluice_model_sim::Config::defaults();
+        sim.service_time_ms = 5;
+        Self {
+            partitions: 4,
+            workers: 1,
+            max_in_flight: 64,
+            sim,
+            model_base_url: None,
+        }
+    }
+}
+
+/// A running pipeline; `stop` shuts it down in order.
+pub struct Pipeline {
+    pub ingest_url: String,
+    pub results_url: String,
+    pub sim_url: String,
+    pub sim_stats: Arc<Stats>,
+    pub topics: TestTopics,
+    pub kafka: KafkaArgs,
+    pub database: TestDatabase,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Pipeline {
+    pub async fn start(options: PipelineOptions) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let kafka = kafka_args(options.partitions);
+        let topics = TestTopics::unique();
+        topics.create(&kafka).await;
+        let database = TestDatabase::create().await;
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let sim = SimModel::new(options.sim.clone());
+        let sim_stats = sim.stats.clone();
+        let sim_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the simulated model");
+        let sim_url = format!("http://{}", sim_listener.local_addr().expect("address"));
+        tasks.push(tokio::spawn(sim.run(sim_listener, shutdown.clone())));
+
+        let mut results_config = sluice_results::Config::defaults();
+        results_config.addr = "127.0.0.1:0".into();
+        results_config.database_url = database.url.clone().into();
+        results_config.kafka = kafka.clone();
+        results_config.requests_topic = topics.requests.clone();
+        results_config.status_topic = topics.status.clone();
+        results_config.dlq_topic = topics.status_dlq.clone();
+        results_config.group_id = format!("{}-results", topics.requests);
+        results_config.database_max_connections = 8;
+        let results = sluice_results::Application::build(results_config)
+            .await
+            .expect("building results");
+        let results_url = format!("http://{}", results.local_addr());
+        tasks.push(tokio::spawn(results.run_until_stopped(shutdown.clone())));
+
+        for index in 0..options.workers {
+            let config = Self::worker_config(&options, &kafka, &topics, &sim_url, index);
+            let worker = sluice_worker::Application::build(config)
+                .await
+                .expect("building a worker");
+            tasks.push(tokio::spawn(worker.run_until_stopped(shutdown.clone())));
+        }
+
+        let mut ingest_config = sluice_ingest::Config::defaults();
+        ingest_config.addr = "127.0.0.1:0".into();
+        ingest_config.kafka = kafka.clone();
+        ingest_config.requests_topic = topics.requests.clone();
+        ingest_config.results_url = results_url.clone();
+        let ingest = sluice_ingest::Application::build(ingest_config)
+            .await
+            .expect("building ingest");
+        let ingest_url = format!("http://{}", ingest.local_addr());
+        tasks.push(tokio::spawn(ingest.run_until_stopped(shutdown.clone())));
+
+        let pipeline = Self {
+            ingest_url,
+            results_url,
+            sim_url,
+            sim_stats,
+            topics,
+            kafka,
+            database,
+            http: reqwest::Client::new(),
+            shutdown,
+            tasks,
+        };
+        pipeline.wait_ready().await;
+        pipeline
+    }
+
+    fn worker_config(
+        options: &PipelineOptions,
+        kafka: &KafkaArgs,
+        topics: &TestTopics,
+        sim_url: &str,
+        index: usize,
+    ) -> sluice_worker::Config {
+        let mut config = sluice_worker::Config::defaults();
+        config.addr = "127.0.0.1:0".into();
+        config.kafka = kafka.clone();
+        config.requests_topic = topics.requests.clone();
+        config.status_topic = topics.status.clone();
+        config.dlq_topic = topics.requests_dlq.clone();
+        config.group_id = format!("{}-workers", topics.requests);
+        config.max_in_flight = options.max_in_flight;
+        config.model_base_url = options
+            .model_base_url
+            .clone()
+            .unwrap_or_else(|| sim_url.to_owned());
+        config.worker_id = Some(format!("test-worker-{index}"));
+        config.drain_timeout_ms = 5_000;
+        config
+    }
+
+    async fn wait_ready(&self) {
+        for url in [&self.ingest_url, &self.results_url] {
+            let ready = format!("{url}/readyz");
+            wait_until(&ready, Duration::from_secs(60), || async {
+                let response = self.http.get(&ready).send().await.ok()?;
+                response.status().is_success().then_some(())
+            })
+            .await;
+        }
+    }
+
+    /// `POST /v1/jobs` for one user message; panics unless the answer is 202.
+    pub async fn submit(&self, user_id: &str, content: &str) -> Accepted {
+        let body = json!({"user_id": user_id, "model": "sim", "messages": [{"role": "user", "content": content}]});
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs", self.ingest_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /v1/jobs");
+        let status = response.status();
+        let text = response.text().await.expect("reading the answer");
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{text}");
+        serde_json::from_str(&text).expect("a 202 body")
+    }
+
+    /// `GET /v1/jobs/{id}`: the job, or `None` while it is 404.
+    pub async fn job(&self, job_id: impl std::fmt::Display) -> Option<Value> {
+        let response = self
+            .http
+            .get(format!("{}/v1/jobs/{job_id}", self.results_url))
+            .send()
+            .await
+            .expect("GET /v1/jobs/{id}");
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert!(
+            response.status().is_success(),
+            "GET answered {}",
+            response.status()
+        );
+        Some(response.json().await.expect("a job body"))
+    }
+
+    /// Waits until every job in `ids` has a terminal status in Postgres.
+    pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) {
+        let pool = &self.database.pool;
+        wait_until(
+            &format!("{} jobs to finish", ids.len()),
+            timeout,
+            || async {
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND status_rank = 2",
+                )
+                .bind(ids)
+                .fetch_one(pool)
+                .await
+                .ok()?;
+                (done == ids.len() as i64).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Stops every service and checks that none of them failed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let result = tokio::time::timeout(Duration::from_secs(30), task).await;
+            result
+                .expect("a service stopped within 30 s")
+                .expect("a service task panicked")
+                .expect("a service failed");
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! A small Server-Sent Events reader, enough to check what a browser's EventSource would see.
+
+use futures::StreamExt;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Reads events until the server ends the stream or `timeout` passes; keep-alive comments are
+/// counted in the second value.
+pub async fn read_sse(response: reqwest::Response, timeout: Duration) -> (Vec<SseEvent>, usize) {
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let mut comments = 0;
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.expect("reading the SSE stream");
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    id: None,
+                    event: None,
+                    data: String::new(),
+                };
+                let mut is_event = false;
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        comments += 1;
+                        continue;
+                    }
+                    let (field, value) = line
+                        .split_once(':')
+                        .map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+                    is_event = true;
+                    match field {
+                        "id" => event.id = Some(value.to_owned()),
+                        "event" => event.event = Some(value.to_owned()),
+                        "data" => {
+                            if !event.data.is_empty() {
+                                event.data.push('\n');
+                            }
+                            event.data.push_str(value);
+                        }
+                        _ => {}
+                    }
+                }
+                if is_event {
+                    events.push(event);
+                }
+            }
+        }
+    };
+    let ended = tokio::time::timeout(timeout, read).await.is_ok();
+    assert!(
+        ended,
+        "the SSE stream did not end within {timeout:?}; got {events:?}"
+    );
+    (events, comments)
+}
