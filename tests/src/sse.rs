@@ -29,7 +29,7 @@ pub async fn read_sse(response: reqwest::Response, timeout: Duration) -> (Vec<Ss
                     data: String::new(),
                 };
                 let mut is_event = false;
-                for line in block.lines() {
+                for line in block.lines().filter(|line| !line.is_empty()) {
                     if line.starts_with(':') {
                         comments += 1;
                         continue;

@@ -15,9 +15,6 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-/// How often an open SSE stream re-reads the job even without a notification.
-const RECHECK_INTERVAL: Duration = Duration::from_secs(2);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("`{0}` is not a job id (a UUID)")]
@@ -98,6 +95,7 @@ pub async fn job_events(
     // Subscribed before the first read, so a change committed in between is not missed.
     let mut changes = state.changes.subscribe();
     let store = state.store.clone();
+    let recheck = state.sse_recheck;
     let stream = async_stream::stream! {
         let mut last_seen = last_seen;
         loop {
@@ -113,14 +111,14 @@ pub async fn job_events(
                 }
                 Err(error) => tracing::warn!(error = %error, "reading job events failed; retrying"),
             }
-            wait_for_change(&mut changes, job_id).await;
+            wait_for_change(&mut changes, job_id, recheck).await;
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
 }
 
-/// Returns when `job_id` is announced as changed, or after the recheck interval.
-async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid) {
+/// Returns when `job_id` is announced as changed, or after `recheck`.
+async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid, recheck: Duration) {
     let wait = async {
         loop {
             match changes.recv().await {
@@ -132,5 +130,5 @@ async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid) 
             }
         }
     };
-    let _ = tokio::time::timeout(RECHECK_INTERVAL, wait).await;
+    let _ = tokio::time::timeout(recheck, wait).await;
 }

@@ -59,6 +59,10 @@ pub struct Config {
     /// Interval of SSE keep-alive comments, in seconds.
     #[arg(long, env = "SLUICE_SSE_KEEPALIVE_SECS", default_value_t = 15)]
     pub sse_keepalive_secs: u64,
+
+    /// How often an open SSE stream re-reads its job even without a notification, in ms.
+    #[arg(long, env = "SLUICE_SSE_RECHECK_MS", default_value_t = 2_000)]
+    pub sse_recheck_ms: u64,
 }
 
 impl Config {

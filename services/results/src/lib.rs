@@ -4,7 +4,7 @@
 mod api;
 mod config;
 mod consumer;
-mod notify;
+pub mod notify;
 pub mod state;
 pub mod store;
 
@@ -42,6 +42,9 @@ pub struct AppState {
     /// Job ids announced by Postgres `NOTIFY`.
     pub changes: broadcast::Sender<Uuid>,
     pub keepalive: Duration,
+    /// How often an open SSE stream re-reads its job without a notification (a safety net
+    /// for notifications lost while the listener reconnects).
+    pub sse_recheck: Duration,
     /// `None` in router tests that run without Kafka.
     pub consumer: Option<Arc<ResultsConsumer>>,
 }
@@ -129,6 +132,7 @@ impl Application {
             store: store.clone(),
             changes,
             keepalive: Duration::from_secs(config.sse_keepalive_secs),
+            sse_recheck: Duration::from_millis(config.sse_recheck_ms),
             consumer: Some(consumer.clone()),
         };
         let event_loop = EventLoop {

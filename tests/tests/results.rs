@@ -1,0 +1,243 @@
+//! The results service against a real Postgres: idempotent batch writes, the HTTP errors, and
+//! SSE fed by Postgres NOTIFY (a change written by any replica reaches every replica's clients).
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::Utc;
+use serde_json::Value;
+use sluice_results::{AppState, Store, Update, router};
+use sluice_schemas::{JobStatus, Output};
+use sluice_tests::{TestDatabase, read_sse};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
+    Update {
+        job_id,
+        user_id: "u".into(),
+        model: "sim".into(),
+        status,
+        attempt,
+        output: (status == JobStatus::Succeeded).then(|| Output {
+            content: "done".into(),
+            finish_reason: None,
+            usage: None,
+        }),
+        error: None,
+        worker_id: Some("w1".into()),
+        submitted_at: (status == JobStatus::Queued).then(Utc::now),
+        deadline: None,
+        queued_at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 6),
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+async fn statuses(store: &Store, job_id: Uuid) -> Vec<JobStatus> {
+    store
+        .events_after(job_id, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.status)
+        .collect()
+}
+
+fn state(database: &TestDatabase, recheck: Duration) -> AppState {
+    let (changes, _) = broadcast::channel(64);
+    AppState {
+        store: Store::new(database.pool.clone()),
+        changes,
+        keepalive: Duration::from_millis(200),
+        sse_recheck: recheck,
+        consumer: None,
+    }
+}
+
+#[tokio::test]
+async fn batches_are_idempotent_whatever_the_order_or_repetition() {
+    let database = TestDatabase::migrated().await;
+    let store = Store::new(database.pool.clone());
+    let job_id = Uuid::now_v7();
+    let (queued, running, done) = (
+        update(job_id, JobStatus::Queued, 0),
+        update(job_id, JobStatus::Running, 1),
+        update(job_id, JobStatus::Succeeded, 1),
+    );
+
+    // Terminal first, in its own batch; then everything again, twice, reversed.
+    store.apply(std::slice::from_ref(&done)).await.unwrap();
+    store
+        .apply(&[done.clone(), running.clone(), queued.clone()])
+        .await
+        .unwrap();
+    store
+        .apply(&[running.clone(), queued.clone(), done.clone(), done.clone()])
+        .await
+        .unwrap();
+
+    let job = store.job(job_id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job.output.unwrap().content, "done");
+    assert!(
+        job.timings.submitted_at.is_some(),
+        "the late request event still filled its fields"
+    );
+    assert_eq!(
+        statuses(&store, job_id).await,
+        [JobStatus::Queued, JobStatus::Succeeded],
+        "never moved back to running"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn concurrent_writers_of_the_same_jobs_agree() {
+    let database = TestDatabase::migrated().await;
+    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    let batch = |status, attempt| {
+        ids.iter()
+            .map(|id| update(*id, status, attempt))
+            .collect::<Vec<_>>()
+    };
+    let (first, second) = (
+        Store::new(database.pool.clone()),
+        Store::new(database.pool.clone()),
+    );
+    let (running, done) = (batch(JobStatus::Running, 1), batch(JobStatus::Succeeded, 1));
+    let (a, b) = tokio::join!(first.apply(&running), second.apply(&done));
+    a.unwrap();
+    b.unwrap();
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+            .fetch_all(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(counts, [("succeeded".to_owned(), 200)]);
+    let terminal: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_events WHERE status = 'succeeded'")
+            .fetch_one(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(terminal, 200, "each job recorded its terminal status once");
+}
+
+async fn get(app: axum::Router, uri: &str, last_event_id: Option<&str>) -> (StatusCode, Value) {
+    let mut request = Request::get(uri);
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    let response = app
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn http_errors_are_json_with_stable_codes() {
+    let database = TestDatabase::migrated().await;
+    let app = router(state(&database, Duration::from_secs(2)));
+    let (status, body) = get(app.clone(), "/v1/jobs/not-a-uuid", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_job_id"))
+    );
+    let unknown = Uuid::now_v7();
+    let (status, body) = get(app.clone(), &format!("/v1/jobs/{unknown}"), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("job_not_found"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&unknown.to_string())
+    );
+    let (status, body) = get(
+        app.clone(),
+        &format!("/v1/jobs/{unknown}/events"),
+        Some("abc"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_last_event_id"))
+    );
+    let (status, body) = get(app, "/readyz", None).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_notify() {
+    let database = TestDatabase::migrated().await;
+    // Rechecking only every minute: whatever arrives sooner came through LISTEN/NOTIFY.
+    let serving = state(&database, Duration::from_secs(60));
+    let stop = CancellationToken::new();
+    tokio::spawn(sluice_results::notify::listen(
+        database.pool.clone(),
+        serving.changes.clone(),
+        stop.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, router(serving)).into_future());
+
+    let job_id = Uuid::now_v7();
+    let response = reqwest::get(format!("{url}/v1/jobs/{job_id}/events"))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "a job not yet visible still gets a stream"
+    );
+    let reader = tokio::spawn(read_sse(response, Duration::from_secs(20)));
+
+    // Another replica: its own store on the same database.
+    let other_replica = Store::new(database.pool.clone());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    other_replica
+        .apply(&[update(job_id, JobStatus::Queued, 0)])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other_replica
+        .apply(&[update(job_id, JobStatus::Running, 1)])
+        .await
+        .unwrap();
+    other_replica
+        .apply(&[update(job_id, JobStatus::Succeeded, 1)])
+        .await
+        .unwrap();
+
+    let (events, keepalives) = reader.await.unwrap();
+    let names: Vec<_> = events
+        .iter()
+        .map(|event| event.event.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["queued", "running", "succeeded"]);
+    assert!(
+        keepalives >= 1,
+        "keep-alive comments flow while the job is not visible"
+    );
+    stop.cancel();
+}
