@@ -108,11 +108,14 @@ fn every_status_the_rust_side_writes_validates() {
     }
 }
 
+/// A change that makes a valid event invalid.
+type Mutation = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn schema_and_rust_reject_the_same_bad_events() {
     let request_validator = validator("request.schema.json");
     let good = read_json("examples/request.json");
-    let mutations: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let mutations: Vec<(&str, Mutation)> = vec![
         (
             "missing user_id",
             Box::new(|event| {

@@ -4,7 +4,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sluice_common::kafka::KafkaArgs;
+use sluice_common::kafka::{KafkaArgs, TopicArgs};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::future::Future;
@@ -47,6 +47,17 @@ impl TestTopics {
             status: format!("{prefix}.status"),
             requests_dlq: format!("{prefix}.requests.dlq"),
             status_dlq: format!("{prefix}.status.dlq"),
+        }
+    }
+
+    /// The services' topic settings for these topics.
+    pub fn args(&self) -> TopicArgs {
+        TopicArgs {
+            requests: self.requests.clone(),
+            status: self.status.clone(),
+            requests_dlq: self.requests_dlq.clone(),
+            status_dlq: self.status_dlq.clone(),
+            create: true,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Pipeline {
     pub ingest_url: String,
     pub results_url: String,
     pub sim_url: String,
+    /// Health endpoints of the workers.
+    pub worker_urls: Vec<String>,
     pub sim_stats: Arc<Stats>,
     pub topics: TestTopics,
     pub kafka: KafkaArgs,
@@ -76,9 +78,7 @@ impl Pipeline {
         results_config.addr = "127.0.0.1:0".into();
         results_config.database_url = database.url.clone().into();
         results_config.kafka = kafka.clone();
-        results_config.requests_topic = topics.requests.clone();
-        results_config.status_topic = topics.status.clone();
-        results_config.dlq_topic = topics.status_dlq.clone();
+        results_config.topics = topics.args();
         results_config.group_id = format!("{}-results", topics.requests);
         results_config.database_max_connections = 8;
         let results = sluice_results::Application::build(results_config)
@@ -87,18 +87,20 @@ impl Pipeline {
         let results_url = format!("http://{}", results.local_addr());
         tasks.push(tokio::spawn(results.run_until_stopped(shutdown.clone())));
 
+        let mut worker_urls = Vec::new();
         for index in 0..options.workers {
             let config = Self::worker_config(&options, &kafka, &topics, &sim_url, index);
             let worker = sluice_worker::Application::build(config)
                 .await
                 .expect("building a worker");
+            worker_urls.push(format!("http://{}", worker.local_addr()));
             tasks.push(tokio::spawn(worker.run_until_stopped(shutdown.clone())));
         }
 
         let mut ingest_config = sluice_ingest::Config::defaults();
         ingest_config.addr = "127.0.0.1:0".into();
         ingest_config.kafka = kafka.clone();
-        ingest_config.requests_topic = topics.requests.clone();
+        ingest_config.topics = topics.args();
         ingest_config.results_url = results_url.clone();
         let ingest = sluice_ingest::Application::build(ingest_config)
             .await
@@ -110,6 +112,7 @@ impl Pipeline {
             ingest_url,
             results_url,
             sim_url,
+            worker_urls,
             sim_stats,
             topics,
             kafka,
@@ -132,9 +135,7 @@ impl Pipeline {
         let mut config = sluice_worker::Config::defaults();
         config.addr = "127.0.0.1:0".into();
         config.kafka = kafka.clone();
-        config.requests_topic = topics.requests.clone();
-        config.status_topic = topics.status.clone();
-        config.dlq_topic = topics.requests_dlq.clone();
+        config.topics = topics.args();
         config.group_id = format!("{}-workers", topics.requests);
         config.max_in_flight = options.max_in_flight;
         config.model_base_url = options
@@ -147,7 +148,10 @@ impl Pipeline {
     }
 
     async fn wait_ready(&self) {
-        for url in [&self.ingest_url, &self.results_url] {
+        let services = [&self.ingest_url, &self.results_url]
+            .into_iter()
+            .chain(&self.worker_urls);
+        for url in services {
             let ready = format!("{url}/readyz");
             wait_until(&ready, Duration::from_secs(60), || async {
                 let response = self.http.get(&ready).send().await.ok()?;

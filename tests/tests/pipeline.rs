@@ -376,7 +376,10 @@ async fn every_event_the_services_produce_validates_against_the_schema_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_and_health_answer_on_every_service() {
     let pipeline = Pipeline::start(PipelineOptions::default()).await;
-    for url in [&pipeline.ingest_url, &pipeline.results_url] {
+    let services = [&pipeline.ingest_url, &pipeline.results_url]
+        .into_iter()
+        .chain(&pipeline.worker_urls);
+    for url in services {
         for path in ["/healthz", "/readyz"] {
             let response = pipeline
                 .http
@@ -386,6 +389,8 @@ async fn readiness_and_health_answer_on_every_service() {
                 .unwrap();
             assert_eq!(response.status(), 200, "{url}{path}");
         }
+    }
+    for url in [&pipeline.ingest_url, &pipeline.results_url] {
         let openapi: Value = pipeline
             .http
             .get(format!("{url}/openapi.json"))

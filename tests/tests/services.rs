@@ -21,7 +21,7 @@ async fn ingest_publishes_a_keyed_record_with_headers_and_answers_202_with_locat
     let mut config = sluice_ingest::Config::defaults();
     config.addr = "127.0.0.1:0".into();
     config.kafka = kafka;
-    config.requests_topic = topics.requests.clone();
+    config.topics = topics.args();
     config.results_url = "http://results.example".into();
     let app = sluice_ingest::Application::build(config)
         .await

@@ -4,11 +4,15 @@ use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Header, OwnedHeaders, ToBytes};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
+use sluice_schemas::{SCHEMA_VERSION, headers, topics};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Where the brokers are and how Sluice talks to them.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +45,157 @@ pub struct KafkaArgs {
     /// Extra librdkafka properties, `key=value` comma separated (e.g. `security.protocol=ssl`).
     #[arg(long, env = "KAFKA_EXTRA_PROPERTIES", default_value = "", value_parser = parse_properties)]
     pub extra_properties: Properties,
+}
+
+/// The topics Sluice uses; every service reads the same settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicArgs {
+    /// Request events, keyed by user id.
+    #[arg(long = "requests-topic", env = "SLUICE_REQUESTS_TOPIC", default_value = topics::REQUESTS)]
+    pub requests: String,
+
+    /// Status events, keyed by user id.
+    #[arg(long = "status-topic", env = "SLUICE_STATUS_TOPIC", default_value = topics::STATUS)]
+    pub status: String,
+
+    /// Where workers move request events they cannot decode.
+    #[arg(long = "requests-dlq-topic", env = "SLUICE_REQUESTS_DLQ_TOPIC", default_value = topics::REQUESTS_DLQ)]
+    pub requests_dlq: String,
+
+    /// Where the results service moves status events it cannot decode.
+    #[arg(long = "status-dlq-topic", env = "SLUICE_STATUS_DLQ_TOPIC", default_value = topics::STATUS_DLQ)]
+    pub status_dlq: String,
+
+    /// Create missing topics at start-up with the admin API.
+    #[arg(long = "create-topics", env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create: bool,
+}
+
+impl TopicArgs {
+    /// Creates the four topics if `create` is set and they are missing.
+    pub async fn ensure(&self, kafka: &KafkaArgs) -> anyhow::Result<()> {
+        if !self.create {
+            return Ok(());
+        }
+        kafka
+            .ensure_topics(&[
+                &self.requests,
+                &self.status,
+                &self.requests_dlq,
+                &self.status_dlq,
+            ])
+            .await
+    }
+}
+
+/// Headers on every event Sluice writes.
+pub fn event_headers() -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: headers::CONTENT_TYPE,
+            value: Some("application/json"),
+        })
+        .insert(Header {
+            key: headers::SCHEMA_VERSION,
+            value: Some(SCHEMA_VERSION.to_string().as_str()),
+        })
+}
+
+/// Where a rejected record came from, and why it was rejected.
+#[derive(Debug, Clone, Copy)]
+pub struct Rejection<'a> {
+    pub reason: &'a str,
+    pub source_topic: &'a str,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub rejected_by: &'a str,
+}
+
+impl Rejection<'_> {
+    /// The headers of the record's copy on a dead-letter topic.
+    pub fn headers(&self) -> OwnedHeaders {
+        let partition = self.source_partition.to_string();
+        let offset = self.source_offset.to_string();
+        OwnedHeaders::new()
+            .insert(Header {
+                key: headers::DLQ_REASON,
+                value: Some(self.reason),
+            })
+            .insert(Header {
+                key: headers::DLQ_SOURCE_TOPIC,
+                value: Some(self.source_topic),
+            })
+            .insert(Header {
+                key: headers::DLQ_SOURCE_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: headers::DLQ_SOURCE_OFFSET,
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: headers::DLQ_REJECTED_BY,
+                value: Some(self.rejected_by),
+            })
+    }
+}
+
+/// The service had to stop before the broker acknowledged a record; its offset must not be stored.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped before the broker acknowledged the record")]
+pub struct Abandoned;
+
+/// Sends the record `make_record` builds until the broker acknowledges it, backing off between
+/// attempts, or until `give_up` is cancelled.
+pub async fn send_until_acked<'a, K, P>(
+    producer: &FutureProducer,
+    make_record: impl Fn() -> FutureRecord<'a, K, P>,
+    give_up: &CancellationToken,
+) -> Result<(), Abandoned>
+where
+    K: ToBytes + ?Sized + 'a,
+    P: ToBytes + ?Sized + 'a,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let error = tokio::select! {
+            biased;
+            _ = give_up.cancelled() => return Err(Abandoned),
+            delivery = producer.send(make_record(), Duration::from_secs(5)) => match delivery {
+                Ok(_) => return Ok(()),
+                Err((error, _)) => error,
+            },
+        };
+        tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "publishing failed, retrying");
+        tokio::select! {
+            _ = give_up.cancelled() => return Err(Abandoned),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Copies a rejected record, key and value unchanged, to `dlq_topic` with the reason in headers.
+pub async fn dead_letter(
+    producer: &FutureProducer,
+    dlq_topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    rejection: &Rejection<'_>,
+    give_up: &CancellationToken,
+) -> Result<(), Abandoned> {
+    let make_record = || {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(dlq_topic).headers(rejection.headers());
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        record
+    };
+    send_until_acked(producer, make_record, give_up).await
 }
 
 /// `key=value` pairs passed to librdkafka as they are.

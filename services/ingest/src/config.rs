@@ -1,6 +1,6 @@
 //! Ingest settings, read from flags or the environment; every default works on a laptop.
 
-use sluice_common::kafka::KafkaArgs;
+use sluice_common::kafka::{KafkaArgs, TopicArgs};
 
 /// Largest body accepted; Kafka's default `message.max.bytes` is 1,000,012, and the event adds
 /// its own fields around the body, so the limit stays well below it.
@@ -19,13 +19,8 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
-    /// Topic request events are published to, keyed by user id.
-    #[arg(long, env = "SLUICE_REQUESTS_TOPIC", default_value = sluice_schemas::topics::REQUESTS)]
-    pub requests_topic: String,
-
-    /// Create the requests topic at start-up if it is missing.
-    #[arg(long, env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub create_topics: bool,
+    #[command(flatten)]
+    pub topics: TopicArgs,
 
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]

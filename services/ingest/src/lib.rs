@@ -42,7 +42,7 @@ impl AppState {
             .context("creating the Kafka producer")?;
         let publisher = Publisher::new(
             producer,
-            config.requests_topic.clone(),
+            config.topics.requests.clone(),
             Duration::from_millis(config.publish_timeout_ms),
         );
         Ok(Self {
@@ -83,12 +83,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        if config.create_topics {
-            config
-                .kafka
-                .ensure_topics(&[&config.requests_topic])
-                .await?;
-        }
+        config.topics.ensure(&config.kafka).await?;
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;

@@ -2,9 +2,8 @@
 
 use crate::error::ApiError;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sluice_schemas::{RequestEvent, SCHEMA_VERSION, headers};
+use sluice_schemas::RequestEvent;
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -35,20 +34,10 @@ impl Publisher {
     /// publish timeout: a full local queue fails at once, an unreachable broker at the timeout.
     pub async fn publish(&self, event: &RequestEvent) -> Result<(), ApiError> {
         let payload = event.encode();
-        let version = SCHEMA_VERSION.to_string();
-        let record_headers = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::CONTENT_TYPE,
-                value: Some("application/json"),
-            })
-            .insert(Header {
-                key: headers::SCHEMA_VERSION,
-                value: Some(version.as_str()),
-            });
         let record = FutureRecord::to(&self.topic)
             .key(event.user_id.as_str())
             .payload(&payload)
-            .headers(record_headers);
+            .headers(sluice_common::kafka::event_headers());
         // Why Duration::ZERO: a full producer queue means the broker is not keeping up; waiting
         // for room would turn overload into latency, so the caller is told to retry instead.
         let delivery = self.producer.send(record, Duration::ZERO);

@@ -61,9 +61,12 @@ async fn invalid_json_is_400() {
     assert_error(&json, "invalid_json", "EOF");
 }
 
+/// A change that makes a valid body invalid.
+type Mutation = Box<dyn Fn(&mut Value)>;
+
 #[tokio::test]
 async fn each_invalid_field_is_422_and_named() {
-    let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let cases: Vec<(Mutation, &str)> = vec![
         (
             Box::new(|body| {
                 body.as_object_mut().unwrap().remove("model");

@@ -1,7 +1,7 @@
 //! Results settings, read from flags or the environment; every default works on a laptop.
 
 use secrecy::SecretString;
-use sluice_common::kafka::KafkaArgs;
+use sluice_common::kafka::{KafkaArgs, TopicArgs};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -32,25 +32,12 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
-    /// Topic request events are read from (they create the `queued` row).
-    #[arg(long, env = "SLUICE_REQUESTS_TOPIC", default_value = sluice_schemas::topics::REQUESTS)]
-    pub requests_topic: String,
-
-    /// Topic status events are read from.
-    #[arg(long, env = "SLUICE_STATUS_TOPIC", default_value = sluice_schemas::topics::STATUS)]
-    pub status_topic: String,
-
-    /// Topic undecodable status events are moved to.
-    #[arg(long, env = "SLUICE_STATUS_DLQ_TOPIC", default_value = sluice_schemas::topics::STATUS_DLQ)]
-    pub dlq_topic: String,
+    #[command(flatten)]
+    pub topics: TopicArgs,
 
     /// Consumer group shared by all results replicas.
     #[arg(long, env = "SLUICE_RESULTS_GROUP", default_value = "sluice-results")]
     pub group_id: String,
-
-    /// Create the topics at start-up if they are missing.
-    #[arg(long, env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub create_topics: bool,
 
     /// Most events written to Postgres in one transaction.
     #[arg(long, env = "SLUICE_RESULTS_MAX_BATCH", default_value_t = 500)]

@@ -5,10 +5,10 @@ use crate::state::Update;
 use crate::store::Store;
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice_common::kafka::RebalanceContext;
-use sluice_schemas::{RequestEvent, StatusEvent, headers};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
+use sluice_common::kafka::{self, RebalanceContext, Rejection};
+use sluice_schemas::{RequestEvent, StatusEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,47 +126,23 @@ impl EventLoop {
         reason: &str,
         shutdown: &CancellationToken,
     ) -> bool {
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
-        loop {
-            let record_headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: headers::DLQ_REASON,
-                    value: Some(reason),
-                })
-                .insert(Header {
-                    key: headers::DLQ_SOURCE_TOPIC,
-                    value: Some(message.topic()),
-                })
-                .insert(Header {
-                    key: headers::DLQ_SOURCE_PARTITION,
-                    value: Some(partition.as_str()),
-                })
-                .insert(Header {
-                    key: headers::DLQ_SOURCE_OFFSET,
-                    value: Some(offset.as_str()),
-                })
-                .insert(Header {
-                    key: headers::DLQ_REJECTED_BY,
-                    value: Some("sluice-results"),
-                });
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.dlq_topic).headers(record_headers);
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Some(payload) = message.payload() {
-                record = record.payload(payload);
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                delivered = self.producer.send(record, Duration::from_secs(5)) => match delivered {
-                    Ok(_) => return true,
-                    Err((error, _)) => tracing::warn!(error = %error, "dead-lettering failed, retrying"),
-                },
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let rejection = Rejection {
+            reason,
+            source_topic: message.topic(),
+            source_partition: message.partition(),
+            source_offset: message.offset(),
+            rejected_by: "sluice-results",
+        };
+        kafka::dead_letter(
+            &self.producer,
+            &self.dlq_topic,
+            message.key(),
+            message.payload(),
+            &rejection,
+            shutdown,
+        )
+        .await
+        .is_ok()
     }
 
     fn store_offsets(&self, batch: &[BorrowedMessage<'_>]) {

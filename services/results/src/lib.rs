@@ -99,23 +99,14 @@ impl Application {
         if config.run_migrations {
             MIGRATOR.run(&pool).await.context("applying migrations")?;
         }
-        if config.create_topics {
-            config
-                .kafka
-                .ensure_topics(&[
-                    &config.requests_topic,
-                    &config.status_topic,
-                    &config.dlq_topic,
-                ])
-                .await?;
-        }
+        config.topics.ensure(&config.kafka).await?;
         let consumer: ResultsConsumer = config
             .kafka
             .consumer_config("sluice-results", &config.group_id)
             .create_with_context(RebalanceContext::default())
             .context("creating the Kafka consumer")?;
         consumer
-            .subscribe(&[&config.requests_topic, &config.status_topic])
+            .subscribe(&[&config.topics.requests, &config.topics.status])
             .context("subscribing to the requests and status topics")?;
         let producer: FutureProducer = config
             .kafka
@@ -139,8 +130,8 @@ impl Application {
             consumer,
             producer,
             store,
-            requests_topic: config.requests_topic,
-            dlq_topic: config.dlq_topic,
+            requests_topic: config.topics.requests,
+            dlq_topic: config.topics.status_dlq,
             max_batch: config.max_batch,
         };
         Ok(Self {

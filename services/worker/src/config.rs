@@ -1,7 +1,7 @@
 //! Worker settings, read from flags or the environment; every default works on a laptop.
 
 use secrecy::SecretString;
-use sluice_common::kafka::KafkaArgs;
+use sluice_common::kafka::{KafkaArgs, TopicArgs};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -16,25 +16,12 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
-    /// Topic request events are read from.
-    #[arg(long, env = "SLUICE_REQUESTS_TOPIC", default_value = sluice_schemas::topics::REQUESTS)]
-    pub requests_topic: String,
-
-    /// Topic status events are written to.
-    #[arg(long, env = "SLUICE_STATUS_TOPIC", default_value = sluice_schemas::topics::STATUS)]
-    pub status_topic: String,
-
-    /// Topic undecodable request events are moved to, with the reason in headers.
-    #[arg(long, env = "SLUICE_REQUESTS_DLQ_TOPIC", default_value = sluice_schemas::topics::REQUESTS_DLQ)]
-    pub dlq_topic: String,
+    #[command(flatten)]
+    pub topics: TopicArgs,
 
     /// Consumer group shared by all workers.
     #[arg(long, env = "SLUICE_WORKER_GROUP", default_value = "sluice-workers")]
     pub group_id: String,
-
-    /// Create the topics at start-up if they are missing.
-    #[arg(long, env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub create_topics: bool,
 
     /// Most jobs this worker runs at once; when all are busy its partitions are paused.
     #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 64)]

@@ -43,16 +43,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
-        if config.create_topics {
-            config
-                .kafka
-                .ensure_topics(&[
-                    &config.requests_topic,
-                    &config.status_topic,
-                    &config.dlq_topic,
-                ])
-                .await?;
-        }
+        config.topics.ensure(&config.kafka).await?;
         let worker_id = config.worker_id();
         let producer: FutureProducer = config
             .kafka
@@ -65,8 +56,8 @@ impl Application {
             .create_with_context(RebalanceContext::default())
             .context("creating the Kafka consumer")?;
         consumer
-            .subscribe(&[&config.requests_topic])
-            .with_context(|| format!("subscribing to {}", config.requests_topic))?;
+            .subscribe(&[&config.topics.requests])
+            .with_context(|| format!("subscribing to {}", config.topics.requests))?;
 
         let give_up = CancellationToken::new();
         let model = ModelClient::new(
@@ -78,8 +69,8 @@ impl Application {
             model,
             publisher: StatusPublisher::new(
                 producer,
-                config.status_topic.clone(),
-                config.dlq_topic.clone(),
+                config.topics.status.clone(),
+                config.topics.requests_dlq.clone(),
                 give_up.clone(),
             ),
             worker_id,
@@ -98,7 +89,7 @@ impl Application {
             context,
             settings,
             give_up,
-            requests_topic: config.requests_topic,
+            requests_topic: config.topics.requests,
         })
     }
 
