@@ -160,8 +160,12 @@ pub enum ErrorCode {
     BackendError,
     /// The model backend answered 2xx with a body that is not a chat completion.
     InvalidBackendResponse,
-    /// The job's deadline passed before it could finish.
+    /// The job's deadline passed before a worker could start it (status `expired`).
     DeadlineExceeded,
+    /// The job's deadline passed during the model call, which was cut off.
+    Timeout,
+    /// Every backend that could answer has its circuit open after repeated failures.
+    CircuitOpen,
     /// The job was cancelled.
     Cancelled,
     /// Sluice itself failed.
@@ -187,6 +191,12 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
     pub content: String,
+    /// The model that answered: the requested one or a fallback from the chain.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// True when the content is the configured static fallback, not a model's answer.
+    #[serde(default)]
+    pub degraded: bool,
     #[serde(default)]
     pub finish_reason: Option<String>,
     #[serde(default)]

@@ -93,6 +93,8 @@ fn every_status_the_rust_side_writes_validates() {
         if status == JobStatus::Succeeded {
             event.output = Some(Output {
                 content: "ok".into(),
+                model: None,
+                degraded: false,
                 finish_reason: Some("stop".into()),
                 usage: None,
             });

@@ -23,6 +23,8 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
         attempt,
         output: (status == JobStatus::Succeeded).then(|| Output {
             content: "done".into(),
+            model: None,
+            degraded: false,
             finish_reason: None,
             usage: None,
         }),

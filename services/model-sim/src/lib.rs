@@ -42,6 +42,15 @@ pub struct Config {
     /// HTTP status of a simulated failure.
     #[arg(long, env = "SIM_FAILURE_STATUS", default_value_t = 503)]
     pub failure_status: u16,
+
+    /// The first this many calls fail with `failure_status`, whatever the failure rate; for
+    /// showing retries.
+    #[arg(long, env = "SIM_FAIL_FIRST", default_value_t = 0)]
+    pub fail_first: u64,
+
+    /// Seconds sent in `Retry-After` with each simulated failure; none if unset.
+    #[arg(long, env = "SIM_RETRY_AFTER_SECS")]
+    pub retry_after_secs: Option<u64>,
 }
 
 impl Config {
@@ -156,6 +165,7 @@ async fn chat_completions(
     State(state): State<AppState>,
     Json(request): Json<ChatRequest>,
 ) -> Response {
+    let call_number = state.stats.calls.load(Ordering::SeqCst) + 1;
     let _open = OpenCall::start(&state.stats);
     let _slot = state
         .capacity
@@ -169,13 +179,21 @@ async fn chat_completions(
     };
     tokio::time::sleep(Duration::from_millis(state.config.service_time_ms + jitter)).await;
 
-    if state.config.failure_rate > 0.0 && fastrand::f64() < state.config.failure_rate {
+    let fails = call_number <= state.config.fail_first
+        || (state.config.failure_rate > 0.0 && fastrand::f64() < state.config.failure_rate);
+    if fails {
         state.stats.failures.fetch_add(1, Ordering::SeqCst);
         let status = StatusCode::from_u16(state.config.failure_status)
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let body =
             serde_json::json!({"error": {"message": "simulated failure", "type": "server_error"}});
-        return (status, Json(body)).into_response();
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = state.config.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        return response;
     }
 
     let prompt = request

@@ -92,13 +92,38 @@ pub struct Job {
     pub timings: JobTimings,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// When the job reached each stage. Serialized with two derived figures: `queue_wait_ms`
+/// (queued until a worker started it) and `run_ms` (started until finished).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct JobTimings {
     pub submitted_at: Option<DateTime<Utc>>,
     pub deadline: Option<DateTime<Utc>>,
     pub queued_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Serialize for JobTimings {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let millis = |from: DateTime<Utc>, to: Option<DateTime<Utc>>| {
+            to.map(|to| (to - from).num_milliseconds().max(0))
+        };
+        let mut timings = serializer.serialize_struct("JobTimings", 7)?;
+        timings.serialize_field("submitted_at", &self.submitted_at)?;
+        timings.serialize_field("deadline", &self.deadline)?;
+        timings.serialize_field("queued_at", &self.queued_at)?;
+        timings.serialize_field("started_at", &self.started_at)?;
+        timings.serialize_field("finished_at", &self.finished_at)?;
+        timings.serialize_field("queue_wait_ms", &millis(self.queued_at, self.started_at))?;
+        timings.serialize_field(
+            "run_ms",
+            &self
+                .started_at
+                .and_then(|started| millis(started, self.finished_at)),
+        )?;
+        timings.end()
+    }
 }
 
 impl Job {
@@ -173,6 +198,8 @@ mod tests {
             attempt,
             output: (status == JobStatus::Succeeded).then(|| Output {
                 content: "ok".into(),
+                model: None,
+                degraded: false,
                 finish_reason: None,
                 usage: None,
             }),

@@ -35,9 +35,33 @@ pub struct Config {
     #[arg(long, env = "MODEL_API_KEY")]
     pub model_api_key: Option<SecretString>,
 
-    /// Longest one model call may take, whatever the job's deadline.
+    /// Longest one attempt at a model call may take, whatever the job's deadline.
     #[arg(long, env = "MODEL_TIMEOUT_MS", default_value_t = 120_000)]
     pub model_timeout_ms: u64,
+
+    /// Attempts per model in the chain for retryable failures (unreachable, timeout, 408, 429, 5xx).
+    #[arg(long, env = "MODEL_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+
+    /// First retry delay; it doubles per attempt, with jitter, up to `MODEL_RETRY_MAX_MS`.
+    #[arg(long, env = "MODEL_RETRY_BASE_MS", default_value_t = 200)]
+    pub retry_base_ms: u64,
+
+    /// Longest delay between attempts, including one asked for by `Retry-After`.
+    #[arg(long, env = "MODEL_RETRY_MAX_MS", default_value_t = 10_000)]
+    pub retry_max_ms: u64,
+
+    /// Backend failures in a row that open its circuit.
+    #[arg(long, env = "MODEL_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+
+    /// How long an open circuit fails fast before letting one probe through.
+    #[arg(long, env = "MODEL_BREAKER_COOLDOWN_MS", default_value_t = 10_000)]
+    pub breaker_cooldown_ms: u64,
+
+    /// Backends, routes, fallback chains and static fallbacks: JSON, or `@path` to a JSON file.
+    #[arg(long, env = "SLUICE_MODELS")]
+    pub models: Option<String>,
 
     /// Longest a connection to the backend may take to open.
     #[arg(long, env = "MODEL_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]

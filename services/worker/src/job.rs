@@ -1,19 +1,20 @@
 //! The worker's unit of work: one record in, one outcome out. The consumer loop around it only
 //! schedules; everything a job does is here and can be called directly.
 
-use crate::model::ModelClient;
+use crate::model::Failure;
+use crate::routing::Routes;
 use crate::status::{Abandoned, DeadLetter, StatusPublisher};
-use chrono::Utc;
-use sluice_schemas::{ErrorCode, JobError, JobStatus, RequestEvent, StatusEvent, Timings};
-use std::time::Duration;
+use chrono::{DateTime, Utc};
+use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
+use std::time::{Duration, Instant};
 
 /// What a job needs besides its record.
 #[derive(Clone)]
 pub struct JobContext {
-    pub model: ModelClient,
+    pub routes: Routes,
     pub publisher: StatusPublisher,
     pub worker_id: String,
-    pub model_timeout: Duration,
+    pub retry: RetryPolicy,
 }
 
 /// A consumed record, detached from the consumer so a task can own it.
@@ -70,53 +71,160 @@ pub async fn run(context: &JobContext, record: &Record) -> Outcome {
     }
 }
 
-/// Runs a decoded request: `running`, the model call, then the terminal status.
+/// Runs a decoded request: for each model in its chain, up to `max_attempts` calls with
+/// backoff, all within the deadline; then the static fallback, if any; then the terminal status.
 async fn execute(context: &JobContext, request: &RequestEvent) -> Result<JobStatus, Abandoned> {
     let started_at = Utc::now();
-    let until_deadline = (request.deadline - started_at).to_std().unwrap_or_default();
-    if until_deadline.is_zero() {
-        let error = JobError {
+    if time_left(request).is_zero() {
+        let mut expired = status_event(context, request, JobStatus::Expired, 0, started_at);
+        expired.timings.finished_at = Some(started_at);
+        expired.error = Some(JobError {
             code: ErrorCode::DeadlineExceeded,
             message: format!(
                 "the deadline {} passed while the job was queued",
                 request.deadline.to_rfc3339()
             ),
-        };
-        let mut expired = status_event(context, request, JobStatus::Expired, 0, started_at);
-        expired.timings.finished_at = Some(started_at);
-        expired.error = Some(error);
+        });
         context.publisher.publish(&expired).await?;
         return Ok(JobStatus::Expired);
     }
 
-    // Why not wait for this acknowledgement first: the idempotent producer keeps per-partition
-    // order, so `running` lands before the terminal status anyway; waiting would add a broker
-    // round trip to every job. Both are awaited before the offset is stored.
-    let running = status_event(context, request, JobStatus::Running, 1, started_at);
-    let running_published = context.publisher.publish(&running);
-
-    let timeout_is_deadline = until_deadline < context.model_timeout;
-    let call = context.model.chat(
-        request,
-        until_deadline.min(context.model_timeout),
-        timeout_is_deadline,
-    );
-    let (running_result, answer) = tokio::join!(running_published, call);
-    running_result?;
-
-    let mut terminal = status_event(context, request, JobStatus::Succeeded, 1, started_at);
+    let mut attempt = 0;
+    let answer = call_chain(context, request, started_at, &mut attempt).await?;
+    let mut terminal = status_event(context, request, JobStatus::Succeeded, attempt, started_at);
     terminal.timings.finished_at = Some(Utc::now());
-    terminal.emitted_at = Utc::now();
     match answer {
         Ok(output) => terminal.output = Some(output),
-        Err(error) => {
-            tracing::info!(code = ?error.code, message = %error.message, "model call failed");
-            terminal.status = JobStatus::Failed;
-            terminal.error = Some(error);
-        }
+        Err(error) => match context.routes.static_fallback(request.model.as_str()) {
+            Some(text) => {
+                tracing::info!(code = ?error.code, "every model failed; answering with the static fallback");
+                terminal.output = Some(Output {
+                    content: text.to_owned(),
+                    model: None,
+                    degraded: true,
+                    finish_reason: None,
+                    usage: None,
+                });
+            }
+            None => {
+                tracing::info!(code = ?error.code, message = %error.message, "job failed");
+                terminal.status = JobStatus::Failed;
+                terminal.error = Some(error);
+            }
+        },
     }
     context.publisher.publish(&terminal).await?;
     Ok(terminal.status)
+}
+
+fn time_left(request: &RequestEvent) -> Duration {
+    (request.deadline - Utc::now()).to_std().unwrap_or_default()
+}
+
+/// Tries each model of the chain; `attempt` counts calls across the whole chain.
+async fn call_chain(
+    context: &JobContext,
+    request: &RequestEvent,
+    started_at: DateTime<Utc>,
+    attempt: &mut u32,
+) -> Result<Result<Output, JobError>, Abandoned> {
+    let mut last_error = JobError {
+        code: ErrorCode::Internal,
+        message: "no model was tried".to_owned(),
+    };
+    for model in context.routes.chain(request.model.as_str()) {
+        let backend = context.routes.backend_for(&model);
+        for try_number in 1..=context.retry.max_attempts {
+            let remaining = time_left(request);
+            if remaining.is_zero() {
+                return Ok(Err(deadline_passed(request, last_error)));
+            }
+            if !backend.breaker.try_acquire(Instant::now()) {
+                last_error = JobError {
+                    code: ErrorCode::CircuitOpen,
+                    message: format!(
+                        "the circuit to backend {} is open after repeated failures",
+                        backend.name
+                    ),
+                };
+                break;
+            }
+            *attempt += 1;
+            // Why not wait for this acknowledgement first: the idempotent producer keeps
+            // per-partition order, so `running` lands before the terminal status anyway.
+            let running = status_event(context, request, JobStatus::Running, *attempt, started_at);
+            let per_attempt = context.retry.attempt_timeout;
+            let call = backend.client.chat(
+                request,
+                &model,
+                remaining.min(per_attempt),
+                remaining < per_attempt,
+            );
+            let (published, result) = tokio::join!(context.publisher.publish(&running), call);
+            published?;
+            backend.breaker.record(
+                result
+                    .as_ref()
+                    .map_or_else(|error| !error.counts_against_backend(), |_| true),
+                Instant::now(),
+            );
+            let failure = match result {
+                Ok(output) => return Ok(Ok(output)),
+                Err(failure) => failure,
+            };
+            tracing::info!(model, attempt = *attempt, code = ?failure.error.code, message = %failure.error.message, "model call failed");
+            last_error = failure.error;
+            match failure.failure {
+                Failure::Fatal | Failure::DeadlineCut => return Ok(Err(last_error)),
+                Failure::Retryable if try_number == context.retry.max_attempts => break,
+                Failure::Retryable => {
+                    let delay = context.retry.delay(try_number, failure.retry_after);
+                    if delay >= time_left(request) {
+                        // Waiting would spend the deadline: let the next model try now.
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+    Ok(Err(last_error))
+}
+
+fn deadline_passed(request: &RequestEvent, last_error: JobError) -> JobError {
+    JobError {
+        code: ErrorCode::Timeout,
+        message: format!(
+            "the deadline {} passed between attempts; last error: {}",
+            request.deadline.to_rfc3339(),
+            last_error.message
+        ),
+    }
+}
+
+/// Attempts per model and the delays between them.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub attempt_timeout: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with jitter (half fixed, half random), or the backend's
+    /// `Retry-After` when it asked for longer; never more than `max_delay`.
+    pub fn delay(&self, try_number: u32, retry_after: Option<Duration>) -> Duration {
+        let exponential = self
+            .base_delay
+            .saturating_mul(1 << try_number.saturating_sub(1).min(16))
+            .min(self.max_delay);
+        let half = exponential / 2;
+        let jittered = half + half.mul_f64(fastrand::f64());
+        retry_after
+            .map_or(jittered, |asked| asked.max(jittered))
+            .min(self.max_delay)
+    }
 }
 
 fn status_event(

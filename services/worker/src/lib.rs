@@ -1,18 +1,22 @@
 //! Worker: a consumer group member that runs jobs from the requests topic against an
 //! OpenAI-compatible backend with a bounded window, and publishes each job's status.
 
+mod breaker;
 mod config;
 mod consumer;
 mod job;
 mod model;
 mod offsets;
+mod routing;
 mod status;
 
+pub use breaker::{CircuitBreaker, CircuitState};
 pub use config::Config;
 pub use consumer::LoopSettings;
-pub use job::{JobContext, Outcome, Record, run as run_job};
-pub use model::ModelClient;
+pub use job::{JobContext, Outcome, Record, RetryPolicy, run as run_job};
+pub use model::{CallError, Failure, ModelClient};
 pub use offsets::OffsetTracker;
+pub use routing::Routes;
 pub use status::StatusPublisher;
 
 use anyhow::Context;
@@ -60,13 +64,8 @@ impl Application {
             .with_context(|| format!("subscribing to {}", config.topics.requests))?;
 
         let give_up = CancellationToken::new();
-        let model = ModelClient::new(
-            &config.model_base_url,
-            config.model_api_key.clone(),
-            Duration::from_millis(config.model_connect_timeout_ms),
-        )?;
         let context = JobContext {
-            model,
+            routes: Routes::from_config(&config)?,
             publisher: StatusPublisher::new(
                 producer,
                 config.topics.status.clone(),
@@ -74,7 +73,12 @@ impl Application {
                 give_up.clone(),
             ),
             worker_id,
-            model_timeout: Duration::from_millis(config.model_timeout_ms),
+            retry: RetryPolicy {
+                max_attempts: config.max_attempts,
+                base_delay: Duration::from_millis(config.retry_base_ms),
+                max_delay: Duration::from_millis(config.retry_max_ms),
+                attempt_timeout: Duration::from_millis(config.model_timeout_ms),
+            },
         };
         let listener = TcpListener::bind(&config.addr)
             .await

@@ -1,6 +1,7 @@
-//! The OpenAI-compatible chat completions client: one pooled connection set per worker.
+//! The OpenAI-compatible chat completions client: one pooled connection set per backend.
 
 use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sluice_schemas::{ErrorCode, JobError, Output, RequestEvent, Usage};
@@ -11,6 +12,41 @@ pub struct ModelClient {
     http: reqwest::Client,
     completions_url: String,
     api_key: Option<SecretString>,
+}
+
+/// How a failed call may be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Worth another attempt: unreachable, per-attempt timeout, 408, 429, 5xx.
+    Retryable,
+    /// About the request itself (other 4xx, a malformed answer): fail at once.
+    Fatal,
+    /// The job's deadline cut the call off: nothing more can be tried.
+    DeadlineCut,
+}
+
+/// A failed call, with what the caller needs to decide what comes next.
+#[derive(Debug, Clone)]
+pub struct CallError {
+    pub error: JobError,
+    pub failure: Failure,
+    /// The backend's `Retry-After` (or `retry-after-ms`), if it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+impl CallError {
+    fn new(code: ErrorCode, failure: Failure, message: String) -> Self {
+        Self {
+            error: JobError { code, message },
+            failure,
+            retry_after: None,
+        }
+    }
+
+    /// Whether this outcome says the backend is unwell (for the circuit breaker).
+    pub fn counts_against_backend(&self) -> bool {
+        self.failure != Failure::Fatal
+    }
 }
 
 #[derive(Deserialize)]
@@ -52,16 +88,17 @@ impl ModelClient {
         })
     }
 
-    /// One call to the backend, given at most `timeout`. `timeout_is_deadline` says whether the
-    /// job's deadline (not the per-call limit) is what bounds it, which decides the error code.
+    /// One call to the backend for `model`, given at most `timeout`. `timeout_is_deadline` says
+    /// whether the job's deadline (not the per-attempt limit) is what bounds it.
     pub async fn chat(
         &self,
         request: &RequestEvent,
+        model: &str,
         timeout: Duration,
         timeout_is_deadline: bool,
-    ) -> Result<Output, JobError> {
+    ) -> Result<Output, CallError> {
         let mut body = request.params.clone();
-        body.insert("model".into(), request.model.as_str().into());
+        body.insert("model".into(), model.into());
         body.insert(
             "messages".into(),
             serde_json::to_value(&request.messages).expect("messages serialize"),
@@ -77,73 +114,88 @@ impl ModelClient {
             call = call.bearer_auth(key.expose_secret());
         }
         let timed_out = || {
+            let millis = timeout.as_millis();
             if timeout_is_deadline {
-                job_error(
-                    ErrorCode::DeadlineExceeded,
-                    format!(
-                        "the job's deadline passed after {} ms in the model call",
-                        timeout.as_millis()
-                    ),
+                CallError::new(
+                    ErrorCode::Timeout,
+                    Failure::DeadlineCut,
+                    format!("the job's deadline passed {millis} ms into the model call"),
                 )
             } else {
-                job_error(
+                CallError::new(
                     ErrorCode::BackendTimeout,
-                    format!(
-                        "model backend did not answer within {} ms",
-                        timeout.as_millis()
-                    ),
+                    Failure::Retryable,
+                    format!("model backend did not answer within {millis} ms"),
                 )
             }
         };
-        let response = call.send().await.map_err(|error| {
+        let unreachable = |error: reqwest::Error| {
             if error.is_timeout() {
                 timed_out()
             } else {
-                job_error(
+                CallError::new(
                     ErrorCode::BackendUnreachable,
+                    Failure::Retryable,
                     format!("model backend unreachable: {}", error_chain(&error)),
                 )
             }
-        })?;
+        };
+        let response = call.send().await.map_err(unreachable)?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|error| {
-            if error.is_timeout() {
-                timed_out()
-            } else {
-                job_error(
-                    ErrorCode::BackendUnreachable,
-                    format!("reading the model's answer failed: {error}"),
-                )
-            }
-        })?;
+        let retry_after = retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
-            return Err(job_error(
+            let retryable = status == StatusCode::REQUEST_TIMEOUT
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error();
+            let failure = if retryable {
+                Failure::Retryable
+            } else {
+                Failure::Fatal
+            };
+            let mut error = CallError::new(
                 ErrorCode::BackendError,
+                failure,
                 backend_error_message(status, &bytes),
-            ));
+            );
+            error.retry_after = retry_after;
+            return Err(error);
         }
-        let completion: Completion = serde_json::from_slice(&bytes).map_err(|error| {
-            job_error(
-                ErrorCode::InvalidBackendResponse,
-                format!("model answer is not a chat completion: {error}"),
-            )
-        })?;
-        let choice = completion.choices.into_iter().next().ok_or_else(|| {
-            job_error(
-                ErrorCode::InvalidBackendResponse,
-                "model answer has no choices".to_owned(),
-            )
-        })?;
+        let invalid = |message: String| {
+            CallError::new(ErrorCode::InvalidBackendResponse, Failure::Fatal, message)
+        };
+        let completion: Completion = serde_json::from_slice(&bytes)
+            .map_err(|error| invalid(format!("model answer is not a chat completion: {error}")))?;
+        let choice = completion
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("model answer has no choices".to_owned()))?;
         Ok(Output {
             content: choice.message.content.unwrap_or_default(),
+            model: Some(model.to_owned()),
+            degraded: false,
             finish_reason: choice.finish_reason,
             usage: completion.usage,
         })
     }
 }
 
-fn job_error(code: ErrorCode, message: String) -> JobError {
-    JobError { code, message }
+/// `retry-after-ms` (OpenAI's) or `Retry-After` in seconds; HTTP dates are not honoured.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|value| value.is_finite() && *value >= 0.0)
+    };
+    number("retry-after-ms")
+        .map(|millis| Duration::from_secs_f64(millis / 1000.0))
+        .or_else(|| number("retry-after").map(Duration::from_secs_f64))
 }
 
 /// Follows `source()` so "error sending request" also says "connection refused".

@@ -1,0 +1,203 @@
+//! Which backend serves which model, each model's fallback chain and static fallback, and one
+//! circuit breaker per backend.
+//!
+//! `SLUICE_MODELS` (JSON, or `@path` to a JSON file) describes it:
+//!
+//! ```json
+//! {
+//!   "backends": { "gpu": { "base_url": "http://gpu:8000", "api_key_env": "GPU_API_KEY" } },
+//!   "models": {
+//!     "llama-70b": { "backend": "gpu", "fallbacks": ["llama-8b"], "static_fallback": "Busy; try again." },
+//!     "llama-8b": {}
+//!   }
+//! }
+//! ```
+//!
+//! The backend named `default` is `MODEL_BASE_URL` with `MODEL_API_KEY`; models not listed, and
+//! listed models without a `backend`, go there.
+
+use crate::breaker::CircuitBreaker;
+use crate::config::Config;
+use crate::model::ModelClient;
+use anyhow::Context;
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_BACKEND: &str = "default";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsFile {
+    #[serde(default)]
+    pub backends: HashMap<String, BackendSpec>,
+    #[serde(default)]
+    pub models: HashMap<String, ModelSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub base_url: String,
+    /// Name of the environment variable holding the bearer token, so secrets stay out of JSON.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Models tried in order when this one's attempts are spent or its backend's circuit is open.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Answer given, marked `degraded: true`, when every model in the chain failed.
+    #[serde(default)]
+    pub static_fallback: Option<String>,
+}
+
+/// One backend: its pooled client and its breaker.
+pub struct Backend {
+    pub name: String,
+    pub client: ModelClient,
+    pub breaker: CircuitBreaker,
+}
+
+#[derive(Clone)]
+pub struct Routes {
+    backends: HashMap<String, Arc<Backend>>,
+    models: Arc<HashMap<String, ModelSpec>>,
+}
+
+impl Routes {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let file = parse_models(config.models.as_deref())?;
+        let connect_timeout = Duration::from_millis(config.model_connect_timeout_ms);
+        let cooldown = Duration::from_millis(config.breaker_cooldown_ms);
+        let make =
+            |name: &str, url: &str, key: Option<SecretString>| -> anyhow::Result<Arc<Backend>> {
+                Ok(Arc::new(Backend {
+                    name: name.to_owned(),
+                    client: ModelClient::new(url, key, connect_timeout)?,
+                    breaker: CircuitBreaker::new(config.breaker_threshold, cooldown),
+                }))
+            };
+        let mut backends = HashMap::new();
+        backends.insert(
+            DEFAULT_BACKEND.to_owned(),
+            make(
+                DEFAULT_BACKEND,
+                &config.model_base_url,
+                config.model_api_key.clone(),
+            )?,
+        );
+        for (name, spec) in &file.backends {
+            anyhow::ensure!(
+                name != DEFAULT_BACKEND,
+                "SLUICE_MODELS: the backend name `default` is MODEL_BASE_URL's"
+            );
+            reqwest::Url::parse(&spec.base_url)
+                .with_context(|| format!("SLUICE_MODELS: backend {name}: base_url"))?;
+            let key = match &spec.api_key_env {
+                Some(variable) => Some(
+                    std::env::var(variable)
+                        .with_context(|| {
+                            format!("SLUICE_MODELS: backend {name}: {variable} is not set")
+                        })?
+                        .into(),
+                ),
+                None => None,
+            };
+            backends.insert(name.clone(), make(name, &spec.base_url, key)?);
+        }
+        for (model, spec) in &file.models {
+            if let Some(backend) = &spec.backend {
+                anyhow::ensure!(
+                    backends.contains_key(backend),
+                    "SLUICE_MODELS: model {model} names unknown backend {backend}"
+                );
+            }
+        }
+        Ok(Self {
+            backends,
+            models: Arc::new(file.models),
+        })
+    }
+
+    pub fn backend_for(&self, model: &str) -> &Arc<Backend> {
+        let name = self
+            .models
+            .get(model)
+            .and_then(|spec| spec.backend.as_deref())
+            .unwrap_or(DEFAULT_BACKEND);
+        &self.backends[name]
+    }
+
+    /// The model asked for, then its fallbacks, each once.
+    pub fn chain(&self, model: &str) -> Vec<String> {
+        let mut chain = vec![model.to_owned()];
+        for fallback in self
+            .models
+            .get(model)
+            .map(|spec| spec.fallbacks.as_slice())
+            .unwrap_or_default()
+        {
+            if !chain.contains(fallback) {
+                chain.push(fallback.clone());
+            }
+        }
+        chain
+    }
+
+    pub fn static_fallback(&self, model: &str) -> Option<&str> {
+        self.models.get(model)?.static_fallback.as_deref()
+    }
+}
+
+fn parse_models(setting: Option<&str>) -> anyhow::Result<ModelsFile> {
+    let Some(setting) = setting.map(str::trim).filter(|text| !text.is_empty()) else {
+        return Ok(ModelsFile::default());
+    };
+    let text = match setting.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("SLUICE_MODELS: reading {path}"))?,
+        None => setting.to_owned(),
+    };
+    serde_json::from_str(&text).context("SLUICE_MODELS is not a valid models description")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(models: &str) -> anyhow::Result<Routes> {
+        let mut config = Config::defaults();
+        config.models = Some(models.to_owned());
+        Routes::from_config(&config)
+    }
+
+    #[test]
+    fn chains_and_backends_follow_the_description() {
+        let routes = routes(
+            r#"{"backends": {"gpu": {"base_url": "http://gpu:8000"}},
+                "models": {"big": {"backend": "gpu", "fallbacks": ["small", "big", "small"], "static_fallback": "busy"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(routes.chain("big"), ["big", "small"]);
+        assert_eq!(routes.chain("unknown"), ["unknown"]);
+        assert_eq!(routes.backend_for("big").name, "gpu");
+        assert_eq!(routes.backend_for("small").name, DEFAULT_BACKEND);
+        assert_eq!(routes.static_fallback("big"), Some("busy"));
+    }
+
+    #[test]
+    fn mistakes_are_refused_at_start_up() {
+        assert!(routes(r#"{"models": {"m": {"backend": "nowhere"}}}"#).is_err());
+        assert!(routes(r#"{"modles": {}}"#).is_err());
+        assert!(routes(r#"{"backends": {"b": {"base_url": "not a url"}}}"#).is_err());
+        assert!(routes("").is_ok());
+    }
+}

@@ -1,0 +1,348 @@
+//! The worker's unit of work, called directly against the real broker and the simulated model:
+//! deadlines, retries with backoff and `Retry-After`, fallbacks, the circuit breaker, and dead
+//! letters. Each test reads back the status events it produced.
+
+use chrono::Utc;
+use rdkafka::Message;
+use sluice_schemas::{
+    ErrorCode, JobId, JobStatus, Message as ChatMessage, ModelName, RequestEvent, Role,
+    SCHEMA_VERSION, StatusEvent, UserId,
+};
+use sluice_tests::infra::read_topic;
+use sluice_tests::{TestTopics, kafka_args};
+use sluice_worker::{JobContext, Outcome, Record, RetryPolicy, Routes, StatusPublisher, run_job};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// A simulated model on port 0; its stats, and its URL.
+async fn sim(
+    configure: impl FnOnce(&mut sluice_model_sim::Config),
+) -> (Arc<sluice_model_sim::Stats>, String) {
+    let mut config = sluice_model_sim::Config::defaults();
+    config.service_time_ms = 1;
+    configure(&mut config);
+    let sim = sluice_model_sim::SimModel::new(config);
+    let stats = sim.stats.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(sim.run(listener, CancellationToken::new()));
+    (stats, url)
+}
+
+fn closed_port_url() -> String {
+    format!(
+        "http://{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    )
+}
+
+struct Harness {
+    topics: TestTopics,
+    context: JobContext,
+}
+
+impl Harness {
+    async fn new(model_url: &str, configure: impl FnOnce(&mut sluice_worker::Config)) -> Self {
+        let kafka = kafka_args(1);
+        let topics = TestTopics::unique();
+        topics.create(&kafka).await;
+        let mut config = sluice_worker::Config::defaults();
+        config.model_base_url = model_url.to_owned();
+        config.retry_base_ms = 10;
+        configure(&mut config);
+        let producer = kafka.producer_config("test-worker").create().unwrap();
+        let context = JobContext {
+            routes: Routes::from_config(&config).expect("routes"),
+            publisher: StatusPublisher::new(
+                producer,
+                topics.status.clone(),
+                topics.requests_dlq.clone(),
+                CancellationToken::new(),
+            ),
+            worker_id: "direct".into(),
+            retry: RetryPolicy {
+                max_attempts: config.max_attempts,
+                base_delay: Duration::from_millis(config.retry_base_ms),
+                max_delay: Duration::from_millis(config.retry_max_ms),
+                attempt_timeout: Duration::from_millis(config.model_timeout_ms),
+            },
+        };
+        Self { topics, context }
+    }
+
+    async fn run(&self, payload: Vec<u8>) -> Outcome {
+        let record = Record {
+            topic: self.topics.requests.clone(),
+            partition: 0,
+            offset: 7,
+            key: Some(b"bob".to_vec()),
+            payload: Some(payload),
+        };
+        run_job(&self.context, &record).await
+    }
+
+    fn statuses(&self, expected: usize) -> Vec<StatusEvent> {
+        read_topic(&self.topics.status, 1, expected, Duration::from_secs(10))
+            .iter()
+            .map(|record| StatusEvent::decode(record.payload().unwrap()).unwrap())
+            .collect()
+    }
+}
+
+fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
+    let now = Utc::now();
+    RequestEvent {
+        schema_version: SCHEMA_VERSION,
+        job_id: JobId::new(),
+        user_id: UserId::parse("bob").unwrap(),
+        model: ModelName::parse(model).unwrap(),
+        messages: vec![ChatMessage {
+            role: Role::User,
+            content: "direct".into(),
+        }],
+        params: Default::default(),
+        submitted_at: now,
+        deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
+    }
+}
+
+fn summary(events: &[StatusEvent]) -> Vec<(JobStatus, u32)> {
+    events
+        .iter()
+        .map(|event| (event.status, event.attempt))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_expires_and_dead_letters() {
+    let (stats, url) = sim(|_| {}).await;
+    let harness = Harness::new(&url, |_| {}).await;
+
+    let fresh = request("sim", 10_000);
+    assert_eq!(
+        harness.run(fresh.encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    let mut stale = request("sim", 1_000);
+    stale.submitted_at -= chrono::Duration::seconds(5);
+    stale.deadline -= chrono::Duration::seconds(5);
+    assert_eq!(
+        harness.run(stale.encode()).await,
+        Outcome::Finished(JobStatus::Expired)
+    );
+    assert_eq!(
+        stats.snapshot().calls,
+        1,
+        "an expired job never reaches the model"
+    );
+    assert_eq!(
+        harness.run(b"not json".to_vec()).await,
+        Outcome::DeadLettered
+    );
+
+    let events = harness.statuses(3);
+    let seen: Vec<_> = events
+        .iter()
+        .map(|event| (event.job_id, event.status))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (fresh.job_id, JobStatus::Running),
+            (fresh.job_id, JobStatus::Succeeded),
+            (stale.job_id, JobStatus::Expired)
+        ]
+    );
+    assert_eq!(
+        events[1].output.as_ref().unwrap().model.as_deref(),
+        Some("sim")
+    );
+    assert_eq!(
+        events[2].error.as_ref().unwrap().code,
+        ErrorCode::DeadlineExceeded
+    );
+    let dead = read_topic(&harness.topics.requests_dlq, 1, 1, Duration::from_secs(10));
+    assert_eq!(dead[0].payload().unwrap(), b"not json");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_are_retried_and_each_attempt_is_reported() {
+    let (stats, url) = sim(|sim| sim.fail_first = 2).await;
+    let harness = Harness::new(&url, |_| {}).await;
+    assert_eq!(
+        harness.run(request("sim", 10_000).encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    assert_eq!(stats.snapshot().calls, 3);
+    let events = harness.statuses(4);
+    assert_eq!(
+        summary(&events),
+        [
+            (JobStatus::Running, 1),
+            (JobStatus::Running, 2),
+            (JobStatus::Running, 3),
+            (JobStatus::Succeeded, 3)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_error_fails_at_once_with_the_backends_message() {
+    let (stats, url) = sim(|sim| {
+        sim.fail_first = 100;
+        sim.failure_status = 400;
+    })
+    .await;
+    let harness = Harness::new(&url, |_| {}).await;
+    assert_eq!(
+        harness.run(request("sim", 10_000).encode()).await,
+        Outcome::Finished(JobStatus::Failed)
+    );
+    assert_eq!(stats.snapshot().calls, 1, "a 400 is not retried");
+    let events = harness.statuses(2);
+    let error = events[1].error.as_ref().unwrap();
+    assert_eq!(error.code, ErrorCode::BackendError);
+    assert!(
+        error.message.contains("400") && error.message.contains("simulated failure"),
+        "{}",
+        error.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let (stats, url) = sim(|sim| {
+        sim.fail_first = 1;
+        sim.failure_status = 429;
+        sim.retry_after_secs = Some(1);
+    })
+    .await;
+    let harness = Harness::new(&url, |_| {}).await;
+    let started = Instant::now();
+    assert_eq!(
+        harness.run(request("sim", 10_000).encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "waited {:?}, asked for 1 s",
+        started.elapsed()
+    );
+    assert_eq!(stats.snapshot().calls, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_chain_answers_when_the_primary_is_down_and_says_which_model_did() {
+    let (stats, url) = sim(|_| {}).await;
+    let models = format!(
+        r#"{{"backends": {{"down": {{"base_url": "{}"}}}}, "models": {{"big": {{"backend": "down", "fallbacks": ["small"]}}}}}}"#,
+        closed_port_url()
+    );
+    let harness = Harness::new(&url, |config| {
+        config.models = Some(models);
+        config.max_attempts = 2;
+    })
+    .await;
+    let job = request("big", 10_000);
+    assert_eq!(
+        harness.run(job.encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    let events = harness.statuses(4);
+    assert_eq!(
+        summary(&events),
+        [
+            (JobStatus::Running, 1),
+            (JobStatus::Running, 2),
+            (JobStatus::Running, 3),
+            (JobStatus::Succeeded, 3)
+        ]
+    );
+    let output = events[3].output.as_ref().unwrap();
+    assert_eq!(
+        output.model.as_deref(),
+        Some("small"),
+        "the job records which model answered"
+    );
+    assert_eq!(
+        events[3].model.as_str(),
+        "big",
+        "and keeps the model it asked for"
+    );
+    assert!(!output.degraded);
+    assert_eq!(stats.snapshot().calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_static_fallback_answers_degraded_when_every_model_fails() {
+    let models = r#"{"models": {"sim": {"static_fallback": "We are busy; please retry."}}}"#;
+    let harness = Harness::new(&closed_port_url(), |config| {
+        config.models = Some(models.to_owned());
+        config.max_attempts = 1;
+    })
+    .await;
+    assert_eq!(
+        harness.run(request("sim", 10_000).encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    let events = harness.statuses(2);
+    let output = events[1].output.as_ref().unwrap();
+    assert!(output.degraded);
+    assert_eq!(output.content, "We are busy; please retry.");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_fails_fast_without_calling_the_backend() {
+    let (stats, url) = sim(|sim| sim.failure_rate = 1.0).await;
+    let harness = Harness::new(&url, |config| {
+        config.max_attempts = 1;
+        config.breaker_threshold = 3;
+        config.breaker_cooldown_ms = 60_000;
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            harness.run(request("sim", 10_000).encode()).await,
+            Outcome::Finished(JobStatus::Failed)
+        );
+    }
+    assert_eq!(stats.snapshot().calls, 3);
+    assert_eq!(
+        harness.run(request("sim", 10_000).encode()).await,
+        Outcome::Finished(JobStatus::Failed)
+    );
+    assert_eq!(
+        stats.snapshot().calls,
+        3,
+        "the fourth job never reached the backend"
+    );
+    let events = harness.statuses(7);
+    let last = events.last().unwrap();
+    assert_eq!(last.error.as_ref().unwrap().code, ErrorCode::CircuitOpen);
+    assert_eq!(last.attempt, 0, "no call was made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_running_into_the_deadline_is_cut_off_with_timeout() {
+    let (_, url) = sim(|sim| sim.service_time_ms = 5_000).await;
+    let harness = Harness::new(&url, |_| {}).await;
+    let started = Instant::now();
+    assert_eq!(
+        harness.run(request("sim", 400).encode()).await,
+        Outcome::Finished(JobStatus::Failed)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut at the deadline, not after the model's 5 s"
+    );
+    let events = harness.statuses(2);
+    assert_eq!(events[1].error.as_ref().unwrap().code, ErrorCode::Timeout);
+    assert_eq!(
+        summary(&events),
+        [(JobStatus::Running, 1), (JobStatus::Failed, 1)]
+    );
+}
