@@ -18,6 +18,9 @@ pub struct PipelineOptions {
     pub partitions: i32,
     pub workers: usize,
     pub max_in_flight: usize,
+    pub per_user_in_flight: usize,
+    /// Ingest's `SLUICE_PUBLISH_TIMEOUT_MS`.
+    pub publish_timeout_ms: u64,
     pub sim: sluice_model_sim::Config,
     /// Points the workers somewhere other than the simulated model (e.g. a closed port).
     pub model_base_url: Option<String>,
@@ -31,6 +34,8 @@ impl Default for PipelineOptions {
             partitions: 4,
             workers: 1,
             max_in_flight: 64,
+            per_user_in_flight: 8,
+            publish_timeout_ms: 5_000,
             sim,
             model_base_url: None,
         }
@@ -102,6 +107,7 @@ impl Pipeline {
         ingest_config.kafka = kafka.clone();
         ingest_config.topics = topics.args();
         ingest_config.results_url = results_url.clone();
+        ingest_config.publish_timeout_ms = options.publish_timeout_ms;
         let ingest = sluice_ingest::Application::build(ingest_config)
             .await
             .expect("building ingest");
@@ -138,6 +144,7 @@ impl Pipeline {
         config.topics = topics.args();
         config.group_id = format!("{}-workers", topics.requests);
         config.max_in_flight = options.max_in_flight;
+        config.per_user_in_flight = options.per_user_in_flight;
         config.model_base_url = options
             .model_base_url
             .clone()

@@ -27,6 +27,19 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: usize,
 
+    /// Most jobs of one user running at once, so one user cannot take the whole window.
+    #[arg(long, env = "SLUICE_PER_USER_IN_FLIGHT", default_value_t = 8)]
+    pub per_user_in_flight: usize,
+
+    /// Records read ahead of the window, so users queued behind a burst are seen; past it
+    /// (or past `SLUICE_READ_AHEAD_BYTES`) the partitions are paused.
+    #[arg(long, env = "SLUICE_READ_AHEAD", default_value_t = 4096)]
+    pub read_ahead: usize,
+
+    /// Bytes of records read ahead of the window, at most.
+    #[arg(long, env = "SLUICE_READ_AHEAD_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub read_ahead_bytes: usize,
+
     /// Base URL of the OpenAI-compatible backend; `/v1/chat/completions` is appended.
     #[arg(long, env = "MODEL_BASE_URL", default_value = "http://127.0.0.1:8090")]
     pub model_base_url: String,

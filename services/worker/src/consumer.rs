@@ -1,6 +1,7 @@
 //! The consumer loop: feeds records to jobs within the in-flight window, pauses partitions while
 //! the window is full, and stores offsets only as far as every earlier record is done.
 
+use crate::fair::FairQueue;
 use crate::job::{self, JobContext, Outcome, Record};
 use crate::offsets::OffsetTracker;
 use rdkafka::TopicPartitionList;
@@ -8,7 +9,6 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use sluice_common::kafka::RebalanceContext;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -19,7 +19,14 @@ pub type WorkerConsumer = StreamConsumer<RebalanceContext>;
 /// Settings of the loop.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopSettings {
+    /// Jobs running at once, all users together.
     pub max_in_flight: usize,
+    /// Jobs of one user running at once.
+    pub per_user_in_flight: usize,
+    /// Records read but not started, at most; beyond it the partitions are paused.
+    pub read_ahead: usize,
+    /// Bytes of records read but not started, at most.
+    pub read_ahead_bytes: usize,
     pub drain_timeout: Duration,
 }
 
@@ -35,7 +42,7 @@ pub async fn consume(
 ) -> anyhow::Result<()> {
     let state = consumer.context().state.clone();
     let mut tracker = OffsetTracker::default();
-    let mut waiting: VecDeque<Record> = VecDeque::new();
+    let mut waiting = FairQueue::new(settings.per_user_in_flight);
     let mut running: JoinSet<Finished> = JoinSet::new();
     let mut paused = false;
 
@@ -45,12 +52,15 @@ pub async fn consume(
             waiting.retain(|record| !(record.topic == topic && record.partition == partition));
         }
         while running.len() < settings.max_in_flight {
-            let Some(record) = waiting.pop_front() else {
+            let Some(record) = waiting.pop() else {
                 break;
             };
             spawn_job(&mut running, &context, record);
         }
-        let full = running.len() >= settings.max_in_flight;
+        // Paused when the read-ahead buffer is full, not when the window is: reading on while
+        // every slot is busy is what lets other users' records behind a burst be seen.
+        let full = waiting.buffered() >= settings.read_ahead
+            || waiting.buffered_bytes() >= settings.read_ahead_bytes;
         let reassigned = state.take_assigned_again();
         if full != paused || (full && reassigned) {
             set_paused(&consumer, full);
@@ -63,10 +73,12 @@ pub async fn consume(
             biased;
             _ = shutdown.cancelled() => break,
             Some(finished) = running.join_next() => {
-                finish(&consumer, &mut tracker, finished?);
+                let finished = finished?;
+                waiting.finished(&finished.0);
+                finish(&consumer, &mut tracker, finished);
             }
             // Polled even while paused: it serves rebalances and keeps this member within
-            // max.poll.interval.ms. What a paused partition had already fetched waits in line.
+            // max.poll.interval.ms. What a paused partition had already fetched is buffered.
             received = consumer.recv() => match received {
                 Ok(message) => {
                     let record = Record {
@@ -77,7 +89,7 @@ pub async fn consume(
                         payload: message.payload().map(<[u8]>::to_vec),
                     };
                     tracker.start(&record.topic, record.partition, record.offset);
-                    waiting.push_back(record);
+                    waiting.push(record);
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "consumer error");

@@ -4,6 +4,7 @@
 mod breaker;
 mod config;
 mod consumer;
+mod fair;
 mod job;
 mod model;
 mod offsets;
@@ -85,6 +86,9 @@ impl Application {
             .with_context(|| format!("binding {}", config.addr))?;
         let settings = LoopSettings {
             max_in_flight: config.max_in_flight,
+            per_user_in_flight: config.per_user_in_flight,
+            read_ahead: config.read_ahead,
+            read_ahead_bytes: config.read_ahead_bytes,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
         };
         Ok(Self {
