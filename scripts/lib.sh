@@ -6,6 +6,7 @@
 #   SLUICE_STATE_DIR   where the local Postgres cluster, the broker's SQLite file and logs live
 #   SLUICE_PG_PORT     port of the local Postgres cluster (default 55432)
 #   SLUICE_KAFKA_PORT  port of the local Tansu broker (default 9092)
+#   SLUICE_TEST_KAFKA_PORT  port of the broker the tests start, on a fresh database (default 19092)
 #   SLUICE_TOOLS_DIR   where Tansu and the Python checkers are installed (default ~/.local/share/sluice)
 
 TANSU_VERSION=0.6.0
@@ -101,24 +102,25 @@ ensure_tansu() {
   fi
 }
 
-start_tansu() {
-  export KAFKA_BROKERS="127.0.0.1:$SLUICE_KAFKA_PORT"
-  if port_open "$SLUICE_KAFKA_PORT"; then
+start_tansu() { # [port] [database file]
+  local port=${1:-$SLUICE_KAFKA_PORT} db=${2:-$SLUICE_STATE_DIR/tansu.db}
+  export KAFKA_BROKERS="127.0.0.1:$port"
+  if port_open "$port"; then
     log "a Kafka broker is already listening on $KAFKA_BROKERS"
     return
   fi
   ensure_tansu
   mkdir -p "$SLUICE_STATE_DIR"
-  log "starting Tansu $TANSU_VERSION on $KAFKA_BROKERS (SQLite storage in $SLUICE_STATE_DIR)"
+  log "starting Tansu $TANSU_VERSION on $KAFKA_BROKERS (SQLite storage in $db)"
   # sqlite:// plus an absolute path (so three slashes before it). SQLite storage, not memory://: the memory engine skips records when a consumer resumes
   # from a committed offset inside a record batch.
   "$TANSU_BIN" broker \
-    --listener-url "tcp://127.0.0.1:$SLUICE_KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$SLUICE_KAFKA_PORT" \
-    --storage-engine "sqlite:///$SLUICE_STATE_DIR/tansu.db" \
-    >"$SLUICE_STATE_DIR/tansu.log" 2>&1 &
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine "sqlite:///$db" \
+    >"${db%.db}.log" 2>&1 &
   STARTED_PIDS+=($!)
-  wait_for_port "$SLUICE_KAFKA_PORT" 60 Tansu
+  wait_for_port "$port" 60 Tansu
 }
 
 # --- Python checkers (compose file) -----------------------------------------------------

@@ -280,3 +280,28 @@ impl StatusEvent {
         }
     }
 }
+
+/// Published to the control topic, keyed by `user_id`: "stop this job". Every worker reads the
+/// whole control topic; the one holding the job skips it or aborts its model call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelEvent {
+    pub schema_version: u32,
+    pub job_id: JobId,
+    pub user_id: UserId,
+    pub requested_at: DateTime<Utc>,
+    /// The job's deadline, when known: after it the cancellation needs no remembering.
+    #[serde(default)]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+impl CancelEvent {
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let event: CancelEvent = decode_json(payload)?;
+        check_version(event.schema_version)?;
+        Ok(event)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a cancel event always serializes")
+    }
+}

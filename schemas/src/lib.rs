@@ -10,8 +10,8 @@ pub use domain::{
     FieldError, JobId, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role, UserId,
 };
 pub use events::{
-    DecodeError, ErrorCode, JobError, JobStatus, Output, RequestEvent, SCHEMA_VERSION, StatusEvent,
-    Timings, Usage, decode_json,
+    CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, RequestEvent, SCHEMA_VERSION,
+    StatusEvent, Timings, Usage, decode_json,
 };
 
 /// Record header names used on every Sluice topic.
@@ -38,4 +38,5 @@ pub mod topics {
     pub const STATUS: &str = "sluice.status";
     pub const REQUESTS_DLQ: &str = "sluice.requests.dlq";
     pub const STATUS_DLQ: &str = "sluice.status.dlq";
+    pub const CONTROL: &str = "sluice.control";
 }

@@ -59,6 +59,16 @@ fn examples_validate_against_the_schema_files_and_decode_in_rust() {
     assert_valid(&request_validator, &example);
     RequestEvent::decode(example.to_string().as_bytes()).expect("request example decodes");
 
+    let cancel_validator = validator("cancel.schema.json");
+    let example = read_json("examples/cancel.json");
+    assert_valid(&cancel_validator, &example);
+    let cancel = sluice_schemas::CancelEvent::decode(example.to_string().as_bytes())
+        .expect("cancel example decodes");
+    assert_valid(
+        &cancel_validator,
+        &serde_json::from_slice(&cancel.encode()).unwrap(),
+    );
+
     let status_validator = validator("status.schema.json");
     for name in ["status-running", "status-succeeded", "status-failed"] {
         let example = read_json(&format!("examples/{name}.json"));

@@ -13,11 +13,12 @@ use uuid::Uuid;
 
 const HOW_TO_START: &str = "run the tests with scripts/test, which starts Postgres and the broker";
 
-/// Brokers for tests: `SLUICE_TEST_KAFKA_BROKERS`, else `KAFKA_BROKERS`, else 127.0.0.1:9092.
+/// Brokers for tests: `SLUICE_TEST_KAFKA_BROKERS`, else `KAFKA_BROKERS`, else the broker
+/// `scripts/test` starts, 127.0.0.1:19092.
 pub fn brokers() -> String {
     std::env::var("SLUICE_TEST_KAFKA_BROKERS")
         .or_else(|_| std::env::var("KAFKA_BROKERS"))
-        .unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+        .unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
 }
 
 /// Kafka settings for a test: the test broker, few partitions, and a short fetch wait because
@@ -37,6 +38,7 @@ pub struct TestTopics {
     pub status: String,
     pub requests_dlq: String,
     pub status_dlq: String,
+    pub control: String,
 }
 
 impl TestTopics {
@@ -47,6 +49,7 @@ impl TestTopics {
             status: format!("{prefix}.status"),
             requests_dlq: format!("{prefix}.requests.dlq"),
             status_dlq: format!("{prefix}.status.dlq"),
+            control: format!("{prefix}.control"),
         }
     }
 
@@ -57,18 +60,15 @@ impl TestTopics {
             status: self.status.clone(),
             requests_dlq: self.requests_dlq.clone(),
             status_dlq: self.status_dlq.clone(),
+            control: self.control.clone(),
             create: true,
         }
     }
 
     pub async fn create(&self, kafka: &KafkaArgs) {
-        let names = [
-            &*self.requests,
-            &*self.status,
-            &*self.requests_dlq,
-            &*self.status_dlq,
-        ];
-        kafka.ensure_topics(&names).await.unwrap_or_else(|error| {
+        let mut args = self.args();
+        args.create = true;
+        args.ensure(kafka).await.unwrap_or_else(|error| {
             panic!(
                 "cannot create topics at {} ({HOW_TO_START}): {error:#}",
                 kafka.brokers

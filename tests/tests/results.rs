@@ -56,6 +56,7 @@ fn state(database: &TestDatabase, recheck: Duration) -> AppState {
         keepalive: Duration::from_millis(200),
         sse_recheck: recheck,
         consumer: None,
+        canceller: None,
     }
 }
 

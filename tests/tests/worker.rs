@@ -10,7 +10,9 @@ use sluice_schemas::{
 };
 use sluice_tests::infra::read_topic;
 use sluice_tests::{TestTopics, kafka_args};
-use sluice_worker::{JobContext, Outcome, Record, RetryPolicy, Routes, StatusPublisher, run_job};
+use sluice_worker::{
+    Cancellations, JobContext, Outcome, Record, RetryPolicy, Routes, StatusPublisher, run_job,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +72,7 @@ impl Harness {
                 max_delay: Duration::from_millis(config.retry_max_ms),
                 attempt_timeout: Duration::from_millis(config.model_timeout_ms),
             },
+            cancellations: Cancellations::default(),
         };
         Self { topics, context }
     }

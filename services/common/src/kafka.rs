@@ -66,13 +66,17 @@ pub struct TopicArgs {
     #[arg(long = "status-dlq-topic", env = "SLUICE_STATUS_DLQ_TOPIC", default_value = topics::STATUS_DLQ)]
     pub status_dlq: String,
 
+    /// Cancellations, read by every worker.
+    #[arg(long = "control-topic", env = "SLUICE_CONTROL_TOPIC", default_value = topics::CONTROL)]
+    pub control: String,
+
     /// Create missing topics at start-up with the admin API.
     #[arg(long = "create-topics", env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create: bool,
 }
 
 impl TopicArgs {
-    /// Creates the four topics if `create` is set and they are missing.
+    /// Creates the topics if `create` is set and they are missing.
     pub async fn ensure(&self, kafka: &KafkaArgs) -> anyhow::Result<()> {
         if !self.create {
             return Ok(());
@@ -83,6 +87,7 @@ impl TopicArgs {
                 &self.status,
                 &self.requests_dlq,
                 &self.status_dlq,
+                &self.control,
             ])
             .await
     }

@@ -67,6 +67,7 @@ pub struct Stats {
     open: AtomicU64,
     peak_open: AtomicU64,
     failures: AtomicU64,
+    disconnected: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -75,6 +76,8 @@ pub struct StatsSnapshot {
     pub open: u64,
     pub peak_open: u64,
     pub failures: u64,
+    /// Calls whose client went away before the answer was ready.
+    pub disconnected: u64,
 }
 
 impl Stats {
@@ -84,25 +87,36 @@ impl Stats {
             open: self.open.load(Ordering::SeqCst),
             peak_open: self.peak_open.load(Ordering::SeqCst),
             failures: self.failures.load(Ordering::SeqCst),
+            disconnected: self.disconnected.load(Ordering::SeqCst),
         }
     }
 }
 
-/// Counts a call as open from arrival until its answer is written or the caller goes away.
-struct OpenCall<'a>(&'a Stats);
+/// Counts a call as open from arrival until it is answered or the caller goes away (axum then
+/// drops the handler's future, and with it this guard, before `answered` is set).
+struct OpenCall<'a> {
+    stats: &'a Stats,
+    answered: bool,
+}
 
 impl<'a> OpenCall<'a> {
     fn start(stats: &'a Stats) -> Self {
         stats.calls.fetch_add(1, Ordering::SeqCst);
         let open = stats.open.fetch_add(1, Ordering::SeqCst) + 1;
         stats.peak_open.fetch_max(open, Ordering::SeqCst);
-        Self(stats)
+        Self {
+            stats,
+            answered: false,
+        }
     }
 }
 
 impl Drop for OpenCall<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.stats.open.fetch_sub(1, Ordering::SeqCst);
+        if !self.answered {
+            self.stats.disconnected.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -166,7 +180,7 @@ async fn chat_completions(
     Json(request): Json<ChatRequest>,
 ) -> Response {
     let call_number = state.stats.calls.load(Ordering::SeqCst) + 1;
-    let _open = OpenCall::start(&state.stats);
+    let mut open = OpenCall::start(&state.stats);
     let _slot = state
         .capacity
         .acquire()
@@ -178,6 +192,7 @@ async fn chat_completions(
         fastrand::u64(0..=state.config.jitter_ms)
     };
     tokio::time::sleep(Duration::from_millis(state.config.service_time_ms + jitter)).await;
+    open.answered = true;
 
     let fails = call_number <= state.config.fail_first
         || (state.config.failure_rate > 0.0 && fastrand::f64() < state.config.failure_rate);

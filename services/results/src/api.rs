@@ -23,6 +23,10 @@ pub enum ApiError {
     NotFound(Uuid),
     #[error("Last-Event-ID must be a non-negative integer")]
     InvalidLastEventId,
+    #[error("job {job_id} already {status}; nothing to cancel")]
+    AlreadyFinished { job_id: Uuid, status: &'static str },
+    #[error("cannot reach the broker to cancel: {0}")]
+    Unavailable(String),
     #[error("internal error")]
     Database(#[from] sqlx::Error),
 }
@@ -32,6 +36,8 @@ impl ApiError {
         match self {
             ApiError::InvalidJobId(_) | ApiError::InvalidLastEventId => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -41,6 +47,8 @@ impl ApiError {
             ApiError::InvalidJobId(_) => "invalid_job_id",
             ApiError::NotFound(_) => "job_not_found",
             ApiError::InvalidLastEventId => "invalid_last_event_id",
+            ApiError::AlreadyFinished { .. } => "job_finished",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Database(_) => "internal",
         }
     }
@@ -51,7 +59,14 @@ impl IntoResponse for ApiError {
         if let ApiError::Database(error) = &self {
             tracing::error!(error = %error, "database error");
         }
-        error_response(self.status_code(), self.code(), &self.to_string())
+        let mut response = error_response(self.status_code(), self.code(), &self.to_string());
+        if matches!(self, ApiError::Unavailable(_)) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(5),
+            );
+        }
+        response
     }
 }
 
@@ -131,4 +146,36 @@ async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid, 
         }
     };
     let _ = tokio::time::timeout(recheck, wait).await;
+}
+
+/// `DELETE /v1/jobs/{id}`: asks the workers to stop the job. A job not started yet is skipped; a
+/// running one has its model call aborted. Either way it ends `cancelled` (SSE shows it). A job
+/// that already finished is left as it is: 409 `job_finished`.
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job_id = parse_job_id(&id)?;
+    let job = state
+        .store
+        .job(job_id)
+        .await?
+        .ok_or(ApiError::NotFound(job_id))?;
+    if job.status.is_terminal() {
+        return Err(ApiError::AlreadyFinished {
+            job_id,
+            status: job.status.as_str(),
+        });
+    }
+    let canceller = state
+        .canceller
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("no producer".into()))?;
+    canceller
+        .publish(&job)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    let body = serde_json::json!({"job_id": job_id, "status": "cancelling"});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

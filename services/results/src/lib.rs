@@ -47,11 +47,51 @@ pub struct AppState {
     pub sse_recheck: Duration,
     /// `None` in router tests that run without Kafka.
     pub consumer: Option<Arc<ResultsConsumer>>,
+    /// Publishes cancellations; `None` in router tests that run without Kafka.
+    pub canceller: Option<Canceller>,
+}
+
+/// Publishes cancel events to the control topic.
+#[derive(Clone)]
+pub struct Canceller {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+impl Canceller {
+    pub async fn publish(&self, job: &Job) -> Result<(), String> {
+        let job_id =
+            sluice_schemas::JobId::try_from(job.job_id).map_err(|error| error.to_string())?;
+        let user_id = sluice_schemas::UserId::parse(job.user_id.clone())
+            .map_err(|error| error.to_string())?;
+        let event = sluice_schemas::CancelEvent {
+            schema_version: sluice_schemas::SCHEMA_VERSION,
+            job_id,
+            user_id,
+            requested_at: chrono::Utc::now(),
+            deadline: job.timings.deadline,
+        };
+        let payload = event.encode();
+        let record = rdkafka::producer::FutureRecord::to(&self.topic)
+            .key(job.user_id.as_str())
+            .payload(&payload)
+            .headers(sluice_common::kafka::event_headers());
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.producer.send(record, Duration::ZERO),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(error.to_string()),
+            Err(_) => Err("the broker did not acknowledge within 5 s".to_owned()),
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/jobs/{id}", get(api::get_job))
+        .route("/v1/jobs/{id}", get(api::get_job).delete(api::cancel_job))
         .route("/v1/jobs/{id}/events", get(api::job_events))
         .route("/healthz", get(sluice_common::http::healthz))
         .route("/readyz", get(readyz))
@@ -125,6 +165,10 @@ impl Application {
             keepalive: Duration::from_secs(config.sse_keepalive_secs),
             sse_recheck: Duration::from_millis(config.sse_recheck_ms),
             consumer: Some(consumer.clone()),
+            canceller: Some(Canceller {
+                producer: producer.clone(),
+                topic: config.topics.control.clone(),
+            }),
         };
         let event_loop = EventLoop {
             consumer,

@@ -1,11 +1,13 @@
 //! The worker's unit of work: one record in, one outcome out. The consumer loop around it only
 //! schedules; everything a job does is here and can be called directly.
 
+use crate::cancel::Cancellations;
 use crate::model::Failure;
 use crate::routing::Routes;
 use crate::status::{Abandoned, DeadLetter, StatusPublisher};
 use chrono::{DateTime, Utc};
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// What a job needs besides its record.
@@ -15,6 +17,7 @@ pub struct JobContext {
     pub publisher: StatusPublisher,
     pub worker_id: String,
     pub retry: RetryPolicy,
+    pub cancellations: Cancellations,
 }
 
 /// A consumed record, detached from the consumer so a task can own it.
@@ -65,15 +68,55 @@ pub async fn run(context: &JobContext, record: &Record) -> Outcome {
         }
     };
     tracing::Span::current().record("job_id", tracing::field::display(request.job_id));
-    match execute(context, &request).await {
+    let Some(running) = context.cancellations.start(request.job_id) else {
+        return finished(cancel(context, &request, 0, "cancelled before it started").await);
+    };
+    let attempts = AtomicU32::new(0);
+    let result = tokio::select! {
+        // Why biased: once cancelled, the job must not go on to publish another status.
+        biased;
+        _ = running.token.cancelled() => {
+            // Dropping `execute` here drops the model call and closes its connection.
+            let made = attempts.load(Ordering::SeqCst);
+            cancel(context, &request, made, "cancelled while running; the model call was aborted").await
+        }
+        result = execute(context, &request, &attempts) => result,
+    };
+    finished(result)
+}
+
+fn finished(result: Result<JobStatus, Abandoned>) -> Outcome {
+    match result {
         Ok(status) => Outcome::Finished(status),
         Err(abandoned) => abandoned.into(),
     }
 }
 
+async fn cancel(
+    context: &JobContext,
+    request: &RequestEvent,
+    attempt: u32,
+    message: &str,
+) -> Result<JobStatus, Abandoned> {
+    let now = Utc::now();
+    let mut cancelled = status_event(context, request, JobStatus::Cancelled, attempt, now);
+    cancelled.timings.finished_at = Some(now);
+    cancelled.error = Some(JobError {
+        code: ErrorCode::Cancelled,
+        message: message.to_owned(),
+    });
+    tracing::info!(message, "job cancelled");
+    context.publisher.publish(&cancelled).await?;
+    Ok(JobStatus::Cancelled)
+}
+
 /// Runs a decoded request: for each model in its chain, up to `max_attempts` calls with
 /// backoff, all within the deadline; then the static fallback, if any; then the terminal status.
-async fn execute(context: &JobContext, request: &RequestEvent) -> Result<JobStatus, Abandoned> {
+async fn execute(
+    context: &JobContext,
+    request: &RequestEvent,
+    attempts: &AtomicU32,
+) -> Result<JobStatus, Abandoned> {
     let started_at = Utc::now();
     if time_left(request).is_zero() {
         let mut expired = status_event(context, request, JobStatus::Expired, 0, started_at);
@@ -89,8 +132,8 @@ async fn execute(context: &JobContext, request: &RequestEvent) -> Result<JobStat
         return Ok(JobStatus::Expired);
     }
 
-    let mut attempt = 0;
-    let answer = call_chain(context, request, started_at, &mut attempt).await?;
+    let answer = call_chain(context, request, started_at, attempts).await?;
+    let attempt = attempts.load(Ordering::SeqCst);
     let mut terminal = status_event(context, request, JobStatus::Succeeded, attempt, started_at);
     terminal.timings.finished_at = Some(Utc::now());
     match answer {
@@ -121,12 +164,12 @@ fn time_left(request: &RequestEvent) -> Duration {
     (request.deadline - Utc::now()).to_std().unwrap_or_default()
 }
 
-/// Tries each model of the chain; `attempt` counts calls across the whole chain.
+/// Tries each model of the chain; `attempts` counts calls across the whole chain.
 async fn call_chain(
     context: &JobContext,
     request: &RequestEvent,
     started_at: DateTime<Utc>,
-    attempt: &mut u32,
+    attempts: &AtomicU32,
 ) -> Result<Result<Output, JobError>, Abandoned> {
     let mut last_error = JobError {
         code: ErrorCode::Internal,
@@ -149,10 +192,10 @@ async fn call_chain(
                 };
                 break;
             }
-            *attempt += 1;
+            let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
             // Why not wait for this acknowledgement first: the idempotent producer keeps
             // per-partition order, so `running` lands before the terminal status anyway.
-            let running = status_event(context, request, JobStatus::Running, *attempt, started_at);
+            let running = status_event(context, request, JobStatus::Running, attempt, started_at);
             let per_attempt = context.retry.attempt_timeout;
             let call = backend.client.chat(
                 request,
@@ -172,7 +215,7 @@ async fn call_chain(
                 Ok(output) => return Ok(Ok(output)),
                 Err(failure) => failure,
             };
-            tracing::info!(model, attempt = *attempt, code = ?failure.error.code, message = %failure.error.message, "model call failed");
+            tracing::info!(model, attempt, code = ?failure.error.code, message = %failure.error.message, "model call failed");
             last_error = failure.error;
             match failure.failure {
                 Failure::Fatal | Failure::DeadlineCut => return Ok(Err(last_error)),

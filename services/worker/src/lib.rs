@@ -2,6 +2,7 @@
 //! OpenAI-compatible backend with a bounded window, and publishes each job's status.
 
 mod breaker;
+mod cancel;
 mod config;
 mod consumer;
 mod fair;
@@ -12,6 +13,7 @@ mod routing;
 mod status;
 
 pub use breaker::{CircuitBreaker, CircuitState};
+pub use cancel::Cancellations;
 pub use config::Config;
 pub use consumer::LoopSettings;
 pub use job::{JobContext, Outcome, Record, RetryPolicy, run as run_job};
@@ -43,6 +45,8 @@ pub struct Application {
     settings: LoopSettings,
     give_up: CancellationToken,
     requests_topic: String,
+    /// What the control-topic follower needs.
+    control: (sluice_common::kafka::KafkaArgs, String),
 }
 
 impl Application {
@@ -80,6 +84,7 @@ impl Application {
                 max_delay: Duration::from_millis(config.retry_max_ms),
                 attempt_timeout: Duration::from_millis(config.model_timeout_ms),
             },
+            cancellations: Cancellations::default(),
         };
         let listener = TcpListener::bind(&config.addr)
             .await
@@ -97,7 +102,8 @@ impl Application {
             context,
             settings,
             give_up,
-            requests_topic: config.topics.requests,
+            requests_topic: config.topics.requests.clone(),
+            control: (config.kafka.clone(), config.topics.control.clone()),
         })
     }
 
@@ -124,6 +130,14 @@ impl Application {
                 .into_future(),
         );
 
+        let (kafka, control_topic) = self.control;
+        let control = tokio::spawn(cancel::follow(
+            kafka,
+            control_topic,
+            self.context.worker_id.clone(),
+            self.context.cancellations.clone(),
+            http_stop.clone(),
+        ));
         let producer = self.context.publisher.producer().clone();
         let result = consumer::consume(
             self.consumer.clone(),
@@ -137,6 +151,7 @@ impl Application {
             shutdown.cancel();
         }
         http_stop.cancel();
+        control.await?;
         let consumer = self.consumer;
         // Why in a blocking task: flushing and closing the consumer (leaving the group) block.
         tokio::task::spawn_blocking(move || {
