@@ -349,3 +349,58 @@ async fn a_call_running_into_the_deadline_is_cut_off_with_timeout() {
         [(JobStatus::Running, 1), (JobStatus::Failed, 1)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_adaptive_limit_settles_near_the_backends_capacity() {
+    let (stats, url) = sim(|sim| {
+        sim.capacity = 16;
+        sim.service_time_ms = 100;
+    })
+    .await;
+    let harness = Arc::new(Harness::new(&url, |config| config.concurrency_initial = 4).await);
+    // 64 jobs at a time, a worker's whole window, for eight seconds.
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let loops: Vec<_> = (0..64)
+        .map(|_| {
+            let harness = harness.clone();
+            tokio::spawn(async move {
+                while Instant::now() < stop_at {
+                    harness.run(request("sim", 60_000).encode()).await;
+                }
+            })
+        })
+        .collect();
+    let backend = harness.context.routes.backend_for("sim").clone();
+    let mut samples = Vec::new();
+    while Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        samples.push((backend.limit.limit(), stats.snapshot().open));
+    }
+    for handle in loops {
+        handle.await.unwrap();
+    }
+    let settled = &samples[samples.len() / 2..];
+    let mean_limit = settled.iter().map(|(limit, _)| limit).sum::<f64>() / settled.len() as f64;
+    let mean_queue = settled
+        .iter()
+        .map(|(_, open)| open.saturating_sub(16) as f64)
+        .sum::<f64>()
+        / settled.len() as f64;
+    let max_queue = settled
+        .iter()
+        .map(|(_, open)| open.saturating_sub(16))
+        .max()
+        .unwrap_or(0);
+    let calls = stats.snapshot().calls;
+    println!(
+        "adaptive limit: {mean_limit:.1} on average over the last 4 s (capacity 16); calls waiting inside the model: {mean_queue:.1} on average, {max_queue} at most; {calls} calls in 8 s"
+    );
+    assert!(
+        (12.0..=24.0).contains(&mean_limit),
+        "the limit settled at {mean_limit:.1}"
+    );
+    assert!(
+        mean_queue <= 4.0,
+        "{mean_queue:.1} calls queued inside the model on average"
+    );
+}

@@ -72,6 +72,23 @@ pub struct Config {
     #[arg(long, env = "MODEL_BREAKER_COOLDOWN_MS", default_value_t = 10_000)]
     pub breaker_cooldown_ms: u64,
 
+    /// Learn each backend's capacity (a Vegas-style limit on calls in flight toward it); off,
+    /// the limit is `MODEL_CONCURRENCY_MAX`.
+    #[arg(long, env = "MODEL_ADAPTIVE_CONCURRENCY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub adaptive_concurrency: bool,
+
+    /// Starting limit on calls in flight toward each backend.
+    #[arg(long, env = "MODEL_CONCURRENCY_INITIAL", default_value_t = 8)]
+    pub concurrency_initial: usize,
+
+    /// Lowest limit on calls in flight toward each backend.
+    #[arg(long, env = "MODEL_CONCURRENCY_MIN", default_value_t = 1)]
+    pub concurrency_min: usize,
+
+    /// Highest limit on calls in flight toward each backend.
+    #[arg(long, env = "MODEL_CONCURRENCY_MAX", default_value_t = 256)]
+    pub concurrency_max: usize,
+
     /// Backends, routes, fallback chains and static fallbacks: JSON, or `@path` to a JSON file.
     #[arg(long, env = "SLUICE_MODELS")]
     pub models: Option<String>,

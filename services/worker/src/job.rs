@@ -2,6 +2,7 @@
 //! schedules; everything a job does is here and can be called directly.
 
 use crate::cancel::Cancellations;
+use crate::limit::Sample;
 use crate::model::Failure;
 use crate::routing::Routes;
 use crate::status::{Abandoned, DeadLetter, StatusPublisher};
@@ -182,6 +183,16 @@ async fn call_chain(
             if remaining.is_zero() {
                 return Ok(Err(deadline_passed(request, last_error)));
             }
+            let Ok(permit) = tokio::time::timeout(remaining, backend.limit.acquire()).await else {
+                let message = format!(
+                    "the deadline passed waiting for a slot toward backend {}",
+                    backend.name
+                );
+                return Ok(Err(JobError {
+                    code: ErrorCode::Timeout,
+                    message,
+                }));
+            };
             if !backend.breaker.try_acquire(Instant::now()) {
                 last_error = JobError {
                     code: ErrorCode::CircuitOpen,
@@ -196,7 +207,9 @@ async fn call_chain(
             // Why not wait for this acknowledgement first: the idempotent producer keeps
             // per-partition order, so `running` lands before the terminal status anyway.
             let running = status_event(context, request, JobStatus::Running, attempt, started_at);
+            let remaining = time_left(request);
             let per_attempt = context.retry.attempt_timeout;
+            let call_started = Instant::now();
             let call = backend.client.chat(
                 request,
                 &model,
@@ -204,13 +217,19 @@ async fn call_chain(
                 remaining < per_attempt,
             );
             let (published, result) = tokio::join!(context.publisher.publish(&running), call);
+            let answered_in = call_started.elapsed();
             published?;
-            backend.breaker.record(
-                result
-                    .as_ref()
-                    .map_or_else(|error| !error.counts_against_backend(), |_| true),
-                Instant::now(),
-            );
+            let now = Instant::now();
+            let (healthy, sample) = match &result {
+                Ok(_) => (true, Sample::Answered(answered_in)),
+                Err(error) => match error.failure {
+                    Failure::Fatal => (true, Sample::Answered(answered_in)),
+                    Failure::Retryable => (false, Sample::Overloaded),
+                    Failure::DeadlineCut => (false, Sample::Ignored),
+                },
+            };
+            backend.breaker.record(healthy, now);
+            permit.release(sample);
             let failure = match result {
                 Ok(output) => return Ok(Ok(output)),
                 Err(failure) => failure,

@@ -42,11 +42,6 @@ impl CallError {
             retry_after: None,
         }
     }
-
-    /// Whether this outcome says the backend is unwell (for the circuit breaker).
-    pub fn counts_against_backend(&self) -> bool {
-        self.failure != Failure::Fatal
-    }
 }
 
 #[derive(Deserialize)]

@@ -18,6 +18,7 @@
 
 use crate::breaker::CircuitBreaker;
 use crate::config::Config;
+use crate::limit::AdaptiveLimit;
 use crate::model::ModelClient;
 use anyhow::Context;
 use secrecy::SecretString;
@@ -64,6 +65,7 @@ pub struct Backend {
     pub name: String,
     pub client: ModelClient,
     pub breaker: CircuitBreaker,
+    pub limit: AdaptiveLimit,
 }
 
 #[derive(Clone)]
@@ -83,6 +85,12 @@ impl Routes {
                     name: name.to_owned(),
                     client: ModelClient::new(url, key, connect_timeout)?,
                     breaker: CircuitBreaker::new(config.breaker_threshold, cooldown),
+                    limit: AdaptiveLimit::new(
+                        config.concurrency_initial,
+                        config.concurrency_min,
+                        config.concurrency_max,
+                        config.adaptive_concurrency,
+                    ),
                 }))
             };
         let mut backends = HashMap::new();

@@ -1,0 +1,211 @@
+//! An adaptive concurrency limit toward one backend (TCP Vegas' idea, as in Netflix's
+//! concurrency-limits): the worker learns the backend's capacity instead of trusting a number.
+//!
+//! With `min_rtt` the fastest answer seen lately and `rtt` a short average, the calls waiting
+//! inside the backend are about `limit * (1 - min_rtt / rtt)`. Below `ALPHA` the limit grows by
+//! `1 / limit` per answer (about one per round trip), above `BETA` it shrinks as fast, and an
+//! overload answer (429, 503, timeouts, refused connections) cuts it by a fifth at once.
+
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Calls allowed to wait inside the backend before the limit stops growing, and shrinks.
+const ALPHA: f64 = 1.0;
+const BETA: f64 = 3.0;
+/// Answers after which `min_rtt` is forgotten and learned again, so a backend that got slower
+/// for good is not held to an old best.
+const MIN_RTT_WINDOW: u32 = 2_000;
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    in_flight: usize,
+    min_rtt: Option<Duration>,
+    rtt: Option<Duration>,
+    samples: u32,
+}
+
+#[derive(Debug)]
+pub struct AdaptiveLimit {
+    state: Mutex<State>,
+    freed: Notify,
+    min: f64,
+    max: f64,
+    adaptive: bool,
+}
+
+/// A slot toward the backend; report how the call went with `release`.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    limit: &'a AdaptiveLimit,
+    in_flight_at_start: usize,
+    released: bool,
+}
+
+/// How a call went, for the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sample {
+    /// Answered (well or with a client error) after this long.
+    Answered(Duration),
+    /// The backend is overloaded or unreachable.
+    Overloaded,
+    /// Says nothing about the backend (the job's deadline cut the call, it was cancelled).
+    Ignored,
+}
+
+impl AdaptiveLimit {
+    /// `adaptive == false` keeps the limit at `max`.
+    pub fn new(initial: usize, min: usize, max: usize, adaptive: bool) -> Self {
+        let (min, max) = (min.max(1) as f64, max.max(min.max(1)) as f64);
+        let limit = if adaptive {
+            (initial as f64).clamp(min, max)
+        } else {
+            max
+        };
+        Self {
+            state: Mutex::new(State {
+                limit,
+                in_flight: 0,
+                min_rtt: None,
+                rtt: None,
+                samples: 0,
+            }),
+            freed: Notify::new(),
+            min,
+            max,
+            adaptive,
+        }
+    }
+
+    pub fn limit(&self) -> f64 {
+        self.state.lock().expect("limit lock").limit
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().expect("limit lock").in_flight
+    }
+
+    /// Waits for a slot below the current limit.
+    pub async fn acquire(&self) -> Permit<'_> {
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let freed = self.freed.notified();
+            {
+                let mut state = self.state.lock().expect("limit lock");
+                if (state.in_flight as f64) < state.limit.floor().max(1.0) {
+                    state.in_flight += 1;
+                    return Permit {
+                        limit: self,
+                        in_flight_at_start: state.in_flight,
+                        released: false,
+                    };
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn update(&self, state: &mut State, sample: Sample, in_flight_at_start: usize) {
+        if !self.adaptive {
+            return;
+        }
+        let limit = state.limit;
+        match sample {
+            Sample::Ignored => {}
+            Sample::Overloaded => state.limit = (limit * 0.8).max(self.min),
+            Sample::Answered(rtt) => {
+                let smoothed = state
+                    .rtt
+                    .map_or(rtt, |average| average.mul_f64(0.8) + rtt.mul_f64(0.2));
+                state.rtt = Some(smoothed);
+                state.samples += 1;
+                if state.samples >= MIN_RTT_WINDOW {
+                    state.samples = 0;
+                    state.min_rtt = None;
+                }
+                let min_rtt = *state.min_rtt.get_or_insert(rtt);
+                state.min_rtt = Some(min_rtt.min(rtt));
+                let queued = limit
+                    * (1.0
+                        - state.min_rtt.unwrap_or(rtt).as_secs_f64()
+                            / smoothed.as_secs_f64().max(1e-9));
+                // Grow only when the limit was what held calls back, not when traffic was light.
+                let limit_was_reached = in_flight_at_start as f64 >= limit.floor() - 1.0;
+                if queued < ALPHA && limit_was_reached {
+                    state.limit = (limit + 1.0 / limit).min(self.max);
+                } else if queued > BETA {
+                    state.limit = (limit - 1.0 / limit).max(self.min);
+                }
+            }
+        }
+    }
+}
+
+impl Permit<'_> {
+    pub fn release(mut self, sample: Sample) {
+        self.released = true;
+        let mut state = self.limit.state.lock().expect("limit lock");
+        state.in_flight -= 1;
+        self.limit
+            .update(&mut state, sample, self.in_flight_at_start);
+        drop(state);
+        self.limit.freed.notify_waiters();
+    }
+}
+
+impl Drop for Permit<'_> {
+    /// A permit dropped without `release` (the job was aborted) frees its slot, learning nothing.
+    fn drop(&mut self) {
+        if !self.released {
+            self.limit.state.lock().expect("limit lock").in_flight -= 1;
+            self.limit.freed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn grows_while_answers_stay_fast_and_shrinks_when_they_queue() {
+        let limit = AdaptiveLimit::new(4, 1, 100, true);
+        for _ in 0..200 {
+            let permits: Vec<_> =
+                futures::future::join_all((0..limit.limit() as usize).map(|_| limit.acquire()))
+                    .await;
+            for permit in permits {
+                permit.release(Sample::Answered(Duration::from_millis(100)));
+            }
+        }
+        let grown = limit.limit();
+        assert!(grown > 15.0, "grew to {grown}");
+        for _ in 0..200 {
+            let permit = limit.acquire().await;
+            permit.release(Sample::Answered(Duration::from_millis(300)));
+        }
+        assert!(limit.limit() < grown - 5.0, "shrank to {}", limit.limit());
+        let before = limit.limit();
+        limit.acquire().await.release(Sample::Overloaded);
+        assert!((limit.limit() - before * 0.8).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn never_more_in_flight_than_the_limit_and_dropped_permits_free_their_slot() {
+        let limit = AdaptiveLimit::new(2, 1, 10, true);
+        let first = limit.acquire().await;
+        let _second = limit.acquire().await;
+        let third = tokio::time::timeout(Duration::from_millis(50), limit.acquire()).await;
+        assert!(third.is_err(), "a third call waits");
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_millis(50), limit.acquire()).await;
+        assert!(third.is_ok(), "a dropped permit frees its slot");
+    }
+
+    #[test]
+    fn a_fixed_limit_stays_at_its_maximum() {
+        let limit = AdaptiveLimit::new(4, 1, 32, false);
+        assert_eq!(limit.limit(), 32.0);
+    }
+}
