@@ -80,6 +80,12 @@ start_postgres() {
   STOP_POSTGRES="$data"
 }
 
+# A command that restarts the local cluster (the fault tests restart Postgres under load).
+pg_restart_command() {
+  local ctl="$(pg_bin_dir)/pg_ctl -D $SLUICE_STATE_DIR/postgres -m fast -w -t 60 restart"
+  if [ "$(id -u)" -eq 0 ]; then echo "runuser -u postgres -- $ctl >/dev/null"; else echo "$ctl >/dev/null"; fi
+}
+
 stop_postgres() {
   [ -n "${STOP_POSTGRES:-}" ] || return 0
   pg_run "$(pg_bin_dir)/pg_ctl" -D "$STOP_POSTGRES" -m fast -w stop >/dev/null 2>&1 || true

@@ -4,6 +4,7 @@
 
 pub mod infra;
 pub mod pipeline;
+pub mod process;
 pub mod sse;
 
 pub use infra::{TestDatabase, TestTopics, kafka_args, wait_until};

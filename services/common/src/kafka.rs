@@ -358,7 +358,12 @@ impl ConsumerContext for RebalanceContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
-            tracing::info!(partitions = partitions.count(), "partitions assigned");
+            let list: Vec<String> = partitions
+                .elements()
+                .iter()
+                .map(|element| format!("{}:{}", element.topic(), element.partition()))
+                .collect();
+            tracing::info!(partitions = ?list, "partitions assigned");
             self.state.joined.store(true, Ordering::SeqCst);
             self.state.assigned_again.store(true, Ordering::SeqCst);
         }

@@ -8,7 +8,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
-use sluice_common::kafka::RebalanceContext;
+use sluice_common::kafka::{RebalanceContext, RebalanceState};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -47,10 +47,7 @@ pub async fn consume(
     let mut paused = false;
 
     loop {
-        for (topic, partition) in state.take_revoked() {
-            tracker.forget(&topic, partition);
-            waiting.retain(|record| !(record.topic == topic && record.partition == partition));
-        }
+        forget_revoked(&state, &mut tracker, &mut waiting);
         while running.len() < settings.max_in_flight {
             let Some(record) = waiting.pop() else {
                 break;
@@ -81,6 +78,10 @@ pub async fn consume(
             // max.poll.interval.ms. What a paused partition had already fetched is buffered.
             received = consumer.recv() => match received {
                 Ok(message) => {
+                    // Why here too: a rebalance runs inside `recv`, before it returns the first
+                    // record of the new assignment. Forgetting the revoked partitions later
+                    // would forget this record as well, and let its offset be skipped.
+                    forget_revoked(&state, &mut tracker, &mut waiting);
                     let record = Record {
                         topic: message.topic().to_owned(),
                         partition: message.partition(),
@@ -88,6 +89,7 @@ pub async fn consume(
                         key: message.key().map(<[u8]>::to_vec),
                         payload: message.payload().map(<[u8]>::to_vec),
                     };
+                    tracing::debug!(partition = record.partition, offset = record.offset, "record received");
                     tracker.start(&record.topic, record.partition, record.offset);
                     waiting.push(record);
                 }
@@ -111,6 +113,13 @@ pub async fn consume(
     Ok(())
 }
 
+fn forget_revoked(state: &RebalanceState, tracker: &mut OffsetTracker, waiting: &mut FairQueue) {
+    for (topic, partition) in state.take_revoked() {
+        tracker.forget(&topic, partition);
+        waiting.retain(|record| !(record.topic == topic && record.partition == partition));
+    }
+}
+
 fn spawn_job(running: &mut JoinSet<Finished>, context: &JobContext, record: Record) {
     let context = context.clone();
     running.spawn(async move {
@@ -120,6 +129,12 @@ fn spawn_job(running: &mut JoinSet<Finished>, context: &JobContext, record: Reco
 }
 
 fn finish(consumer: &WorkerConsumer, tracker: &mut OffsetTracker, (record, outcome): Finished) {
+    tracing::debug!(
+        partition = record.partition,
+        offset = record.offset,
+        ?outcome,
+        "record finished"
+    );
     if outcome == Outcome::Abandoned {
         return;
     }
@@ -128,6 +143,7 @@ fn finish(consumer: &WorkerConsumer, tracker: &mut OffsetTracker, (record, outco
         return;
     };
     // Why not +1: rd_kafka_offset_store stores offset + 1, the next record to read.
+    tracing::debug!(partition = record.partition, highest_done, "storing offset");
     if let Err(error) = consumer.store_offset(&record.topic, record.partition, highest_done) {
         tracing::debug!(error = %error, partition = record.partition, "offset not stored; partition no longer ours");
     }

@@ -1,0 +1,93 @@
+//! Services as real processes, for tests that kill them (SIGKILL) or stop them (SIGTERM).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// The built binary `name` (e.g. `sluice-worker`), beside this test's own executable.
+pub fn binary(name: &str) -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free port on the loopback interface (closed again, so a service can bind it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running service process; killed when dropped.
+pub struct ServiceProcess {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl ServiceProcess {
+    pub fn spawn(binary_name: &str, label: &str, env: &HashMap<String, String>) -> Self {
+        let log =
+            std::env::temp_dir().join(format!("{label}-{}.log", uuid::Uuid::now_v7().simple()));
+        let file = std::fs::File::create(&log).expect("creating a log file");
+        let child = Command::new(binary(binary_name))
+            .envs(env)
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::from(file.try_clone().expect("log file")))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting {binary_name}: {error}"));
+        Self {
+            name: label.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("a running child has a pid")
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye to the group.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("killing the service");
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit; returns whether it exited 0.
+    pub async fn terminate(mut self, timeout: Duration) -> bool {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(exit)) => exit.success(),
+            _ => false,
+        }
+    }
+
+    /// The last lines of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}

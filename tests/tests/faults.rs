@@ -1,0 +1,315 @@
+//! Faults under load, with the worker and results services as real processes against the real
+//! broker and Postgres: a worker killed (SIGKILL) and replaced, the results service killed
+//! mid-write and restarted, Postgres restarted, a worker joining (rebalance), and a worker
+//! stopped with SIGTERM. Each time every accepted job must end in exactly one terminal status;
+//! duplicate model calls are counted and printed.
+//!
+//! The tests run one at a time: restarting Postgres would disturb any other test.
+
+use sluice_model_sim::Stats;
+use sluice_tests::process::{ServiceProcess, free_port};
+use sluice_tests::{TestDatabase, TestTopics, kafka_args, wait_until};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+const JOBS: usize = 300;
+const JOBS_PER_SECOND: u64 = 60;
+
+struct Cluster {
+    name: &'static str,
+    topics: TestTopics,
+    database: TestDatabase,
+    sim: Arc<Stats>,
+    sim_url: String,
+    ingest_url: String,
+    http: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Cluster {
+    async fn start(name: &'static str) -> Self {
+        let kafka = kafka_args(6);
+        let topics = TestTopics::unique();
+        topics.create(&kafka).await;
+        let database = TestDatabase::create().await;
+        println!(
+            "{name}: topics {}.*, database {}",
+            topics.requests.trim_end_matches(".requests"),
+            database.url
+        );
+        let stop = CancellationToken::new();
+
+        let mut sim_config = sluice_model_sim::Config::defaults();
+        sim_config.service_time_ms = 100;
+        sim_config.jitter_ms = 50;
+        let sim = sluice_model_sim::SimModel::new(sim_config);
+        let stats = sim.stats.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim_url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(sim.run(listener, stop.clone()));
+
+        let mut ingest = sluice_ingest::Config::defaults();
+        ingest.addr = "127.0.0.1:0".into();
+        ingest.kafka = kafka;
+        ingest.topics = topics.args();
+        let ingest = sluice_ingest::Application::build(ingest)
+            .await
+            .expect("ingest builds");
+        let ingest_url = format!("http://{}", ingest.local_addr());
+        tokio::spawn(ingest.run_until_stopped(stop.clone()));
+        Self {
+            name,
+            topics,
+            database,
+            sim: stats,
+            sim_url,
+            ingest_url,
+            http: reqwest::Client::new(),
+            stop,
+        }
+    }
+
+    fn env(&self) -> HashMap<String, String> {
+        let kafka = kafka_args(6);
+        [
+            ("KAFKA_BROKERS", kafka.brokers.as_str()),
+            ("KAFKA_FETCH_WAIT_MAX_MS", "5"),
+            ("SLUICE_REQUESTS_TOPIC", &self.topics.requests),
+            ("SLUICE_STATUS_TOPIC", &self.topics.status),
+            ("SLUICE_REQUESTS_DLQ_TOPIC", &self.topics.requests_dlq),
+            ("SLUICE_STATUS_DLQ_TOPIC", &self.topics.status_dlq),
+            ("SLUICE_CONTROL_TOPIC", &self.topics.control),
+            (
+                "SLUICE_WORKER_GROUP",
+                &format!("{}-workers", self.topics.requests),
+            ),
+            (
+                "SLUICE_RESULTS_GROUP",
+                &format!("{}-results", self.topics.requests),
+            ),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect()
+    }
+
+    async fn worker(&self, label: &str) -> ServiceProcess {
+        let port = free_port();
+        let mut env = self.env();
+        env.insert("SLUICE_WORKER_ADDR".into(), format!("127.0.0.1:{port}"));
+        env.insert("SLUICE_WORKER_ID".into(), label.into());
+        env.insert("MODEL_BASE_URL".into(), self.sim_url.clone());
+        env.insert("SLUICE_MAX_IN_FLIGHT".into(), "32".into());
+        env.insert("SLUICE_DRAIN_TIMEOUT_MS".into(), "15000".into());
+        let process =
+            ServiceProcess::spawn("sluice-worker", &format!("{}-{label}", self.name), &env);
+        self.wait_ready(&process, port).await;
+        process
+    }
+
+    async fn results(&self, label: &str) -> ServiceProcess {
+        let port = free_port();
+        let mut env = self.env();
+        env.insert("SLUICE_RESULTS_ADDR".into(), format!("127.0.0.1:{port}"));
+        env.insert("DATABASE_URL".into(), self.database.url.clone());
+        env.insert("DATABASE_MAX_CONNECTIONS".into(), "4".into());
+        let process =
+            ServiceProcess::spawn("sluice-results", &format!("{}-{label}", self.name), &env);
+        self.wait_ready(&process, port).await;
+        process
+    }
+
+    async fn wait_ready(&self, process: &ServiceProcess, port: u16) {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = self.http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} not ready:\n{}",
+                process.name,
+                process.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Submits `JOBS` jobs at a steady pace in the background; yields the accepted ids.
+    fn load(&self) -> JoinHandle<Vec<Uuid>> {
+        let (http, url) = (self.http.clone(), format!("{}/v1/jobs", self.ingest_url));
+        tokio::spawn(async move {
+            let mut accepted = Vec::with_capacity(JOBS);
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / JOBS_PER_SECOND));
+            for index in 0..JOBS {
+                tick.tick().await;
+                let body = serde_json::json!({
+                    "user_id": format!("user-{}", index % 10), "model": "sim",
+                    "messages": [{"role": "user", "content": format!("job {index}")}]
+                });
+                let response = http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("POST /v1/jobs");
+                if response.status() == 202 {
+                    let accepted_body: serde_json::Value = response.json().await.unwrap();
+                    accepted
+                        .push(Uuid::parse_str(accepted_body["job_id"].as_str().unwrap()).unwrap());
+                }
+            }
+            accepted
+        })
+    }
+
+    /// Every accepted job has one row and exactly one terminal status change; returns the
+    /// number of duplicated model calls.
+    async fn check(&self, load: JoinHandle<Vec<Uuid>>) -> u64 {
+        let ids = load.await.unwrap();
+        assert_eq!(ids.len(), JOBS, "every submission was accepted");
+        let pool = &self.database.pool;
+        let started = Instant::now();
+        wait_until(
+            "every accepted job to finish",
+            Duration::from_secs(180),
+            || async {
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND status_rank = 2",
+                )
+                .bind(&ids)
+                .fetch_one(pool)
+                .await
+                .ok()?;
+                (done == JOBS as i64).then_some(())
+            },
+        )
+        .await;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, JOBS as i64, "one row per job");
+        let statuses: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(statuses, [("succeeded".to_owned(), JOBS as i64)]);
+        let not_once: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT job_id FROM job_events
+                 WHERE status IN ('succeeded', 'failed', 'expired', 'cancelled')
+                 GROUP BY job_id HAVING count(*) <> 1) AS odd",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            not_once, 0,
+            "every job recorded exactly one terminal status"
+        );
+        let calls = self.sim.snapshot().calls;
+        let duplicates = calls.saturating_sub(JOBS as u64);
+        println!(
+            "{}: {JOBS} jobs accepted, {JOBS} terminal exactly once, 0 lost, {duplicates} duplicate model calls ({calls} calls); settled {:.1} s after the load",
+            self.name,
+            started.elapsed().as_secs_f64()
+        );
+        duplicates
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_flight_is_replaced_and_nothing_is_lost() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start("worker SIGKILL").await;
+    let _results = cluster.results("results").await;
+    let first = cluster.worker("worker-a").await;
+    let load = cluster.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(cluster.sim.snapshot().open > 0, "the worker was mid-flight");
+    first.kill().await;
+    let _second = cluster.worker("worker-b").await;
+    cluster.check(load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_results_service_killed_mid_write_and_restarted_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start("results SIGKILL").await;
+    let first = cluster.results("results-a").await;
+    let _worker = cluster.worker("worker").await;
+    let load = cluster.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    first.kill().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _second = cluster.results("results-b").await;
+    cluster.check(load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_under_load_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let restart = std::env::var("SLUICE_TEST_PG_RESTART").expect(
+        "SLUICE_TEST_PG_RESTART (a command that restarts the test Postgres) is set by scripts/test",
+    );
+    let cluster = Cluster::start("Postgres restart").await;
+    let _results = cluster.results("results").await;
+    let _worker = cluster.worker("worker").await;
+    let load = cluster.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", &restart])
+        .status()
+        .await
+        .expect("restarting Postgres");
+    assert!(status.success(), "`{restart}` failed");
+    cluster.check(load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_joining_under_load_rebalances_without_loss() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start("worker joins").await;
+    let _results = cluster.results("results").await;
+    let _first = cluster.worker("worker-a").await;
+    let load = cluster.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _second = cluster.worker("worker-b").await;
+    cluster.check(load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_commits_and_hands_over_to_another_worker() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = Cluster::start("worker SIGTERM").await;
+    let _results = cluster.results("results").await;
+    let first = cluster.worker("worker-a").await;
+    let _second = cluster.worker("worker-b").await;
+    let load = cluster.load();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = first.log.clone();
+    let clean = first.terminate(Duration::from_secs(30)).await;
+    assert!(
+        clean,
+        "the worker did not exit cleanly:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    cluster.check(load).await;
+}
