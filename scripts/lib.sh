@@ -6,6 +6,7 @@
 #   SLUICE_STATE_DIR   where the local Postgres cluster, the broker's SQLite file and logs live
 #   SLUICE_PG_PORT     port of the local Postgres cluster (default 55432)
 #   SLUICE_KAFKA_PORT  port of the local Tansu broker (default 9092)
+#   SLUICE_REDIS_PORT  port of the local Redis (default 56379)
 #   SLUICE_TEST_KAFKA_PORT  port of the broker the tests start, on a fresh database (default 19092)
 #   SLUICE_TOOLS_DIR   where Tansu and the Python checkers are installed (default ~/.local/share/sluice)
 
@@ -14,6 +15,7 @@ SLUICE_STATE_DIR=${SLUICE_STATE_DIR:-/var/tmp/sluice-$(id -u)}
 SLUICE_TOOLS_DIR=${SLUICE_TOOLS_DIR:-$HOME/.local/share/sluice}
 SLUICE_PG_PORT=${SLUICE_PG_PORT:-55432}
 SLUICE_KAFKA_PORT=${SLUICE_KAFKA_PORT:-9092}
+SLUICE_REDIS_PORT=${SLUICE_REDIS_PORT:-56379}
 STARTED_PIDS=()
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -127,6 +129,24 @@ start_tansu() { # [port] [database file]
     >"${db%.db}.log" 2>&1 &
   STARTED_PIDS+=($!)
   wait_for_port "$port" 60 Tansu
+}
+
+# --- Redis (shared rate limits and idempotency keys) -----------------------------------
+
+start_redis() { # [port]
+  local port=${1:-$SLUICE_REDIS_PORT}
+  export REDIS_URL="redis://127.0.0.1:$port"
+  if port_open "$port"; then
+    log "Redis already listening on 127.0.0.1:$port"
+    return
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p "$SLUICE_STATE_DIR"
+  log "starting Redis on 127.0.0.1:$port"
+  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+    >"$SLUICE_STATE_DIR/redis-$port.log" 2>&1 &
+  STARTED_PIDS+=($!)
+  wait_for_port "$port" 30 Redis
 }
 
 # --- Python checkers (compose file) -----------------------------------------------------

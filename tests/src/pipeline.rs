@@ -108,6 +108,10 @@ impl Pipeline {
         ingest_config.topics = topics.args();
         ingest_config.results_url = results_url.clone();
         ingest_config.publish_timeout_ms = options.publish_timeout_ms;
+        // Pipeline tests are about the pipeline, not admission control: limits out of the way.
+        ingest_config.tiers = r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into();
+        ingest_config.global_burst = 100_000;
+        ingest_config.global_rate_per_sec = 100_000.0;
         let ingest = sluice_ingest::Application::build(ingest_config)
             .await
             .expect("building ingest");

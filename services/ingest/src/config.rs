@@ -38,6 +38,52 @@ pub struct Config {
     #[arg(long, env = "SLUICE_PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
     pub publish_timeout_ms: u64,
 
+    /// Per-user quotas by tier, JSON: `{"default": {"rate_per_sec": 10, "burst": 20}, "pro": ...}`.
+    /// Without API keys every user is in `default`.
+    #[arg(
+        long,
+        env = "SLUICE_TIERS",
+        default_value = r#"{"default": {"rate_per_sec": 10, "burst": 20}}"#
+    )]
+    pub tiers: String,
+
+    /// Sustained submissions per second over all users together.
+    #[arg(long, env = "SLUICE_GLOBAL_RATE_PER_SEC", default_value_t = 1000.0)]
+    pub global_rate_per_sec: f64,
+
+    /// Submissions all users together may make at once before the global rate applies.
+    #[arg(long, env = "SLUICE_GLOBAL_BURST", default_value_t = 2000)]
+    pub global_burst: u32,
+
+    /// Redis for limits and idempotency keys shared by every ingest replica; in process if unset.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key Sluice writes.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice:")]
+    pub redis_prefix: String,
+
+    /// When Redis cannot be reached: `open` admits (logged and counted), `closed` answers 503.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_FAILURE_MODE",
+        value_enum,
+        default_value = "open"
+    )]
+    pub redis_failure_mode: crate::admission::limiter::FailureMode,
+
+    /// Submissions being handled at once, at most; beyond it ingest answers 503 `overloaded`.
+    #[arg(
+        long,
+        env = "SLUICE_MAX_CONCURRENT_SUBMISSIONS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_submissions: usize,
+
+    /// How long an `Idempotency-Key` is remembered.
+    #[arg(long, env = "SLUICE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+
     /// Public base URL of the results service, for the `Location` header and the links in a 202.
     #[arg(
         long,

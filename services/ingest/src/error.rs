@@ -1,6 +1,6 @@
 //! Every way a submission can be refused, each with one status and one stable code.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_common::http::error_response;
 use sluice_schemas::FieldError;
@@ -22,6 +22,21 @@ pub enum ApiError {
     },
     #[error("failed to read the request body")]
     BodyRead,
+    #[error("rate limit reached; retry after {retry_after_secs} s")]
+    RateLimited {
+        retry_after_secs: u64,
+        headers: HeaderMap,
+    },
+    #[error("ingest is handling as many submissions as it can; retry shortly")]
+    Overloaded,
+    #[error("the rate limiter's store is unreachable and SLUICE_REDIS_FAILURE_MODE is closed")]
+    LimiterUnavailable,
+    #[error("Idempotency-Key must be 1 to 255 printable ASCII characters")]
+    InvalidIdempotencyKey,
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed")]
+    IdempotencyKeyInProgress,
 }
 
 impl ApiError {
@@ -31,7 +46,13 @@ impl ApiError {
             ApiError::InvalidField(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::Overloaded | ApiError::LimiterUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
         }
     }
 
@@ -43,6 +64,12 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::BodyRead => "bad_request",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded => "overloaded",
+            ApiError::LimiterUnavailable => "rate_limiter_unavailable",
+            ApiError::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyKeyInProgress => "idempotency_key_in_progress",
         }
     }
 }
@@ -50,15 +77,28 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = error_response(self.status_code(), self.code(), &self.to_string());
-        if let ApiError::Unavailable {
-            retry_after_secs,
-            reason,
-        } = &self
-        {
-            tracing::warn!(reason = %reason, "submission refused: broker unavailable");
+        let retry_after = match &self {
+            ApiError::Unavailable {
+                retry_after_secs,
+                reason,
+            } => {
+                tracing::warn!(reason = %reason, "submission refused: broker unavailable");
+                Some(u64::from(*retry_after_secs))
+            }
+            ApiError::RateLimited {
+                retry_after_secs,
+                headers,
+            } => {
+                response.headers_mut().extend(headers.clone());
+                Some(*retry_after_secs)
+            }
+            ApiError::Overloaded | ApiError::LimiterUnavailable => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

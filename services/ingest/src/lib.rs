@@ -1,6 +1,7 @@
 //! Ingest: validates a job, publishes a request event keyed by user id, and answers 202 with the
 //! job id as soon as the broker has acknowledged it. It never calls a model.
 
+pub mod admission;
 mod config;
 mod error;
 mod publisher;
@@ -11,6 +12,9 @@ pub use error::ApiError;
 pub use publisher::Publisher;
 pub use submit::{Accepted, Limits, SubmitBody, to_request_event};
 
+use admission::Tiers;
+use admission::idempotency::IdempotencyStore;
+use admission::limiter::RateLimiter;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -21,17 +25,35 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub publisher: Publisher,
+    pub limiter: Arc<RateLimiter>,
+    pub tiers: Arc<Tiers>,
+    pub idempotency: Arc<IdempotencyStore>,
+    /// One permit per submission being handled; none left means shed load.
+    pub submissions: Arc<Semaphore>,
 }
 
 impl AppState {
-    /// Creates the producer; librdkafka connects in the background, so this needs no broker.
-    pub fn new(config: Config) -> anyhow::Result<Self> {
+    /// Creates the producer (librdkafka connects in the background, so this needs no broker)
+    /// and the admission stores (Redis, if `REDIS_URL` is set, is connected here).
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let tiers = Arc::new(Tiers::parse(&config.tiers)?);
+        let limiter = Arc::new(admission::build_limiter(&config).await?);
+        let idempotency = Arc::new(match &config.redis_url {
+            Some(url) => IdempotencyStore::Redis {
+                connection: redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
+                    .await?,
+                prefix: config.redis_prefix.clone(),
+            },
+            None => IdempotencyStore::Local(Default::default()),
+        });
+        let submissions = Arc::new(Semaphore::new(config.max_concurrent_submissions));
         let mut kafka = config.kafka.clone();
         // Why: a record the broker has not taken within the publish timeout is expired by
         // librdkafka too, so a client told 503 is not surprised by a late publish.
@@ -48,6 +70,10 @@ impl AppState {
         Ok(Self {
             config: Arc::new(config),
             publisher,
+            limiter,
+            tiers,
+            idempotency,
+            submissions,
         })
     }
 }
@@ -87,7 +113,7 @@ impl Application {
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
-        let state = AppState::new(config)?;
+        let state = AppState::new(config).await?;
         Ok(Self { listener, state })
     }
 

@@ -1,6 +1,9 @@
 //! `POST /v1/jobs`: parse the body once into a request event, publish it, answer 202.
 
 use crate::AppState;
+use crate::admission::idempotency::{self, Claim, Remembered};
+use crate::admission::limiter::FailureMode;
+use crate::admission::{DEFAULT_TIER, rate_limit_headers};
 use crate::error::ApiError;
 use axum::Json;
 use axum::extract::State;
@@ -14,6 +17,7 @@ use sluice_schemas::{
     DecodeError, FieldError, JobId, Message, ModelName, Params, RequestEvent, SCHEMA_VERSION,
     UserId,
 };
+use std::time::Duration;
 
 /// The body of `POST /v1/jobs`, as sent. Unknown fields are refused so a typo is not ignored.
 #[derive(Debug, Deserialize)]
@@ -88,7 +92,7 @@ fn parse_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     max_body_bytes: usize,
-) -> Result<SubmitBody, ApiError> {
+) -> Result<(SubmitBody, Bytes), ApiError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let is_json = content_type.to_str().is_ok_and(|value| {
             let essence = value.split(';').next().unwrap_or("").trim();
@@ -108,11 +112,46 @@ fn parse_body(
             ApiError::BodyRead
         }
     })?;
-    sluice_schemas::decode_json(&bytes).map_err(|error| match error {
+    let body = sluice_schemas::decode_json(&bytes).map_err(|error| match error {
         DecodeError::Field(field) => ApiError::InvalidField(field),
         DecodeError::Json(text) => ApiError::InvalidJson(text),
         other => ApiError::InvalidJson(other.to_string()),
-    })
+    })?;
+    Ok((body, bytes))
+}
+
+/// `Idempotency-Key`, if sent: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::InvalidIdempotencyKey)?;
+    let valid = (1..=255).contains(&key.len()) && key.bytes().all(|byte| byte.is_ascii_graphic());
+    if !valid {
+        return Err(ApiError::InvalidIdempotencyKey);
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// A store failure under the configured failure mode: `open` goes on (logged and counted),
+/// `closed` refuses with 503.
+fn on_store_failure(
+    state: &AppState,
+    what: &str,
+    error: &redis::RedisError,
+) -> Result<(), ApiError> {
+    let failures = state
+        .limiter
+        .store_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    tracing::warn!(error = %error, failures, what, "admission store unreachable");
+    match state.limiter.failure_mode {
+        FailureMode::Open => Ok(()),
+        FailureMode::Closed => Err(ApiError::LimiterUnavailable),
+    }
 }
 
 #[tracing::instrument(skip_all, fields(job_id))]
@@ -121,14 +160,106 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = parse_body(&headers, body, state.config.max_body_bytes)?;
+    // Shed load before doing any work: a burst far past capacity still gets fast answers.
+    let _slot = state
+        .submissions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded)?;
+    let (body, raw) = parse_body(&headers, body, state.config.max_body_bytes)?;
+    let user_id = UserId::parse(body.user_id.clone())?;
+    let key = idempotency_key(&headers)?;
+    let retention = Duration::from_secs(state.config.idempotency_ttl_secs);
+    let body_hash = idempotency::body_hash(&raw);
+    let mut claimed = false;
+    if let Some(key) = &key {
+        match state
+            .idempotency
+            .claim(user_id.as_str(), key, &body_hash, retention)
+            .await
+        {
+            Ok(Claim::New) => claimed = true,
+            Ok(Claim::Replay(accepted)) => return Ok(replayed(accepted)),
+            Ok(Claim::Mismatch) => return Err(ApiError::IdempotencyKeyReused),
+            Ok(Claim::InProgress) => return Err(ApiError::IdempotencyKeyInProgress),
+            Err(error) => on_store_failure(&state, "idempotency", &error)?,
+        }
+    }
+    let result = admit_and_publish(&state, body, &user_id).await;
+    if let (Some(key), true) = (&key, claimed) {
+        match &result {
+            Ok((accepted, _)) => {
+                let accepted = serde_json::to_value(accepted).expect("a 202 body serializes");
+                let remembered = Remembered {
+                    body_hash,
+                    accepted,
+                };
+                if let Err(error) = state
+                    .idempotency
+                    .remember(user_id.as_str(), key, remembered, retention)
+                    .await
+                {
+                    tracing::warn!(error = %error, "could not remember an idempotency key");
+                }
+            }
+            Err(_) => state.idempotency.release(user_id.as_str(), key).await,
+        }
+    }
+    let (accepted, limit_headers) = result?;
+    let location = HeaderValue::from_str(&accepted.status_url)
+        .expect("a URL made of a URL and a UUID is a header value");
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(accepted),
+    )
+        .into_response();
+    response.headers_mut().extend(limit_headers);
+    Ok(response)
+}
+
+/// The original 202 of an `Idempotency-Key`, marked as a replay; nothing is published.
+fn replayed(accepted: serde_json::Value) -> Response {
+    let location = accepted["status_url"]
+        .as_str()
+        .and_then(|url| HeaderValue::from_str(url).ok());
+    let mut response = (StatusCode::ACCEPTED, Json(accepted)).into_response();
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
+
+/// Rate limits, then the event, then the broker's acknowledgement.
+async fn admit_and_publish(
+    state: &AppState,
+    body: SubmitBody,
+    user_id: &UserId,
+) -> Result<(Accepted, HeaderMap), ApiError> {
+    let (tier, quota) = state.tiers.quota(DEFAULT_TIER);
+    let mut limit_headers = HeaderMap::new();
+    match state.limiter.check(user_id.as_str(), &quota).await {
+        Ok(verdict) => {
+            limit_headers = rate_limit_headers(tier, &quota, &state.limiter.global, &verdict);
+            if !verdict.allowed() {
+                let retry_after_secs = verdict.retry_after().as_secs_f64().ceil().max(1.0) as u64;
+                return Err(ApiError::RateLimited {
+                    retry_after_secs,
+                    headers: limit_headers,
+                });
+            }
+        }
+        Err(error) => on_store_failure(state, "rate limit", &error)?,
+    }
     let limits = Limits {
         default_timeout_ms: state.config.default_timeout_ms,
         max_timeout_ms: state.config.max_timeout_ms,
     };
     let event = to_request_event(body, limits, Utc::now())?;
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
-
     state.publisher.publish(&event).await?;
 
     let status_url = format!(
@@ -143,12 +274,5 @@ pub async fn submit(
         events_url: format!("{status_url}/events"),
         status_url,
     };
-    let location = HeaderValue::from_str(&accepted.status_url)
-        .expect("a URL made of a URL and a UUID is a header value");
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        Json(accepted),
-    )
-        .into_response())
+    Ok((accepted, limit_headers))
 }

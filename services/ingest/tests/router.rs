@@ -8,12 +8,12 @@ use serde_json::{Value, json};
 use sluice_ingest::{AppState, Config, router};
 use tower::ServiceExt;
 
-fn app() -> axum::Router {
+async fn app() -> axum::Router {
     let mut config = Config::defaults();
     config.kafka.brokers = "127.0.0.1:1".into();
     config.publish_timeout_ms = 300;
     config.max_body_bytes = 2_000;
-    router(AppState::new(config).expect("state"))
+    router(AppState::new(config).await.expect("state"))
 }
 
 async fn post(
@@ -25,6 +25,7 @@ async fn post(
         request = request.header(header::CONTENT_TYPE, content_type);
     }
     let response = app()
+        .await
         .oneshot(request.body(body.into()).unwrap())
         .await
         .unwrap();
@@ -163,11 +164,13 @@ async fn an_unreachable_broker_is_a_prompt_503_with_retry_after() {
 #[tokio::test]
 async fn health_is_up_and_readiness_is_down_without_a_broker() {
     let response = app()
+        .await
         .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let response = app()
+        .await
         .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
         .await
         .unwrap();
