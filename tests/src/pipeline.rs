@@ -19,6 +19,10 @@ pub struct PipelineOptions {
     pub workers: usize,
     pub max_in_flight: usize,
     pub per_user_in_flight: usize,
+    /// API keys on for ingest and results (`SLUICE_AUTH=api-keys`), against the test database.
+    pub api_keys: bool,
+    /// Ingest's `SLUICE_TIERS`; `None` puts limits out of the way.
+    pub tiers: Option<String>,
     /// Ingest's `SLUICE_PUBLISH_TIMEOUT_MS`.
     pub publish_timeout_ms: u64,
     pub sim: sluice_model_sim::Config,
@@ -36,9 +40,19 @@ impl Default for PipelineOptions {
             max_in_flight: 64,
             per_user_in_flight: 8,
             publish_timeout_ms: 5_000,
+            api_keys: false,
+            tiers: None,
             sim,
             model_base_url: None,
         }
+    }
+}
+
+fn auth_mode(api_keys: bool) -> sluice_common::auth::AuthMode {
+    if api_keys {
+        sluice_common::auth::AuthMode::ApiKeys
+    } else {
+        sluice_common::auth::AuthMode::Off
     }
 }
 
@@ -86,6 +100,8 @@ impl Pipeline {
         results_config.topics = topics.args();
         results_config.group_id = format!("{}-results", topics.requests);
         results_config.database_max_connections = 8;
+        results_config.auth = auth_mode(options.api_keys);
+        results_config.key_cache_secs = 1;
         let results = sluice_results::Application::build(results_config)
             .await
             .expect("building results");
@@ -108,8 +124,14 @@ impl Pipeline {
         ingest_config.topics = topics.args();
         ingest_config.results_url = results_url.clone();
         ingest_config.publish_timeout_ms = options.publish_timeout_ms;
+        ingest_config.auth = auth_mode(options.api_keys);
+        ingest_config.database_url = database.url.clone().into();
+        ingest_config.key_cache_secs = 1;
         // Pipeline tests are about the pipeline, not admission control: limits out of the way.
-        ingest_config.tiers = r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into();
+        ingest_config.tiers = options
+            .tiers
+            .clone()
+            .unwrap_or_else(|| r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into());
         ingest_config.global_burst = 100_000;
         ingest_config.global_rate_per_sec = 100_000.0;
         let ingest = sluice_ingest::Application::build(ingest_config)

@@ -27,6 +27,7 @@ async fn ingest(topics: &TestTopics, configure: impl FnOnce(&mut sluice_ingest::
     config.addr = "127.0.0.1:0".into();
     config.kafka = kafka_args(3);
     config.topics = topics.args();
+    config.auth = sluice_common::auth::AuthMode::Off;
     configure(&mut config);
     let app = sluice_ingest::Application::build(config)
         .await
@@ -258,6 +259,7 @@ async fn past_its_concurrency_ingest_sheds_load_fast() {
     config.topics.create = false;
     config.publish_timeout_ms = 2_000;
     config.max_concurrent_submissions = 1;
+    config.auth = sluice_common::auth::AuthMode::Off;
     let app = sluice_ingest::Application::build(config).await.unwrap();
     let url = format!("http://{}", app.local_addr());
     let stop = CancellationToken::new();

@@ -65,6 +65,7 @@ impl Cluster {
         ingest.addr = "127.0.0.1:0".into();
         ingest.kafka = kafka;
         ingest.topics = topics.args();
+        ingest.auth = sluice_common::auth::AuthMode::Off;
         ingest.tiers = r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into();
         let ingest = sluice_ingest::Application::build(ingest)
             .await
@@ -88,6 +89,7 @@ impl Cluster {
         [
             ("KAFKA_BROKERS", kafka.brokers.as_str()),
             ("KAFKA_FETCH_WAIT_MAX_MS", "5"),
+            ("SLUICE_AUTH", "off"),
             ("SLUICE_REQUESTS_TOPIC", &self.topics.requests),
             ("SLUICE_STATUS_TOPIC", &self.topics.status),
             ("SLUICE_REQUESTS_DLQ_TOPIC", &self.topics.requests_dlq),

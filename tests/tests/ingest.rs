@@ -16,6 +16,7 @@ async fn ingest_publishes_a_keyed_record_with_headers_and_answers_202_with_locat
     config.addr = "127.0.0.1:0".into();
     config.kafka = kafka;
     config.topics = topics.args();
+    config.auth = sluice_common::auth::AuthMode::Off;
     config.results_url = "http://results.example".into();
     let app = sluice_ingest::Application::build(config)
         .await

@@ -40,7 +40,7 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
 
 async fn statuses(store: &Store, job_id: Uuid) -> Vec<JobStatus> {
     store
-        .events_after(job_id, 0)
+        .events_after(job_id, 0, None)
         .await
         .unwrap()
         .into_iter()
@@ -57,6 +57,8 @@ fn state(database: &TestDatabase, recheck: Duration) -> AppState {
         sse_recheck: recheck,
         consumer: None,
         canceller: None,
+        keys: None,
+        stopping: CancellationToken::new(),
     }
 }
 

@@ -38,6 +38,23 @@ pub struct Config {
     #[arg(long, env = "SLUICE_PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
     pub publish_timeout_ms: u64,
 
+    /// `api-keys`: every request needs `Authorization: Bearer <key>`, and the key says who the
+    /// user is and its tier. `off`: the body's `user_id` is trusted (local development only).
+    #[arg(long, env = "SLUICE_AUTH", value_enum, default_value = "api-keys")]
+    pub auth: sluice_common::auth::AuthMode,
+
+    /// Postgres holding the API keys (with `SLUICE_AUTH=api-keys`).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
+    )]
+    pub database_url: secrecy::SecretString,
+
+    /// How long a key look-up is cached; a revoked key stops working within this time.
+    #[arg(long, env = "SLUICE_KEY_CACHE_SECS", default_value_t = 30)]
+    pub key_cache_secs: u64,
+
     /// Per-user quotas by tier, JSON: `{"default": {"rate_per_sec": 10, "burst": 20}, "pro": ...}`.
     /// Without API keys every user is in `default`.
     #[arg(

@@ -22,6 +22,10 @@ pub enum ApiError {
     },
     #[error("failed to read the request body")]
     BodyRead,
+    #[error(transparent)]
+    Unauthorized(#[from] sluice_common::auth::AuthError),
+    #[error("user_id does not match the API key's user")]
+    Forbidden,
     #[error("rate limit reached; retry after {retry_after_secs} s")]
     RateLimited {
         retry_after_secs: u64,
@@ -50,6 +54,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
@@ -65,6 +71,8 @@ impl ApiError {
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::BodyRead => "bad_request",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden => "forbidden",
             ApiError::Overloaded => "overloaded",
             ApiError::LimiterUnavailable => "rate_limiter_unavailable",
             ApiError::InvalidIdempotencyKey => "invalid_idempotency_key",
@@ -76,6 +84,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::Unauthorized(error) = self {
+            return error.into_response();
+        }
         let mut response = error_response(self.status_code(), self.code(), &self.to_string());
         let retry_after = match &self {
             ApiError::Unavailable {

@@ -4,11 +4,13 @@
 pub mod admission;
 mod config;
 mod error;
+mod keys;
 mod publisher;
 mod submit;
 
 pub use config::Config;
 pub use error::ApiError;
+pub use keys::KeysCommand;
 pub use publisher::Publisher;
 pub use submit::{Accepted, Limits, SubmitBody, to_request_event};
 
@@ -37,6 +39,8 @@ pub struct AppState {
     pub idempotency: Arc<IdempotencyStore>,
     /// One permit per submission being handled; none left means shed load.
     pub submissions: Arc<Semaphore>,
+    /// `None` when API keys are off.
+    pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
 }
 
 impl AppState {
@@ -54,6 +58,13 @@ impl AppState {
             None => IdempotencyStore::Local(Default::default()),
         });
         let submissions = Arc::new(Semaphore::new(config.max_concurrent_submissions));
+        let keys = sluice_common::auth::key_store(
+            config.auth,
+            secrecy::ExposeSecret::expose_secret(&config.database_url),
+            Duration::from_secs(config.key_cache_secs),
+        )
+        .await?
+        .map(Arc::new);
         let mut kafka = config.kafka.clone();
         // Why: a record the broker has not taken within the publish timeout is expired by
         // librdkafka too, so a client told 503 is not surprised by a late publish.
@@ -74,6 +85,7 @@ impl AppState {
             tiers,
             idempotency,
             submissions,
+            keys,
         })
     }
 }

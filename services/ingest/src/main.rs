@@ -1,10 +1,16 @@
 //! `sluice-ingest`: telemetry, config, build, serve until SIGTERM or SIGINT.
+//! `sluice-ingest keys create|list|revoke` manages API keys instead.
 
 use clap::Parser;
-use sluice_ingest::{Application, Config};
+use sluice_ingest::{Application, Config, KeysCommand};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("keys") {
+        return KeysCommand::parse_from(std::env::args().skip(1))
+            .run()
+            .await;
+    }
     sluice_common::telemetry::init("ingest");
     let config = Config::parse();
     let application = Application::build(config).await?;

@@ -23,7 +23,9 @@ use std::time::Duration;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
-    pub user_id: String,
+    /// Required without API keys; with them, absent or equal to the key's user.
+    #[serde(default)]
+    pub user_id: Option<String>,
     pub model: String,
     pub messages: Vec<Message>,
     #[serde(default)]
@@ -55,7 +57,10 @@ pub fn to_request_event(
     limits: Limits,
     now: DateTime<Utc>,
 ) -> Result<RequestEvent, FieldError> {
-    let user_id = UserId::parse(body.user_id)?;
+    let user_id = UserId::parse(
+        body.user_id
+            .ok_or_else(|| FieldError::new("user_id", "is required"))?,
+    )?;
     let model = ModelName::parse(body.model)?;
     if body.messages.is_empty() {
         return Err(FieldError::new(
@@ -166,8 +171,27 @@ pub async fn submit(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded)?;
-    let (body, raw) = parse_body(&headers, body, state.config.max_body_bytes)?;
-    let user_id = UserId::parse(body.user_id.clone())?;
+    let caller = match &state.keys {
+        Some(keys) => Some(keys.authenticate(&headers).await?),
+        None => None,
+    };
+    let (mut body, raw) = parse_body(&headers, body, state.config.max_body_bytes)?;
+    if let Some(caller) = &caller {
+        if body
+            .user_id
+            .as_ref()
+            .is_some_and(|given| *given != caller.user_id)
+        {
+            return Err(ApiError::Forbidden);
+        }
+        body.user_id = Some(caller.user_id.clone());
+    }
+    let given = body
+        .user_id
+        .clone()
+        .ok_or_else(|| FieldError::new("user_id", "is required"))?;
+    let user_id = UserId::parse(given)?;
+    let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
     let key = idempotency_key(&headers)?;
     let retention = Duration::from_secs(state.config.idempotency_ttl_secs);
     let body_hash = idempotency::body_hash(&raw);
@@ -185,7 +209,7 @@ pub async fn submit(
             Err(error) => on_store_failure(&state, "idempotency", &error)?,
         }
     }
-    let result = admit_and_publish(&state, body, &user_id).await;
+    let result = admit_and_publish(&state, body, &user_id, &tier).await;
     if let (Some(key), true) = (&key, claimed) {
         match &result {
             Ok((accepted, _)) => {
@@ -238,8 +262,9 @@ async fn admit_and_publish(
     state: &AppState,
     body: SubmitBody,
     user_id: &UserId,
+    tier: &str,
 ) -> Result<(Accepted, HeaderMap), ApiError> {
-    let (tier, quota) = state.tiers.quota(DEFAULT_TIER);
+    let (tier, quota) = state.tiers.quota(tier);
     let mut limit_headers = HeaderMap::new();
     match state.limiter.check(user_id.as_str(), &quota).await {
         Ok(verdict) => {

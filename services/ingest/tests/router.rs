@@ -11,6 +11,7 @@ use tower::ServiceExt;
 async fn app() -> axum::Router {
     let mut config = Config::defaults();
     config.kafka.brokers = "127.0.0.1:1".into();
+    config.auth = sluice_common::auth::AuthMode::Off;
     config.publish_timeout_ms = 300;
     config.max_body_bytes = 2_000;
     router(AppState::new(config).await.expect("state"))

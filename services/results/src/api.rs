@@ -27,6 +27,8 @@ pub enum ApiError {
     AlreadyFinished { job_id: Uuid, status: &'static str },
     #[error("cannot reach the broker to cancel: {0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Unauthorized(#[from] sluice_common::auth::AuthError),
     #[error("internal error")]
     Database(#[from] sqlx::Error),
 }
@@ -38,6 +40,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -49,6 +52,7 @@ impl ApiError {
             ApiError::InvalidLastEventId => "invalid_last_event_id",
             ApiError::AlreadyFinished { .. } => "job_finished",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Database(_) => "internal",
         }
     }
@@ -56,6 +60,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::Unauthorized(error) = self {
+            return error.into_response();
+        }
         if let ApiError::Database(error) = &self {
             tracing::error!(error = %error, "database error");
         }
@@ -70,6 +77,27 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// With API keys on, the caller's user id: they see only their own jobs. `None` when keys are off.
+async fn caller_user(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match &state.keys {
+        Some(keys) => Ok(Some(keys.authenticate(headers).await?.user_id)),
+        None => Ok(None),
+    }
+}
+
+/// The job, if it exists and the caller may see it; another user's job is as unknown.
+async fn visible_job(state: &AppState, job_id: Uuid, user: Option<&str>) -> Result<Job, ApiError> {
+    let job = state
+        .store
+        .job(job_id)
+        .await?
+        .ok_or(ApiError::NotFound(job_id))?;
+    if user.is_some_and(|user| user != job.user_id) {
+        return Err(ApiError::NotFound(job_id));
+    }
+    Ok(job)
+}
+
 fn parse_job_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::InvalidJobId(text.chars().take(64).collect()))
 }
@@ -78,14 +106,11 @@ fn parse_job_id(text: &str) -> Result<Uuid, ApiError> {
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Job>, ApiError> {
+    let user = caller_user(&state, &headers).await?;
     let job_id = parse_job_id(&id)?;
-    let job = state
-        .store
-        .job(job_id)
-        .await?
-        .ok_or(ApiError::NotFound(job_id))?;
-    Ok(Json(job))
+    Ok(Json(visible_job(&state, job_id, user.as_deref()).await?))
 }
 
 /// One SSE event per recorded status change: `id` the change's sequence number, `event` the
@@ -97,6 +122,7 @@ pub async fn job_events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let user = caller_user(&state, &headers).await?;
     let job_id = parse_job_id(&id)?;
     let last_seen = match headers.get("last-event-id") {
         None => 0,
@@ -111,10 +137,11 @@ pub async fn job_events(
     let mut changes = state.changes.subscribe();
     let store = state.store.clone();
     let recheck = state.sse_recheck;
+    let stopping = state.stopping.clone();
     let stream = async_stream::stream! {
         let mut last_seen = last_seen;
         loop {
-            match store.events_after(job_id, last_seen).await {
+            match store.events_after(job_id, last_seen, user.as_deref()).await {
                 Ok(events) => {
                     for JobEvent { seq, status, job } in events {
                         last_seen = seq;
@@ -126,7 +153,11 @@ pub async fn job_events(
                 }
                 Err(error) => tracing::warn!(error = %error, "reading job events failed; retrying"),
             }
-            wait_for_change(&mut changes, job_id, recheck).await;
+            // Why: graceful shutdown waits for open responses, and a stream may wait for ever.
+            tokio::select! {
+                _ = stopping.cancelled() => return,
+                _ = wait_for_change(&mut changes, job_id, recheck) => {}
+            }
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
@@ -155,13 +186,11 @@ async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid, 
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let user = caller_user(&state, &headers).await?;
     let job_id = parse_job_id(&id)?;
-    let job = state
-        .store
-        .job(job_id)
-        .await?
-        .ok_or(ApiError::NotFound(job_id))?;
+    let job = visible_job(&state, job_id, user.as_deref()).await?;
     if job.status.is_terminal() {
         return Err(ApiError::AlreadyFinished {
             job_id,

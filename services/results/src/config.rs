@@ -21,6 +21,15 @@ pub struct Config {
     )]
     pub database_url: SecretString,
 
+    /// `api-keys`: reading or cancelling a job needs `Authorization: Bearer <key>`, and a user
+    /// sees only their own jobs. `off`: anyone reads any job (local development only).
+    #[arg(long, env = "SLUICE_AUTH", value_enum, default_value = "api-keys")]
+    pub auth: sluice_common::auth::AuthMode,
+
+    /// How long a key look-up is cached; a revoked key stops working within this time.
+    #[arg(long, env = "SLUICE_KEY_CACHE_SECS", default_value_t = 30)]
+    pub key_cache_secs: u64,
+
     /// Most Postgres connections this service opens.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,

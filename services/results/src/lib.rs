@@ -33,8 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-/// The migrations in the repository's `migrations/` folder, compiled in.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+pub use sluice_common::auth::MIGRATOR;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -49,6 +48,10 @@ pub struct AppState {
     pub consumer: Option<Arc<ResultsConsumer>>,
     /// Publishes cancellations; `None` in router tests that run without Kafka.
     pub canceller: Option<Canceller>,
+    /// `None` when API keys are off.
+    pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
+    /// Cancelled when the service stops: open SSE streams end then.
+    pub stopping: CancellationToken,
 }
 
 /// Publishes cancel events to the control topic.
@@ -165,6 +168,18 @@ impl Application {
             keepalive: Duration::from_secs(config.sse_keepalive_secs),
             sse_recheck: Duration::from_millis(config.sse_recheck_ms),
             consumer: Some(consumer.clone()),
+            keys: if config.auth == sluice_common::auth::AuthMode::ApiKeys {
+                Some(Arc::new(sluice_common::auth::KeyStore::new(
+                    store.pool().clone(),
+                    Duration::from_secs(config.key_cache_secs),
+                )))
+            } else {
+                tracing::warn!(
+                    "API KEYS ARE OFF: anyone can read and cancel any job. Local development only."
+                );
+                None
+            },
+            stopping: CancellationToken::new(),
             canceller: Some(Canceller {
                 producer: producer.clone(),
                 topic: config.topics.control.clone(),
@@ -194,6 +209,12 @@ impl Application {
     /// Serves and consumes until `shutdown`; if either stops with an error, both stop.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
+        let stopping = self.state.stopping.clone();
+        let stop_streams = shutdown.clone();
+        tasks.spawn(async move {
+            stop_streams.cancelled().await;
+            stopping.cancel();
+        });
         let pool = self.state.store.pool().clone();
         tasks.spawn(notify::listen(
             pool.clone(),

@@ -92,12 +92,21 @@ impl Store {
     }
 
     /// Status changes of a job after `after_seq`, oldest first.
-    pub async fn events_after(&self, job_id: Uuid, after_seq: i64) -> sqlx::Result<Vec<JobEvent>> {
+    /// With `user`, only if the job is that user's: another user's job looks like no job at all.
+    pub async fn events_after(
+        &self,
+        job_id: Uuid,
+        after_seq: i64,
+        user: Option<&str>,
+    ) -> sqlx::Result<Vec<JobEvent>> {
         let rows = sqlx::query(
-            "SELECT seq, status, job FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+            "SELECT seq, status, job FROM job_events
+             WHERE job_id = $1 AND seq > $2 AND ($3::text IS NULL OR job->>'user_id' = $3)
+             ORDER BY seq",
         )
         .bind(job_id)
         .bind(after_seq)
+        .bind(user)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
