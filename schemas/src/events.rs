@@ -75,6 +75,9 @@ pub struct RequestEvent {
     pub submitted_at: DateTime<Utc>,
     /// Absolute time after which the job is worthless to its caller.
     pub deadline: DateTime<Utc>,
+    /// `false` asks for a fresh answer: no cached one, no sharing of an identical call in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 impl RequestEvent {
@@ -197,6 +200,10 @@ pub struct Output {
     /// True when the content is the configured static fallback, not a model's answer.
     #[serde(default)]
     pub degraded: bool,
+    /// True when the answer came from the response cache or an identical call in flight,
+    /// not from a model call made for this job.
+    #[serde(default)]
+    pub cached: bool,
     #[serde(default)]
     pub finish_reason: Option<String>,
     #[serde(default)]

@@ -49,6 +49,7 @@ fn sample_request() -> RequestEvent {
         params: serde_json::Map::new(),
         submitted_at: now,
         deadline: now + chrono::Duration::seconds(30),
+        cache: None,
     }
 }
 
@@ -105,6 +106,7 @@ fn every_status_the_rust_side_writes_validates() {
                 content: "ok".into(),
                 model: None,
                 degraded: false,
+                cached: false,
                 finish_reason: Some("stop".into()),
                 usage: None,
             });

@@ -21,6 +21,8 @@ pub struct PipelineOptions {
     pub per_user_in_flight: usize,
     /// API keys on for ingest and results (`SLUICE_AUTH=api-keys`), against the test database.
     pub api_keys: bool,
+    /// Redis (`SLUICE_TEST_REDIS_URL`) for ingest and the workers, under a prefix of this test's.
+    pub redis: bool,
     /// Ingest's `SLUICE_TIERS`; `None` puts limits out of the way.
     pub tiers: Option<String>,
     /// Ingest's `SLUICE_PUBLISH_TIMEOUT_MS`.
@@ -42,6 +44,7 @@ impl Default for PipelineOptions {
             publish_timeout_ms: 5_000,
             api_keys: false,
             tiers: None,
+            redis: false,
             sim,
             model_base_url: None,
         }
@@ -108,9 +111,16 @@ impl Pipeline {
         let results_url = format!("http://{}", results.local_addr());
         tasks.push(tokio::spawn(results.run_until_stopped(shutdown.clone())));
 
+        let redis_prefix = format!("{}:", topics.requests);
+        let redis_url = options.redis.then(|| {
+            std::env::var("SLUICE_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:56379".to_owned())
+        });
         let mut worker_urls = Vec::new();
         for index in 0..options.workers {
-            let config = Self::worker_config(&options, &kafka, &topics, &sim_url, index);
+            let mut config = Self::worker_config(&options, &kafka, &topics, &sim_url, index);
+            config.redis_url = redis_url.clone();
+            config.redis_prefix = redis_prefix.clone();
             let worker = sluice_worker::Application::build(config)
                 .await
                 .expect("building a worker");
@@ -127,6 +137,8 @@ impl Pipeline {
         ingest_config.auth = auth_mode(options.api_keys);
         ingest_config.database_url = database.url.clone().into();
         ingest_config.key_cache_secs = 1;
+        ingest_config.redis_url = redis_url.clone();
+        ingest_config.redis_prefix = redis_prefix.clone();
         // Pipeline tests are about the pipeline, not admission control: limits out of the way.
         ingest_config.tiers = options
             .tiers
@@ -227,6 +239,22 @@ impl Pipeline {
             response.status()
         );
         Some(response.json().await.expect("a job body"))
+    }
+
+    /// Reads a job's whole SSE stream (it ends after the terminal status); the event names.
+    pub async fn event_names(&self, job_id: impl std::fmt::Display) -> Vec<String> {
+        let url = format!("{}/v1/jobs/{job_id}/events", self.results_url);
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .expect("GET /v1/jobs/{id}/events");
+        let (events, _) = crate::sse::read_sse(response, Duration::from_secs(10)).await;
+        events
+            .into_iter()
+            .map(|event| event.event.unwrap_or_default())
+            .collect()
     }
 
     /// Waits until every job in `ids` has a terminal status in Postgres.

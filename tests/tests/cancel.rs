@@ -2,7 +2,7 @@
 //! queued job is skipped, a finished job is left alone.
 
 use serde_json::Value;
-use sluice_tests::{Pipeline, PipelineOptions, read_sse, wait_until};
+use sluice_tests::{Pipeline, PipelineOptions, wait_until};
 use std::time::Duration;
 
 async fn delete(pipeline: &Pipeline, job_id: impl std::fmt::Display) -> (u16, Value) {
@@ -63,17 +63,7 @@ async fn cancelling_a_running_job_aborts_the_model_call() {
     .await;
     assert_eq!(disconnected, 1);
 
-    let events = pipeline
-        .http
-        .get(format!("{}/v1/jobs/{job_id}/events", pipeline.results_url))
-        .send()
-        .await
-        .unwrap();
-    let (events, _) = read_sse(events, Duration::from_secs(10)).await;
-    let names: Vec<_> = events
-        .iter()
-        .map(|event| event.event.clone().unwrap())
-        .collect();
+    let names = pipeline.event_names(job_id).await;
     assert_eq!(names, ["queued", "running", "cancelled"]);
     pipeline.stop().await;
 }

@@ -285,7 +285,7 @@ async fn a_slow_model_never_sees_more_than_max_in_flight_calls() {
         let pipeline = &pipeline;
         async move {
             pipeline
-                .submit(&format!("busy-{}", index % 8), "slow")
+                .submit(&format!("busy-{}", index % 8), &format!("slow {index}"))
                 .await
                 .job_id
                 .as_uuid()
@@ -499,5 +499,6 @@ fn request_event(user: &str, content: &str) -> RequestEvent {
         params: Default::default(),
         submitted_at: now,
         deadline: now + chrono::Duration::minutes(5),
+        cache: None,
     }
 }

@@ -25,6 +25,7 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
             content: "done".into(),
             model: None,
             degraded: false,
+            cached: false,
             finish_reason: None,
             usage: None,
         }),

@@ -11,7 +11,7 @@ use sluice_schemas::{
 use sluice_tests::infra::read_topic;
 use sluice_tests::{TestTopics, kafka_args};
 use sluice_worker::{
-    Cancellations, JobContext, Outcome, Record, RetryPolicy, Routes, StatusPublisher, run_job,
+    Cancellations, Coalescer, JobContext, Outcome, Record, Routes, StatusPublisher, run_job,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,8 @@ impl Harness {
         let mut config = sluice_worker::Config::defaults();
         config.model_base_url = model_url.to_owned();
         config.retry_base_ms = 10;
+        // Most tests here repeat one request; the cache tests turn it on.
+        config.cache_ttl_secs = 0;
         configure(&mut config);
         let producer = kafka.producer_config("test-worker").create().unwrap();
         let context = JobContext {
@@ -66,13 +68,10 @@ impl Harness {
                 CancellationToken::new(),
             ),
             worker_id: "direct".into(),
-            retry: RetryPolicy {
-                max_attempts: config.max_attempts,
-                base_delay: Duration::from_millis(config.retry_base_ms),
-                max_delay: Duration::from_millis(config.retry_max_ms),
-                attempt_timeout: Duration::from_millis(config.model_timeout_ms),
-            },
+            retry: config.retry_policy(),
             cancellations: Cancellations::default(),
+            cache: Arc::new(config.response_cache().await.expect("cache")),
+            coalescer: Coalescer::default(),
         };
         Self { topics, context }
     }
@@ -110,6 +109,7 @@ fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
         params: Default::default(),
         submitted_at: now,
         deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
+        cache: None,
     }
 }
 
@@ -365,7 +365,10 @@ async fn the_adaptive_limit_settles_near_the_backends_capacity() {
             let harness = harness.clone();
             tokio::spawn(async move {
                 while Instant::now() < stop_at {
-                    harness.run(request("sim", 60_000).encode()).await;
+                    // Distinct requests: identical ones in flight would share one call.
+                    let mut job = request("sim", 60_000);
+                    job.messages[0].content = format!("adaptive {}", job.job_id);
+                    harness.run(job.encode()).await;
                 }
             })
         })
@@ -403,4 +406,68 @@ async fn the_adaptive_limit_settles_near_the_backends_capacity() {
         mean_queue <= 4.0,
         "{mean_queue:.1} calls queued inside the model on average"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_answer_skips_the_model_until_it_expires_or_the_caller_opts_out() {
+    let (stats, url) = sim(|_| {}).await;
+    let harness = Harness::new(&url, |config| config.cache_ttl_secs = 1).await;
+    let ask = || request("sim", 10_000);
+    assert_eq!(
+        harness.run(ask().encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    assert_eq!(
+        harness.run(ask().encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    assert_eq!(
+        stats.snapshot().calls,
+        1,
+        "the second answer came from the cache"
+    );
+    let mut fresh = ask();
+    fresh.cache = Some(false);
+    assert_eq!(
+        harness.run(fresh.encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    assert_eq!(stats.snapshot().calls, 2, "cache: false asks the model");
+    let mut other_user = ask();
+    other_user.user_id = UserId::parse("not-bob").unwrap();
+    harness.run(other_user.encode()).await;
+    assert_eq!(stats.snapshot().calls, 3, "the cache is per user");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    harness.run(ask().encode()).await;
+    assert_eq!(
+        stats.snapshot().calls,
+        4,
+        "an expired answer is asked again"
+    );
+
+    let events = harness.statuses(9);
+    let outputs: Vec<bool> = events
+        .iter()
+        .filter_map(|event| event.output.as_ref())
+        .map(|output| output.cached)
+        .collect();
+    assert_eq!(
+        outputs,
+        [false, true, false, false, false],
+        "the cached job says so"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_identical_requests_in_flight_share_one_model_call() {
+    let (stats, url) = sim(|sim| sim.service_time_ms = 300).await;
+    let harness = Arc::new(Harness::new(&url, |config| config.cache_ttl_secs = 60).await);
+    let runs = (0..50).map(|_| {
+        let harness = harness.clone();
+        tokio::spawn(async move { harness.run(request("sim", 10_000).encode()).await })
+    });
+    for outcome in futures::future::join_all(runs).await {
+        assert_eq!(outcome.unwrap(), Outcome::Finished(JobStatus::Succeeded));
+    }
+    assert_eq!(stats.snapshot().calls, 1, "one call answered all fifty");
 }

@@ -1,6 +1,7 @@
 //! Code that every Sluice service needs and that is not part of the event contract.
 
 pub mod auth;
+pub mod cache;
 pub mod http;
 pub mod kafka;
 pub mod shutdown;

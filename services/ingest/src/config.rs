@@ -89,6 +89,11 @@ pub struct Config {
     )]
     pub redis_failure_mode: crate::admission::limiter::FailureMode,
 
+    /// With `REDIS_URL`, answer a request found in the shared response cache at submit time;
+    /// 0 turns that off. (The workers keep the answers; this only reads them.)
+    #[arg(long, env = "SLUICE_CACHE_TTL_SECS", default_value_t = 300)]
+    pub cache_ttl_secs: u64,
+
     /// Submissions being handled at once, at most; beyond it ingest answers 503 `overloaded`.
     #[arg(
         long,

@@ -41,6 +41,8 @@ pub struct AppState {
     pub submissions: Arc<Semaphore>,
     /// `None` when API keys are off.
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
+    /// The shared response cache (Redis); off without `REDIS_URL`.
+    pub cache: Arc<sluice_common::cache::ResponseCache>,
 }
 
 impl AppState {
@@ -58,6 +60,21 @@ impl AppState {
             None => IdempotencyStore::Local(Default::default()),
         });
         let submissions = Arc::new(Semaphore::new(config.max_concurrent_submissions));
+        // Only a shared cache can answer at submit time: a worker's own cache is not visible here.
+        let cache_ttl = if config.redis_url.is_some() {
+            config.cache_ttl_secs
+        } else {
+            0
+        };
+        let cache = Arc::new(
+            sluice_common::cache::ResponseCache::new(
+                Duration::from_secs(cache_ttl),
+                0,
+                config.redis_url.as_deref(),
+                &config.redis_prefix,
+            )
+            .await?,
+        );
         let keys = sluice_common::auth::key_store(
             config.auth,
             secrecy::ExposeSecret::expose_secret(&config.database_url),
@@ -86,6 +103,7 @@ impl AppState {
             idempotency,
             submissions,
             keys,
+            cache,
         })
     }
 }

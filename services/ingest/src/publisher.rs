@@ -3,7 +3,7 @@
 use crate::error::ApiError;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sluice_schemas::RequestEvent;
+use sluice_schemas::{RequestEvent, StatusEvent};
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -33,10 +33,24 @@ impl Publisher {
     /// Returns once the broker has acknowledged the event (`acks=all`), or fails within the
     /// publish timeout: a full local queue fails at once, an unreachable broker at the timeout.
     pub async fn publish(&self, event: &RequestEvent) -> Result<(), ApiError> {
-        let payload = event.encode();
-        let record = FutureRecord::to(&self.topic)
-            .key(event.user_id.as_str())
-            .payload(&payload)
+        self.send(&self.topic, event.user_id.as_str(), &event.encode())
+            .await
+    }
+
+    /// Publishes a status event (a cache hit answered at submit time) to `status_topic`.
+    pub async fn publish_status(
+        &self,
+        status_topic: &str,
+        event: &StatusEvent,
+    ) -> Result<(), ApiError> {
+        self.send(status_topic, event.user_id.as_str(), &event.encode())
+            .await
+    }
+
+    async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), ApiError> {
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
             .headers(sluice_common::kafka::event_headers());
         // Why Duration::ZERO: a full producer queue means the broker is not keeping up; waiting
         // for room would turn overload into latency, so the caller is told to retry instead.

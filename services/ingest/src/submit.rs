@@ -13,9 +13,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sluice_common::cache::cache_key;
 use sluice_schemas::{
-    DecodeError, FieldError, JobId, Message, ModelName, Params, RequestEvent, SCHEMA_VERSION,
-    UserId,
+    DecodeError, FieldError, JobId, JobStatus, Message, ModelName, Output, Params, RequestEvent,
+    SCHEMA_VERSION, StatusEvent, Timings, UserId,
 };
 use std::time::Duration;
 
@@ -32,16 +33,23 @@ pub struct SubmitBody {
     pub params: Option<Params>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// `false` (or `Cache-Control: no-cache`) asks for a fresh answer.
+    #[serde(default)]
+    pub cache: Option<bool>,
 }
 
 /// The 202 answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Accepted {
     pub job_id: JobId,
+    /// `queued`; `succeeded` when answered from the shared cache at submit time.
     pub status: String,
     pub deadline: DateTime<Utc>,
     pub status_url: String,
     pub events_url: String,
+    /// The cached answer, on a cache hit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Output>,
 }
 
 /// Limits a submission is checked against.
@@ -84,6 +92,7 @@ pub fn to_request_event(
         params: body.params.unwrap_or_default(),
         submitted_at: now,
         deadline,
+        cache: body.cache,
     };
     // The decoder holds the rules every consumer applies (message count, empty content, ...);
     // running them here means ingest never publishes what a worker would dead-letter.
@@ -123,6 +132,20 @@ fn parse_body(
         other => ApiError::InvalidJson(other.to_string()),
     })?;
     Ok((body, bytes))
+}
+
+/// `Cache-Control: no-cache` (or `no-store`), as HTTP caches read it.
+fn wants_fresh_answer(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| {
+            value.split(',').map(str::trim).any(|directive| {
+                directive.eq_ignore_ascii_case("no-cache")
+                    || directive.eq_ignore_ascii_case("no-store")
+            })
+        })
 }
 
 /// `Idempotency-Key`, if sent: 1 to 255 visible ASCII characters.
@@ -176,6 +199,9 @@ pub async fn submit(
         None => None,
     };
     let (mut body, raw) = parse_body(&headers, body, state.config.max_body_bytes)?;
+    if wants_fresh_answer(&headers) {
+        body.cache = Some(false);
+    }
     if let Some(caller) = &caller {
         if body
             .user_id
@@ -232,12 +258,13 @@ pub async fn submit(
     let (accepted, limit_headers) = result?;
     let location = HeaderValue::from_str(&accepted.status_url)
         .expect("a URL made of a URL and a UUID is a header value");
-    let mut response = (
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        Json(accepted),
-    )
-        .into_response();
+    // A cache hit is finished: 200 with the answer, rather than 202.
+    let status = if accepted.output.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = (status, [(header::LOCATION, location)], Json(accepted)).into_response();
     response.headers_mut().extend(limit_headers);
     Ok(response)
 }
@@ -285,7 +312,10 @@ async fn admit_and_publish(
     };
     let event = to_request_event(body, limits, Utc::now())?;
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
-    state.publisher.publish(&event).await?;
+    let output = answer_from_cache(state, &event).await?;
+    if output.is_none() {
+        state.publisher.publish(&event).await?;
+    }
 
     let status_url = format!(
         "{}/v1/jobs/{}",
@@ -294,10 +324,46 @@ async fn admit_and_publish(
     );
     let accepted = Accepted {
         job_id: event.job_id,
-        status: "queued".to_owned(),
+        status: if output.is_some() {
+            "succeeded"
+        } else {
+            "queued"
+        }
+        .to_owned(),
         deadline: event.deadline,
         events_url: format!("{status_url}/events"),
         status_url,
+        output,
     };
     Ok((accepted, limit_headers))
+}
+
+/// With a shared (Redis) cache, a hit is answered now, without a worker or a model: the job is
+/// recorded by publishing its `succeeded` status (results makes the row from it).
+async fn answer_from_cache(
+    state: &AppState,
+    event: &RequestEvent,
+) -> Result<Option<Output>, ApiError> {
+    if event.cache == Some(false) || !state.cache.is_shared() {
+        return Ok(None);
+    }
+    let Some(output) = state.cache.get(&cache_key(event)).await else {
+        return Ok(None);
+    };
+    let now = Utc::now();
+    let mut status = StatusEvent::queued(event);
+    status.status = JobStatus::Succeeded;
+    status.output = Some(output.clone());
+    status.timings = Timings {
+        queued_at: event.submitted_at,
+        started_at: Some(now),
+        finished_at: Some(now),
+    };
+    status.worker_id = Some("ingest-cache".to_owned());
+    status.emitted_at = now;
+    state
+        .publisher
+        .publish_status(&state.config.topics.status, &status)
+        .await?;
+    Ok(Some(output))
 }

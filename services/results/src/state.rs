@@ -200,6 +200,7 @@ mod tests {
                 content: "ok".into(),
                 model: None,
                 degraded: false,
+                cached: false,
                 finish_reason: None,
                 usage: None,
             }),

@@ -97,6 +97,22 @@ pub struct Config {
     #[arg(long, env = "MODEL_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub model_connect_timeout_ms: u64,
 
+    /// How long a `succeeded` answer is kept in the response cache; 0 turns the cache off.
+    #[arg(long, env = "SLUICE_CACHE_TTL_SECS", default_value_t = 300)]
+    pub cache_ttl_secs: u64,
+
+    /// Answers kept in the in-process cache, at most (without Redis).
+    #[arg(long, env = "SLUICE_CACHE_MAX_ENTRIES", default_value_t = 10_000)]
+    pub cache_max_entries: usize,
+
+    /// Redis for a response cache shared by every worker and ingest; in process if unset.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key Sluice writes.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice:")]
+    pub redis_prefix: String,
+
     /// How this worker names itself in status events; default host name and process id.
     #[arg(long, env = "SLUICE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -128,6 +144,27 @@ impl Config {
             )
         })?;
         Ok(())
+    }
+
+    pub fn retry_policy(&self) -> crate::job::RetryPolicy {
+        crate::job::RetryPolicy {
+            max_attempts: self.max_attempts,
+            base_delay: std::time::Duration::from_millis(self.retry_base_ms),
+            max_delay: std::time::Duration::from_millis(self.retry_max_ms),
+            attempt_timeout: std::time::Duration::from_millis(self.model_timeout_ms),
+        }
+    }
+
+    /// The response cache these settings describe (connects to Redis if `REDIS_URL` is set).
+    pub async fn response_cache(&self) -> anyhow::Result<sluice_common::cache::ResponseCache> {
+        let ttl = std::time::Duration::from_secs(self.cache_ttl_secs);
+        sluice_common::cache::ResponseCache::new(
+            ttl,
+            self.cache_max_entries,
+            self.redis_url.as_deref(),
+            &self.redis_prefix,
+        )
+        .await
     }
 
     pub fn worker_id(&self) -> String {

@@ -2,12 +2,15 @@
 //! schedules; everything a job does is here and can be called directly.
 
 use crate::cancel::Cancellations;
+use crate::coalesce::{self, Coalescer, Turn};
 use crate::limit::Sample;
 use crate::model::Failure;
 use crate::routing::Routes;
 use crate::status::{Abandoned, DeadLetter, StatusPublisher};
 use chrono::{DateTime, Utc};
+use sluice_common::cache::{ResponseCache, cache_key};
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,8 @@ pub struct JobContext {
     pub worker_id: String,
     pub retry: RetryPolicy,
     pub cancellations: Cancellations,
+    pub cache: Arc<ResponseCache>,
+    pub coalescer: Coalescer,
 }
 
 /// A consumed record, detached from the consumer so a task can own it.
@@ -133,7 +138,7 @@ async fn execute(
         return Ok(JobStatus::Expired);
     }
 
-    let answer = call_chain(context, request, started_at, attempts).await?;
+    let answer = answer(context, request, started_at, attempts).await?;
     let attempt = attempts.load(Ordering::SeqCst);
     let mut terminal = status_event(context, request, JobStatus::Succeeded, attempt, started_at);
     terminal.timings.finished_at = Some(Utc::now());
@@ -146,6 +151,7 @@ async fn execute(
                     content: text.to_owned(),
                     model: None,
                     degraded: true,
+                    cached: false,
                     finish_reason: None,
                     usage: None,
                 });
@@ -159,6 +165,43 @@ async fn execute(
     }
     context.publisher.publish(&terminal).await?;
     Ok(terminal.status)
+}
+
+/// The answer from the cache, from an identical call in flight, or from the models.
+async fn answer(
+    context: &JobContext,
+    request: &RequestEvent,
+    started_at: DateTime<Utc>,
+    attempts: &AtomicU32,
+) -> Result<Result<Output, JobError>, Abandoned> {
+    if request.cache == Some(false) {
+        return call_chain(context, request, started_at, attempts).await;
+    }
+    let key = cache_key(request);
+    if let Some(output) = context.cache.get(&key).await {
+        return Ok(Ok(output));
+    }
+    let leader = match context.coalescer.join(&key) {
+        Turn::Leader(leader) => leader,
+        Turn::Follower(receiver) => {
+            let shared = tokio::time::timeout(time_left(request), coalesce::follow(receiver)).await;
+            if let Ok(Some(mut output)) = shared {
+                output.cached = true;
+                return Ok(Ok(output));
+            }
+            // The leader failed or went away: this job makes its own call.
+            return call_chain(context, request, started_at, attempts).await;
+        }
+    };
+    let result = call_chain(context, request, started_at, attempts).await?;
+    match &result {
+        Ok(output) => {
+            context.cache.put(&key, output).await;
+            leader.finish(Some(output.clone()));
+        }
+        Err(_) => leader.finish(None),
+    }
+    Ok(result)
 }
 
 fn time_left(request: &RequestEvent) -> Duration {

@@ -3,6 +3,7 @@
 
 mod breaker;
 mod cancel;
+mod coalesce;
 mod config;
 mod consumer;
 mod fair;
@@ -15,6 +16,7 @@ mod status;
 
 pub use breaker::{CircuitBreaker, CircuitState};
 pub use cancel::Cancellations;
+pub use coalesce::Coalescer;
 pub use config::Config;
 pub use consumer::LoopSettings;
 pub use job::{JobContext, Outcome, Record, RetryPolicy, run as run_job};
@@ -22,6 +24,7 @@ pub use limit::{AdaptiveLimit, Sample};
 pub use model::{CallError, Failure, ModelClient};
 pub use offsets::OffsetTracker;
 pub use routing::{Backend, Routes};
+pub use sluice_common::cache::ResponseCache;
 pub use status::StatusPublisher;
 
 use anyhow::Context;
@@ -80,13 +83,10 @@ impl Application {
                 give_up.clone(),
             ),
             worker_id,
-            retry: RetryPolicy {
-                max_attempts: config.max_attempts,
-                base_delay: Duration::from_millis(config.retry_base_ms),
-                max_delay: Duration::from_millis(config.retry_max_ms),
-                attempt_timeout: Duration::from_millis(config.model_timeout_ms),
-            },
+            retry: config.retry_policy(),
             cancellations: Cancellations::default(),
+            cache: Arc::new(config.response_cache().await?),
+            coalescer: coalesce::Coalescer::default(),
         };
         let listener = TcpListener::bind(&config.addr)
             .await

@@ -170,6 +170,7 @@ impl ModelClient {
             content: choice.message.content.unwrap_or_default(),
             model: Some(model.to_owned()),
             degraded: false,
+            cached: false,
             finish_reason: choice.finish_reason,
             usage: completion.usage,
         })
