@@ -81,3 +81,32 @@ async fn a_repeated_request_is_answered_from_the_shared_cache_at_submit_time() {
     assert_eq!(pipeline.sim_stats.snapshot().calls, 2);
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_identical_concurrent_submissions_cause_one_model_call() {
+    let mut options = PipelineOptions::default();
+    options.sim.service_time_ms = 500;
+    let pipeline = Pipeline::start(options).await;
+    let submissions =
+        (0..50).map(|_| pipeline.submit("same-question", "what is the capital of France?"));
+    let ids: Vec<uuid::Uuid> = futures::future::join_all(submissions)
+        .await
+        .into_iter()
+        .map(|accepted| accepted.job_id.as_uuid())
+        .collect();
+    pipeline.wait_terminal(&ids, Duration::from_secs(60)).await;
+    let succeeded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE status = 'succeeded' AND job_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&pipeline.database.pool)
+    .await
+    .unwrap();
+    assert_eq!(succeeded, 50);
+    assert_eq!(
+        pipeline.sim_stats.snapshot().calls,
+        1,
+        "one model call answered all fifty"
+    );
+    pipeline.stop().await;
+}
