@@ -1,0 +1,303 @@
+//! A load generator for a running Sluice, through its public HTTP API: open loop at a target
+//! rate or closed loop with N clients, over U users. Every accepted job is followed over SSE to
+//! its terminal status; one that gets none within the timeout is counted LOST.
+
+mod report;
+
+pub use report::{Latencies, Percentiles, Report};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sluice-bench",
+    about = "Load a running Sluice and follow every job to its end"
+)]
+pub struct Config {
+    /// Base URL of ingest.
+    #[arg(
+        long,
+        env = "SLUICE_BENCH_INGEST",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub ingest: String,
+    /// Open loop: submissions per second, whatever the answers take.
+    #[arg(long, conflicts_with = "clients")]
+    pub rate: Option<f64>,
+    /// Closed loop: this many clients, each submitting its next job when the last one ended.
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Users the jobs are spread over (`bench-user-0` ...).
+    #[arg(long, default_value_t = 10)]
+    pub users: usize,
+    /// How long to submit, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_secs: f64,
+    /// How long an accepted job may take to reach a terminal status before it counts as lost.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout_secs: f64,
+    /// Model name sent with every job.
+    #[arg(long, default_value = "sim")]
+    pub model: String,
+    /// API key (`Authorization: Bearer`), when ingest has keys on; the key decides the user.
+    #[arg(long, env = "SLUICE_BENCH_API_KEY")]
+    pub api_key: Option<String>,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Live progress on stderr.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub progress: bool,
+}
+
+/// What every job task reports into.
+#[derive(Default)]
+struct Tally {
+    submitted: AtomicU64,
+    accepted: AtomicU64,
+    finished: AtomicU64,
+    lost: AtomicU64,
+    rejected: Mutex<BTreeMap<String, u64>>,
+    completed: Mutex<BTreeMap<String, u64>>,
+    histograms: Mutex<Histograms>,
+}
+
+struct Histograms {
+    submit: Histogram<u64>,
+    queue_wait: Histogram<u64>,
+    model: Histogram<u64>,
+    end_to_end: Histogram<u64>,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        Self {
+            submit: histogram(),
+            queue_wait: histogram(),
+            model: histogram(),
+            end_to_end: histogram(),
+        }
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    (duration.as_micros() as u64).max(1)
+}
+
+pub async fn run(config: Config) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        config.rate.is_some() || config.clients.is_some(),
+        "give --rate (open loop) or --clients (closed loop)"
+    );
+    anyhow::ensure!(config.users > 0, "--users must be above 0");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let tally = Arc::new(Tally::default());
+    let config = Arc::new(config);
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(config.duration_secs);
+    let progress = config
+        .progress
+        .then(|| spawn_progress(tally.clone(), started));
+
+    let mut jobs = JoinSet::new();
+    match (config.rate, config.clients) {
+        (Some(rate), _) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be above 0");
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut index = 0usize;
+            while Instant::now() < until {
+                tick.tick().await;
+                let (http, config, tally) = (http.clone(), config.clone(), tally.clone());
+                jobs.spawn(async move { one_job(&http, &config, &tally, index).await });
+                index += 1;
+            }
+        }
+        (None, Some(clients)) => {
+            for client in 0..clients {
+                let (http, config, tally) = (http.clone(), config.clone(), tally.clone());
+                jobs.spawn(async move {
+                    let mut index = client;
+                    while Instant::now() < until {
+                        one_job(&http, &config, &tally, index).await;
+                        index += clients;
+                    }
+                });
+            }
+        }
+        (None, None) => unreachable!("checked above"),
+    }
+    while jobs.join_next().await.is_some() {}
+    if let Some(bar) = progress {
+        bar.abort();
+    }
+    Ok(Report::from_tally(&tally, started.elapsed()))
+}
+
+/// Submits one job and follows it to its end.
+async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: usize) {
+    let mut body = serde_json::json!({
+        "model": config.model,
+        "messages": [{"role": "user", "content": format!("bench job {index} at {:?}", Instant::now())}],
+        "timeout_ms": (config.timeout_secs * 1000.0) as u64,
+    });
+    // With an API key the key decides the user; without, the jobs are spread over `users`.
+    if config.api_key.is_none() {
+        body["user_id"] = format!("bench-user-{}", index % config.users).into();
+    }
+    let mut request = http
+        .post(format!("{}/v1/jobs", config.ingest.trim_end_matches('/')))
+        .json(&body);
+    if let Some(key) = &config.api_key {
+        request = request.bearer_auth(key);
+    }
+    let submitted = Instant::now();
+    tally.submitted.fetch_add(1, Ordering::Relaxed);
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(error) => return reject(tally, format!("transport: {}", error.without_url())),
+    };
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.unwrap_or_default();
+    tally
+        .histograms
+        .lock()
+        .expect("histograms")
+        .submit
+        .saturating_record(micros(submitted.elapsed()));
+    if !status.is_success() {
+        let code = answer
+            .pointer("/error/code")
+            .and_then(|code| code.as_str())
+            .unwrap_or("unknown");
+        return reject(tally, format!("{} {code}", status.as_u16()));
+    }
+    tally.accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(events_url) = answer["events_url"].as_str() else {
+        return reject(tally, "no events_url".into());
+    };
+    let deadline = Duration::from_secs_f64(config.timeout_secs);
+    match tokio::time::timeout(
+        deadline,
+        follow(http, events_url, config.api_key.as_deref()),
+    )
+    .await
+    {
+        Ok(Some((status, job))) => {
+            *tally
+                .completed
+                .lock()
+                .expect("completed")
+                .entry(status)
+                .or_default() += 1;
+            let mut histograms = tally.histograms.lock().expect("histograms");
+            histograms
+                .end_to_end
+                .saturating_record(micros(submitted.elapsed()));
+            if let Some(wait) = job
+                .pointer("/timings/queue_wait_ms")
+                .and_then(serde_json::Value::as_u64)
+            {
+                histograms
+                    .queue_wait
+                    .saturating_record((wait * 1000).max(1));
+            }
+            if let Some(run) = job
+                .pointer("/timings/run_ms")
+                .and_then(serde_json::Value::as_u64)
+            {
+                histograms.model.saturating_record((run * 1000).max(1));
+            }
+        }
+        _ => {
+            tally.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    tally.finished.fetch_add(1, Ordering::Relaxed);
+}
+
+fn reject(tally: &Tally, reason: String) {
+    *tally
+        .rejected
+        .lock()
+        .expect("rejected")
+        .entry(reason)
+        .or_default() += 1;
+    tally.finished.fetch_add(1, Ordering::Relaxed);
+}
+
+const TERMINAL: [&str; 4] = ["succeeded", "failed", "expired", "cancelled"];
+
+/// Reads the job's SSE stream until a terminal event: its status and job JSON.
+async fn follow(
+    http: &reqwest::Client,
+    events_url: &str,
+    api_key: Option<&str>,
+) -> Option<(String, serde_json::Value)> {
+    loop {
+        let mut request = http.get(events_url);
+        if let Some(key) = api_key {
+            request = request.bearer_auth(key);
+        }
+        let Ok(response) = request.send().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|line| line.strip_prefix(name))
+                        .map(str::to_owned)
+                };
+                if let (Some(event), Some(data)) = (field("event: "), field("data: "))
+                    && TERMINAL.contains(&event.as_str())
+                {
+                    return Some((event, serde_json::from_str(&data).unwrap_or_default()));
+                }
+            }
+        }
+        // The stream ended without a terminal event (a results replica restarting): reconnect.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn spawn_progress(tally: Arc<Tally>, started: Instant) -> tokio::task::JoinHandle<()> {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("a valid template"),
+    );
+    tokio::spawn(async move {
+        loop {
+            let submitted = tally.submitted.load(Ordering::Relaxed);
+            let accepted = tally.accepted.load(Ordering::Relaxed);
+            let finished = tally.finished.load(Ordering::Relaxed);
+            let completed: u64 = tally.completed.lock().expect("completed").values().sum();
+            let rejected: u64 = tally.rejected.lock().expect("rejected").values().sum();
+            let rate = submitted as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            bar.set_message(format!(
+                "submitted {submitted}  accepted {accepted}  completed {completed}  rejected {rejected}  in flight {}  {rate:.0}/s",
+                submitted.saturating_sub(finished)
+            ));
+            bar.tick();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
