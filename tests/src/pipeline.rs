@@ -241,6 +241,14 @@ impl Pipeline {
         Some(response.json().await.expect("a job body"))
     }
 
+    /// A producer to the test broker, for publishing straight to the topics.
+    pub fn producer(&self) -> rdkafka::producer::FutureProducer {
+        self.kafka
+            .producer_config("test-producer")
+            .create()
+            .expect("creating a producer")
+    }
+
     /// Reads a job's whole SSE stream (it ends after the terminal status); the event names.
     pub async fn event_names(&self, job_id: impl std::fmt::Display) -> Vec<String> {
         let url = format!("{}/v1/jobs/{job_id}/events", self.results_url);

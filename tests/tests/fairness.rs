@@ -1,19 +1,11 @@
 //! Fairness between users through the whole pipeline: a light user is not stuck behind a heavy
 //! user's burst on the same partition.
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use sluice_schemas::RequestEvent;
 use sluice_tests::{Pipeline, PipelineOptions};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-fn producer(pipeline: &Pipeline) -> FutureProducer {
-    pipeline
-        .kafka
-        .producer_config("test-producer")
-        .create()
-        .expect("creating a producer")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_light_user_behind_a_heavy_burst_on_the_same_partition_finishes_long_before_it() {
@@ -30,7 +22,7 @@ async fn a_light_user_behind_a_heavy_burst_on_the_same_partition_finishes_long_b
     let pipeline = Pipeline::start(options).await;
 
     // The heavy user publishes straight to Kafka, as high-volume producers do.
-    let producer = producer(&pipeline);
+    let producer = pipeline.producer();
     let heavy: Vec<RequestEvent> = (0..2000)
         .map(|index| request_event("heavy", &format!("burst {index}")))
         .collect();

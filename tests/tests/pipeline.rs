@@ -2,7 +2,7 @@
 
 use rdkafka::Message;
 use rdkafka::message::Headers;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use sluice_schemas::{JobStatus, StatusEvent};
 use sluice_tests::infra::read_topic;
@@ -10,14 +10,6 @@ use sluice_tests::{Pipeline, PipelineOptions, read_sse, wait_until};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-fn producer(pipeline: &Pipeline) -> FutureProducer {
-    pipeline
-        .kafka
-        .producer_config("test-producer")
-        .create()
-        .expect("creating a producer")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_jobs_over_twenty_users_each_succeed_exactly_once() {
@@ -192,7 +184,7 @@ async fn a_replayed_status_event_changes_nothing() {
 
     // Replay every status event of the job, in reverse order, twice.
     let records = read_topic(&pipeline.topics.status, 4, 2, Duration::from_secs(10));
-    let producer = producer(&pipeline);
+    let producer = pipeline.producer();
     for _ in 0..2 {
         for record in records.iter().rev() {
             let delivery = FutureRecord::to(&pipeline.topics.status)
@@ -224,7 +216,7 @@ async fn a_replayed_status_event_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_event_is_dead_lettered_and_the_next_job_still_completes() {
     let pipeline = Pipeline::start(PipelineOptions::default()).await;
-    let producer = producer(&pipeline);
+    let producer = pipeline.producer();
     let poison = FutureRecord::to(&pipeline.topics.requests)
         .key("poisoner")
         .payload("{\"schema_version\": 1, \"oops\": true}");

@@ -113,6 +113,14 @@ fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
     }
 }
 
+/// `running` for attempts 1, 2 and 3, then `succeeded` on the third.
+const THREE_ATTEMPTS_THEN_SUCCESS: [(JobStatus, u32); 4] = [
+    (JobStatus::Running, 1),
+    (JobStatus::Running, 2),
+    (JobStatus::Running, 3),
+    (JobStatus::Succeeded, 3),
+];
+
 fn summary(events: &[StatusEvent]) -> Vec<(JobStatus, u32)> {
     events
         .iter()
@@ -182,15 +190,7 @@ async fn retryable_failures_are_retried_and_each_attempt_is_reported() {
     );
     assert_eq!(stats.snapshot().calls, 3);
     let events = harness.statuses(4);
-    assert_eq!(
-        summary(&events),
-        [
-            (JobStatus::Running, 1),
-            (JobStatus::Running, 2),
-            (JobStatus::Running, 3),
-            (JobStatus::Succeeded, 3)
-        ]
-    );
+    assert_eq!(summary(&events), THREE_ATTEMPTS_THEN_SUCCESS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,15 +256,7 @@ async fn the_fallback_chain_answers_when_the_primary_is_down_and_says_which_mode
         Outcome::Finished(JobStatus::Succeeded)
     );
     let events = harness.statuses(4);
-    assert_eq!(
-        summary(&events),
-        [
-            (JobStatus::Running, 1),
-            (JobStatus::Running, 2),
-            (JobStatus::Running, 3),
-            (JobStatus::Succeeded, 3)
-        ]
-    );
+    assert_eq!(summary(&events), THREE_ATTEMPTS_THEN_SUCCESS);
     let output = events[3].output.as_ref().unwrap();
     assert_eq!(
         output.model.as_deref(),

@@ -107,15 +107,19 @@ async fn follow_once(
         &format!("{worker_id}-control"),
     );
     config.set("enable.auto.commit", "false");
-    let consumer: StreamConsumer = config.create()?;
-    let partitions = {
-        let consumer_for_metadata = &consumer;
-        let metadata = consumer_for_metadata.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        metadata
-            .topics()
-            .first()
-            .map_or(0, |found| found.partitions().len())
-    };
+    let consumer: Arc<StreamConsumer> = Arc::new(config.create()?);
+    // Why in a blocking task: the metadata call blocks for up to its timeout.
+    let partitions = tokio::task::spawn_blocking({
+        let (consumer, topic) = (consumer.clone(), topic.to_owned());
+        move || -> anyhow::Result<usize> {
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            Ok(metadata
+                .topics()
+                .first()
+                .map_or(0, |found| found.partitions().len()))
+        }
+    })
+    .await??;
     anyhow::ensure!(partitions > 0, "control topic {topic} has no partitions");
     let mut assignment = TopicPartitionList::new();
     for partition in 0..partitions {

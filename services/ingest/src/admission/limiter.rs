@@ -5,7 +5,7 @@ use super::gcra::{self, Decision, Quota};
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Both decisions for one request.
@@ -48,7 +48,8 @@ pub struct RateLimiter {
     store: Store,
     pub global: Quota,
     pub failure_mode: FailureMode,
-    /// Decisions that could not be made because Redis failed.
+    /// Admission decisions (limits, idempotency) that could not be made because Redis failed;
+    /// counted by the caller, which also applies the failure mode.
     pub store_failures: AtomicU64,
 }
 
@@ -178,10 +179,7 @@ impl RateLimiter {
                     .arg(self.global.emission_interval_ms())
                     .arg(self.global.burst_window_ms())
                     .invoke_async(&mut connection)
-                    .await
-                    .inspect_err(|_| {
-                        self.store_failures.fetch_add(1, Ordering::Relaxed);
-                    })?;
+                    .await?;
                 Ok(Verdict {
                     user: from_script(user),
                     global: from_script(global),
