@@ -122,13 +122,35 @@ start_tansu() { # [port] [database file]
   log "starting Tansu $TANSU_VERSION on $KAFKA_BROKERS (SQLite storage in $db)"
   # sqlite:// plus an absolute path (so three slashes before it). SQLite storage, not memory://: the memory engine skips records when a consumer resumes
   # from a committed offset inside a record batch.
-  "$TANSU_BIN" broker \
+  # Its own log filter: a RUST_LOG meant for Sluice (`info`) makes Tansu log every request,
+  # which costs it more CPU than serving them.
+  RUST_LOG=${TANSU_RUST_LOG:-warn} "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$port" \
     --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine "sqlite:///$db" \
     >"${db%.db}.log" 2>&1 &
   STARTED_PIDS+=($!)
   wait_for_port "$port" 60 Tansu
+  index_tansu_headers "$db"
+}
+
+# Tansu 0.6.0's SQLite schema has no index on its `header` table, and its fetch looks up each
+# record's headers by (topition, offset_id): every record fetched scans every header ever
+# written, so a broker slows down with the volume it has taken (measured by scripts/bench:
+# 200 jobs/s sustained on a fresh file, 68/s after some 40,000 jobs). The index changes no
+# behaviour, only the cost; it is added once Tansu has created its tables.
+index_tansu_headers() { # database file
+  command -v python3 >/dev/null || apt_install python3
+  python3 - "$1" <<'PY' || die "could not index Tansu's header table in $1"
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30)
+for _ in range(100):
+    if db.execute("select 1 from sqlite_master where name = 'header'").fetchone():
+        break
+    time.sleep(0.1)
+db.execute("create index if not exists sluice_header_topition_offset on header (topition, offset_id)")
+db.commit()
+PY
 }
 
 # --- Redis (shared rate limits and idempotency keys) -----------------------------------

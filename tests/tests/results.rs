@@ -9,7 +9,6 @@ use sluice_results::{AppState, Store, Update, router};
 use sluice_schemas::{JobStatus, Output};
 use sluice_tests::{TestDatabase, read_sse};
 use std::time::Duration;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -50,7 +49,7 @@ async fn statuses(store: &Store, job_id: Uuid) -> Vec<JobStatus> {
 }
 
 fn state(database: &TestDatabase, recheck: Duration) -> AppState {
-    let (changes, _) = broadcast::channel(64);
+    let changes = sluice_results::notify::JobChanges::default();
     AppState {
         store: Store::new(database.pool.clone()),
         changes,

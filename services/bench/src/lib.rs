@@ -2,8 +2,16 @@
 //! rate or closed loop with N clients, over U users. Every accepted job is followed over SSE to
 //! its terminal status; one that gets none within the timeout is counted LOST.
 
+pub mod capacity;
+mod hop;
+pub mod markdown;
+mod plot;
+mod procfs;
 mod report;
 
+pub use hop::{HopProbe, HopReport};
+pub use markdown::ReportArgs;
+pub use procfs::Watched;
 pub use report::{Latencies, Percentiles, Report};
 
 use futures::StreamExt;
@@ -59,8 +67,8 @@ pub struct Config {
 }
 
 /// What every job task reports into.
-#[derive(Default)]
 struct Tally {
+    started: Instant,
     submitted: AtomicU64,
     accepted: AtomicU64,
     finished: AtomicU64,
@@ -68,12 +76,42 @@ struct Tally {
     rejected: Mutex<BTreeMap<String, u64>>,
     completed: Mutex<BTreeMap<String, u64>>,
     histograms: Mutex<Histograms>,
+    /// Jobs reaching a terminal status, by second since the start.
+    completions_per_sec: Mutex<Vec<u64>>,
+}
+
+impl Tally {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            submitted: AtomicU64::default(),
+            accepted: AtomicU64::default(),
+            finished: AtomicU64::default(),
+            lost: AtomicU64::default(),
+            rejected: Mutex::default(),
+            completed: Mutex::default(),
+            histograms: Mutex::default(),
+            completions_per_sec: Mutex::default(),
+        }
+    }
+
+    fn count_completion(&self) {
+        let second = self.started.elapsed().as_secs() as usize;
+        let mut per_sec = self.completions_per_sec.lock().expect("completions");
+        if per_sec.len() <= second {
+            per_sec.resize(second + 1, 0);
+        }
+        per_sec[second] += 1;
+    }
 }
 
 struct Histograms {
     submit: Histogram<u64>,
+    rejection: Histogram<u64>,
     queue_wait: Histogram<u64>,
     model: Histogram<u64>,
+    delivery: Histogram<u64>,
+    overhead: Histogram<u64>,
     end_to_end: Histogram<u64>,
 }
 
@@ -82,8 +120,11 @@ impl Default for Histograms {
         let histogram = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
         Self {
             submit: histogram(),
+            rejection: histogram(),
             queue_wait: histogram(),
             model: histogram(),
+            delivery: histogram(),
+            overhead: histogram(),
             end_to_end: histogram(),
         }
     }
@@ -102,9 +143,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
-    let tally = Arc::new(Tally::default());
-    let config = Arc::new(config);
     let started = Instant::now();
+    let tally = Arc::new(Tally::new(started));
+    let config = Arc::new(config);
     let until = started + Duration::from_secs_f64(config.duration_secs);
     let progress = config
         .progress
@@ -142,7 +183,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     if let Some(bar) = progress {
         bar.abort();
     }
-    Ok(Report::from_tally(&tally, started.elapsed()))
+    Ok(Report::from_tally(&tally, &config, started.elapsed()))
 }
 
 /// Submits one job and follows it to its end.
@@ -170,12 +211,14 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     };
     let status = response.status();
     let answer: serde_json::Value = response.json().await.unwrap_or_default();
-    tally
-        .histograms
-        .lock()
-        .expect("histograms")
-        .submit
-        .saturating_record(micros(submitted.elapsed()));
+    let submit_time = micros(submitted.elapsed());
+    {
+        let mut histograms = tally.histograms.lock().expect("histograms");
+        match status.is_success() {
+            true => histograms.submit.saturating_record(submit_time),
+            false => histograms.rejection.saturating_record(submit_time),
+        }
+    }
     if !status.is_success() {
         let code = answer
             .pointer("/error/code")
@@ -195,6 +238,9 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     .await
     {
         Ok(Some((status, job))) => {
+            let end_to_end = micros(submitted.elapsed());
+            let arrived = chrono::Utc::now();
+            tally.count_completion();
             *tally
                 .completed
                 .lock()
@@ -202,22 +248,34 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
                 .entry(status)
                 .or_default() += 1;
             let mut histograms = tally.histograms.lock().expect("histograms");
-            histograms
-                .end_to_end
-                .saturating_record(micros(submitted.elapsed()));
-            if let Some(wait) = job
-                .pointer("/timings/queue_wait_ms")
-                .and_then(serde_json::Value::as_u64)
-            {
+            histograms.end_to_end.saturating_record(end_to_end);
+            let timing = |name: &str| {
+                job.pointer(&format!("/timings/{name}"))
+                    .and_then(serde_json::Value::as_u64)
+            };
+            if let Some(wait) = timing("queue_wait_ms") {
                 histograms
                     .queue_wait
                     .saturating_record((wait * 1000).max(1));
             }
-            if let Some(run) = job
-                .pointer("/timings/run_ms")
-                .and_then(serde_json::Value::as_u64)
-            {
+            if let Some(run) = timing("run_ms") {
                 histograms.model.saturating_record((run * 1000).max(1));
+                // What Sluice adds to the model's own time: the pipeline's overhead.
+                histograms
+                    .overhead
+                    .saturating_record(end_to_end.saturating_sub(run * 1000).max(1));
+            }
+            // From the worker finishing to the browser hearing of it: the status event's hop
+            // through the broker, the results write and the SSE push (one machine, one clock).
+            if let Some(finished) = job
+                .pointer("/timings/finished_at")
+                .and_then(serde_json::Value::as_str)
+                .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+            {
+                let delivery = arrived.signed_duration_since(finished);
+                histograms
+                    .delivery
+                    .saturating_record((delivery.num_microseconds().unwrap_or(0).max(1)) as u64);
             }
         }
         _ => {

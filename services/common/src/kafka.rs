@@ -87,9 +87,15 @@ impl TopicArgs {
                 &self.status,
                 &self.requests_dlq,
                 &self.status_dlq,
-                &self.control,
             ])
-            .await
+            .await?;
+        // Every worker reads every partition of the control topic, and cancellations are few:
+        // one partition keeps that reading cheap.
+        let control = KafkaArgs {
+            topic_partitions: 1,
+            ..kafka.clone()
+        };
+        control.ensure_topics(&[&self.control]).await
     }
 }
 

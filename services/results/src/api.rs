@@ -11,8 +11,6 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use sluice_common::http::error_response;
 use std::convert::Infallible;
-use std::time::Duration;
-use tokio::sync::broadcast;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +132,7 @@ pub async fn job_events(
             .ok_or(ApiError::InvalidLastEventId)?,
     };
     // Subscribed before the first read, so a change committed in between is not missed.
-    let mut changes = state.changes.subscribe();
+    let mut changes = state.changes.subscribe(job_id);
     let store = state.store.clone();
     let recheck = state.sse_recheck;
     let stopping = state.stopping.clone();
@@ -156,27 +154,11 @@ pub async fn job_events(
             // Why: graceful shutdown waits for open responses, and a stream may wait for ever.
             tokio::select! {
                 _ = stopping.cancelled() => return,
-                _ = wait_for_change(&mut changes, job_id, recheck) => {}
+                _ = changes.changed(recheck) => {}
             }
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
-}
-
-/// Returns when `job_id` is announced as changed, or after `recheck`.
-async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, job_id: Uuid, recheck: Duration) {
-    let wait = async {
-        loop {
-            match changes.recv().await {
-                Ok(changed) if changed == job_id => return,
-                Ok(_) => continue,
-                // Missed notifications may include ours: read again.
-                Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(recheck, wait).await;
 }
 
 /// `DELETE /v1/jobs/{id}`: asks the workers to stop the job. A job not started yet is skipped; a

@@ -88,6 +88,16 @@ impl EventLoop {
                 }
             }
         }
+        if let Some(created_ms) = batch
+            .first()
+            .and_then(|first| first.timestamp().to_millis())
+        {
+            tracing::debug!(
+                events = batch.len(),
+                first_event_age_ms = chrono::Utc::now().timestamp_millis() - created_ms,
+                "batch received"
+            );
+        }
         if !updates.is_empty() && !self.write(&updates, shutdown).await {
             return false;
         }
@@ -99,11 +109,13 @@ impl EventLoop {
     async fn write(&self, updates: &[Update], shutdown: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(50);
         loop {
+            let started = std::time::Instant::now();
             match self.store.apply(updates).await {
                 Ok(changed) => {
                     tracing::debug!(
                         events = updates.len(),
                         changed = changed.len(),
+                        elapsed_us = started.elapsed().as_micros() as u64,
                         "batch written"
                     );
                     return true;

@@ -28,10 +28,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use uuid::Uuid;
 
 pub use sluice_common::auth::MIGRATOR;
 
@@ -39,7 +37,7 @@ pub use sluice_common::auth::MIGRATOR;
 pub struct AppState {
     pub store: Store,
     /// Job ids announced by Postgres `NOTIFY`.
-    pub changes: broadcast::Sender<Uuid>,
+    pub changes: notify::JobChanges,
     pub keepalive: Duration,
     /// How often an open SSE stream re-reads its job without a notification (a safety net
     /// for notifications lost while the listener reconnects).
@@ -158,7 +156,7 @@ impl Application {
             .context("creating the Kafka producer")?;
         let consumer = Arc::new(consumer);
         let store = Store::new(pool);
-        let (changes, _) = broadcast::channel(4096);
+        let changes = notify::JobChanges::default();
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
