@@ -173,14 +173,22 @@ start_redis() { # [port]
 
 # --- Python checkers (compose file) -----------------------------------------------------
 
+# Checkers from PyPI, pinned, in one virtualenv: check-jsonschema (compose file), Helm v4 as a
+# library (helm-python-sdk: lint and render, no cluster) and kubernetes-validate (manifests
+# against Kubernetes' own schemas).
+CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
 ensure_checkers() {
   local venv="$SLUICE_TOOLS_DIR/venv"
-  if [ ! -x "$venv/bin/check-jsonschema" ]; then
-    log "installing check-jsonschema from PyPI into $venv"
+  if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
-    "$venv/bin/pip" install -q "check-jsonschema==0.39.0"
+  fi
+  if [ "$(cat "$venv/.sluice-checkers" 2>/dev/null)" != "$CHECKERS" ]; then
+    log "installing $CHECKERS from PyPI into $venv"
+    "$venv/bin/pip" install -q $CHECKERS
+    echo "$CHECKERS" >"$venv/.sluice-checkers"
   fi
   CHECK_JSONSCHEMA="$venv/bin/check-jsonschema"
+  CHECKERS_PYTHON="$venv/bin/python"
 }
 
 stop_started() {

@@ -43,12 +43,12 @@ impl ServiceProcess {
         let log =
             std::env::temp_dir().join(format!("{label}-{}.log", uuid::Uuid::now_v7().simple()));
         let file = std::fs::File::create(&log).expect("creating a log file");
+        let log_filter = env.get("RUST_LOG").cloned().unwrap_or_else(|| {
+            std::env::var("SLUICE_TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into())
+        });
         let child = Command::new(binary(binary_name))
             .envs(env)
-            .env(
-                "RUST_LOG",
-                std::env::var("SLUICE_TEST_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(file.try_clone().expect("log file")))
             .stderr(Stdio::from(file))

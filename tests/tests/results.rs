@@ -35,6 +35,7 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
         queued_at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 6),
         started_at: None,
         finished_at: None,
+        traceparent: None,
     }
 }
 

@@ -83,6 +83,7 @@ impl Harness {
             offset: 7,
             key: Some(b"bob".to_vec()),
             payload: Some(payload),
+            trace: Default::default(),
         };
         run_job(&self.context, &record).await
     }

@@ -86,6 +86,16 @@ impl ResponseCache {
 
     /// A cached answer, marked `cached`; a store failure is logged and is a miss.
     pub async fn get(&self, key: &str) -> Option<Output> {
+        if matches!(self, Self::Off) {
+            return None;
+        }
+        let found = self.lookup(key).await;
+        let result = if found.is_some() { "hit" } else { "miss" };
+        metrics::counter!("sluice_cache_lookups_total", "result" => result).increment(1);
+        found
+    }
+
+    async fn lookup(&self, key: &str) -> Option<Output> {
         let mut output = match self {
             Self::Off => return None,
             Self::Local { entries, .. } => {

@@ -99,9 +99,10 @@ impl TopicArgs {
     }
 }
 
-/// Headers on every event Sluice writes.
+/// Headers on every event Sluice writes: content type, schema version, and the current span's
+/// W3C trace context (`traceparent`, `tracestate`).
 pub fn event_headers() -> OwnedHeaders {
-    OwnedHeaders::new()
+    let headers = OwnedHeaders::new()
         .insert(Header {
             key: headers::CONTENT_TYPE,
             value: Some("application/json"),
@@ -109,7 +110,8 @@ pub fn event_headers() -> OwnedHeaders {
         .insert(Header {
             key: headers::SCHEMA_VERSION,
             value: Some(SCHEMA_VERSION.to_string().as_str()),
-        })
+        });
+    crate::propagation::with_current_trace(headers)
 }
 
 /// Where a rejected record came from, and why it was rejected.
@@ -195,6 +197,15 @@ pub async fn dead_letter(
     rejection: &Rejection<'_>,
     give_up: &CancellationToken,
 ) -> Result<(), Abandoned> {
+    // The reason's code: what comes before the first `:` (`invalid_field: ...`).
+    let code = rejection
+        .reason
+        .split(':')
+        .next()
+        .unwrap_or("unknown")
+        .to_owned();
+    metrics::counter!("sluice_dead_lettered_total", "topic" => rejection.source_topic.to_owned(), "reason" => code)
+        .increment(1);
     let make_record = || {
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(dlq_topic).headers(rejection.headers());
@@ -266,7 +277,9 @@ impl KafkaArgs {
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", "300000");
+            .set("max.poll.interval.ms", "300000")
+            // For `sluice_consumer_lag`: librdkafka reports each partition's lag in its statistics.
+            .set("statistics.interval.ms", "5000");
         config
     }
 
@@ -338,7 +351,26 @@ pub struct RebalanceContext {
     pub state: Arc<RebalanceState>,
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, partition_stats) in &stats.partitions {
+                // Partition -1 is librdkafka's internal unassigned-partition bucket; a lag of -1
+                // means not known yet (no committed or fetched offset).
+                if *partition < 0 || partition_stats.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    "sluice_consumer_lag",
+                    "client" => statistics.client_id.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(partition_stats.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -4,5 +4,7 @@ pub mod auth;
 pub mod cache;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
+pub mod propagation;
 pub mod shutdown;
 pub mod telemetry;

@@ -87,6 +87,16 @@ impl IntoResponse for ApiError {
         if let ApiError::Unauthorized(error) = self {
             return error.into_response();
         }
+        if matches!(
+            self,
+            ApiError::RateLimited { .. }
+                | ApiError::Overloaded
+                | ApiError::Unavailable { .. }
+                | ApiError::LimiterUnavailable
+        ) {
+            metrics::counter!("sluice_admission_rejections_total", "reason" => self.code())
+                .increment(1);
+        }
         let mut response = error_response(self.status_code(), self.code(), &self.to_string());
         let retry_after = match &self {
             ApiError::Unavailable {

@@ -11,11 +11,14 @@ async fn main() -> anyhow::Result<()> {
             .run()
             .await;
     }
-    sluice_common::telemetry::init("ingest");
+    let telemetry = sluice_common::telemetry::init("ingest");
     let config = Config::parse();
     let application = Application::build(config).await?;
     tracing::info!(addr = %application.local_addr(), "ingest listening: POST /v1/jobs");
-    application
+    let result = application
         .run_until_stopped(sluice_common::shutdown::on_signal())
-        .await
+        .await;
+    // Spans still buffered (the last jobs' traces) are exported before the process ends.
+    telemetry.shutdown();
+    result
 }

@@ -14,11 +14,13 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_common::cache::cache_key;
+use sluice_common::{propagation, telemetry};
 use sluice_schemas::{
     DecodeError, FieldError, JobId, JobStatus, Message, ModelName, Output, Params, RequestEvent,
     SCHEMA_VERSION, StatusEvent, Timings, UserId,
 };
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The body of `POST /v1/jobs`, as sent. Unknown fields are refused so a typo is not ignored.
 #[derive(Debug, Deserialize)]
@@ -182,9 +184,25 @@ fn on_store_failure(
     }
 }
 
-#[tracing::instrument(skip_all, fields(job_id))]
+/// `POST /v1/jobs`, in the job's root span: a child of the caller's `traceparent` if it sent
+/// one, and the parent of everything the job does in the worker and the results service.
 pub async fn submit(
     State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let span = tracing::info_span!(
+        "POST /v1/jobs",
+        otel.kind = "server",
+        job_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::adopt(&span, propagation::from_http(&headers));
+    submit_in_span(state, headers, body).instrument(span).await
+}
+
+async fn submit_in_span(
+    state: AppState,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -315,6 +333,8 @@ async fn admit_and_publish(
     let output = answer_from_cache(state, &event).await?;
     if output.is_none() {
         state.publisher.publish(&event).await?;
+        metrics::counter!("sluice_jobs_accepted_total").increment(1);
+        tracing::debug!("job accepted");
     }
 
     let status_url = format!(

@@ -5,10 +5,12 @@ use sluice_model_sim::{Config, SimModel};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sluice_common::telemetry::init("model-sim");
+    let telemetry = sluice_common::telemetry::init("model-sim");
     let config = Config::parse();
     let listener = tokio::net::TcpListener::bind(&config.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, service_time_ms = config.service_time_ms, capacity = config.capacity, "simulated model listening");
     let shutdown = sluice_common::shutdown::on_signal();
-    SimModel::new(config).run(listener, shutdown).await
+    let result = SimModel::new(config).run(listener, shutdown).await;
+    telemetry.shutdown();
+    result
 }

@@ -10,6 +10,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use sluice_common::http::error_response;
+use sluice_common::metrics::GaugeGuard;
+use sluice_common::propagation::TraceHeaders;
+use sluice_common::telemetry;
 use std::convert::Infallible;
 use uuid::Uuid;
 
@@ -137,13 +140,31 @@ pub async fn job_events(
     let recheck = state.sse_recheck;
     let stopping = state.stopping.clone();
     let stream = async_stream::stream! {
+        let _open = GaugeGuard::new(metrics::gauge!("sluice_sse_connections"));
         let mut last_seen = last_seen;
+        // The job's trace, read once there is something to push.
+        let mut trace: Option<TraceHeaders> = None;
         loop {
             match store.events_after(job_id, last_seen, user.as_deref()).await {
                 Ok(events) => {
+                    if trace.is_none() && !events.is_empty() {
+                        trace = Some(TraceHeaders::from_traceparent(store.traceparent(job_id).await.ok().flatten()));
+                    }
                     for JobEvent { seq, status, job } in events {
                         last_seen = seq;
-                        yield Ok(Event::default().id(seq.to_string()).event(status.as_str()).data(job.to_string()));
+                        let span = tracing::info_span!(
+                            "sse push",
+                            otel.kind = "producer",
+                            job_id = %job_id,
+                            status = status.as_str(),
+                            seq,
+                            trace_id = tracing::field::Empty,
+                        );
+                        telemetry::adopt(&span, trace.as_ref().map(TraceHeaders::context).unwrap_or_default());
+                        // The span covers handing the event to the connection.
+                        let event = span.in_scope(|| Event::default().id(seq.to_string()).event(status.as_str()).data(job.to_string()));
+                        yield Ok(event);
+                        drop(span);
                         if status.is_terminal() {
                             return;
                         }

@@ -8,8 +8,10 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use sluice_common::kafka::{self, RebalanceContext, Rejection};
+use sluice_common::propagation::TraceHeaders;
+use sluice_common::telemetry;
 use sluice_schemas::{RequestEvent, StatusEvent};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,8 @@ impl EventLoop {
     /// Writes one batch and stores its offsets. Returns false if stopped before it was written.
     async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
         let mut updates = Vec::with_capacity(batch.len());
+        // One span per event, each in its job's trace, open while the batch is written.
+        let mut spans = Vec::with_capacity(batch.len());
         for message in batch {
             let payload = message.payload().unwrap_or_default();
             let decoded = if message.topic() == self.requests_topic {
@@ -72,7 +76,20 @@ impl EventLoop {
                 StatusEvent::decode(payload).map(Update::from)
             };
             match decoded {
-                Ok(update) => updates.push(update),
+                Ok(mut update) => {
+                    let trace = TraceHeaders::from_kafka(message.headers());
+                    let span = tracing::info_span!(
+                        "results store",
+                        otel.kind = "consumer",
+                        job_id = %update.job_id,
+                        status = update.status.as_str(),
+                        trace_id = tracing::field::Empty,
+                    );
+                    telemetry::adopt(&span, trace.context());
+                    spans.push(span);
+                    update.traceparent = trace.traceparent;
+                    updates.push(update);
+                }
                 // The worker dead-letters bad request events; here they are only skipped.
                 Err(error) if message.topic() == self.requests_topic => {
                     tracing::debug!(reason = %error, offset = message.offset(), "skipping an undecodable request event");
@@ -101,6 +118,7 @@ impl EventLoop {
         if !updates.is_empty() && !self.write(&updates, shutdown).await {
             return false;
         }
+        drop(spans);
         self.store_offsets(batch);
         true
     }
@@ -112,6 +130,10 @@ impl EventLoop {
             let started = std::time::Instant::now();
             match self.store.apply(updates).await {
                 Ok(changed) => {
+                    metrics::histogram!("sluice_results_write_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("sluice_results_batch_events").record(updates.len() as f64);
+                    record_end_to_end(updates, &changed);
                     tracing::debug!(
                         events = updates.len(),
                         changed = changed.len(),
@@ -170,6 +192,19 @@ impl EventLoop {
             if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
                 tracing::debug!(error = %error, partition, "offset not stored; partition no longer ours");
             }
+        }
+    }
+}
+
+/// `sluice_job_end_to_end_seconds` for the jobs this batch made terminal (a replayed terminal
+/// event changes nothing and is not counted again).
+fn record_end_to_end(updates: &[Update], changed: &[uuid::Uuid]) {
+    let now = chrono::Utc::now();
+    let changed: HashSet<&uuid::Uuid> = changed.iter().collect();
+    for update in updates {
+        if update.status.is_terminal() && changed.contains(&update.job_id) {
+            let took = (now - update.queued_at).to_std().unwrap_or_default();
+            metrics::histogram!("sluice_job_end_to_end_seconds").record(took.as_secs_f64());
         }
     }
 }

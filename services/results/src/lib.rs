@@ -97,6 +97,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(sluice_common::http::healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(sluice_common::http::openapi))
+        .route("/metrics", get(sluice_common::metrics::render))
+        .layer(axum::middleware::from_fn(
+            sluice_common::metrics::track_http,
+        ))
         .with_state(state)
 }
 

@@ -22,6 +22,8 @@ pub struct Update {
     pub queued_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` the event carried; kept with the job for its SSE spans.
+    pub traceparent: Option<String>,
 }
 
 impl Update {
@@ -52,6 +54,7 @@ impl From<RequestEvent> for Update {
             queued_at: micros(event.submitted_at),
             started_at: None,
             finished_at: None,
+            traceparent: None,
         }
     }
 }
@@ -72,6 +75,7 @@ impl From<StatusEvent> for Update {
             queued_at: micros(event.timings.queued_at),
             started_at: event.timings.started_at.map(micros),
             finished_at: event.timings.finished_at.map(micros),
+            traceparent: None,
         }
     }
 }
@@ -214,6 +218,7 @@ mod tests {
             queued_at: Utc::now(),
             started_at: None,
             finished_at: None,
+            traceparent: None,
         }
     }
 

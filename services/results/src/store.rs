@@ -91,6 +91,16 @@ impl Store {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    /// The `traceparent` recorded with a job, for the spans of its SSE pushes.
+    pub async fn traceparent(&self, job_id: Uuid) -> sqlx::Result<Option<String>> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT traceparent FROM jobs WHERE job_id = $1")
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|(traceparent,)| traceparent))
+    }
+
     /// Status changes of a job after `after_seq`, oldest first.
     /// With `user`, only if the job is that user's: another user's job looks like no job at all.
     pub async fn events_after(
@@ -171,16 +181,24 @@ async fn insert_placeholders(
         .values()
         .map(|updates| Job::placeholder(updates[0]))
         .collect();
+    // Any event of a job carries its trace: the request event the root span's, status events
+    // the worker span's, a child of it.
+    let traceparents: Vec<Option<String>> = by_job
+        .values()
+        .map(|updates| updates.iter().find_map(|update| update.traceparent.clone()))
+        .collect();
     sqlx::query(
-        "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at)
-         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS p(job_id, user_id, model, queued_at)
+        "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at, traceparent)
+         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
+             AS p(job_id, user_id, model, queued_at, traceparent)
          ON CONFLICT (job_id) DO NOTHING",
     )
     .bind(placeholders.iter().map(|job| job.job_id).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.user_id.clone()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.model.clone()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.timings.queued_at).collect::<Vec<_>>())
+    .bind(traceparents)
     .execute(&mut **transaction)
     .await?;
     Ok(())

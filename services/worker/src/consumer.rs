@@ -9,6 +9,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use sluice_common::kafka::{RebalanceContext, RebalanceState};
+use sluice_common::propagation::TraceHeaders;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -45,6 +46,7 @@ pub async fn consume(
     let mut waiting = FairQueue::new(settings.per_user_in_flight);
     let mut running: JoinSet<Finished> = JoinSet::new();
     let mut paused = false;
+    metrics::gauge!("sluice_worker_window_capacity").set(settings.read_ahead as f64);
 
     loop {
         forget_revoked(&state, &mut tracker, &mut waiting);
@@ -56,6 +58,9 @@ pub async fn consume(
         }
         // Paused when the read-ahead buffer is full, not when the window is: reading on while
         // every slot is busy is what lets other users' records behind a burst be seen.
+        metrics::gauge!("sluice_worker_in_flight").set(running.len() as f64);
+        metrics::gauge!("sluice_worker_window_occupancy")
+            .set((waiting.buffered() + running.len()) as f64);
         let full = waiting.buffered() >= settings.read_ahead
             || waiting.buffered_bytes() >= settings.read_ahead_bytes;
         let reassigned = state.take_assigned_again();
@@ -88,6 +93,7 @@ pub async fn consume(
                         offset: message.offset(),
                         key: message.key().map(<[u8]>::to_vec),
                         payload: message.payload().map(<[u8]>::to_vec),
+                        trace: TraceHeaders::from_kafka(message.headers()),
                     };
                     tracing::debug!(partition = record.partition, offset = record.offset, "record received");
                     tracker.start(&record.topic, record.partition, record.offset);

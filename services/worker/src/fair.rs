@@ -119,6 +119,7 @@ mod tests {
 
     fn record(user: &str, offset: i64) -> Record {
         Record {
+            trace: Default::default(),
             topic: "t".into(),
             partition: 0,
             offset,

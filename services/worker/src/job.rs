@@ -1,6 +1,7 @@
 //! The worker's unit of work: one record in, one outcome out. The consumer loop around it only
 //! schedules; everything a job does is here and can be called directly.
 
+use crate::breaker::CircuitState;
 use crate::cancel::Cancellations;
 use crate::coalesce::{self, Coalescer, Turn};
 use crate::limit::Sample;
@@ -9,10 +10,13 @@ use crate::routing::Routes;
 use crate::status::{Abandoned, DeadLetter, StatusPublisher};
 use chrono::{DateTime, Utc};
 use sluice_common::cache::{ResponseCache, cache_key};
+use sluice_common::propagation::TraceHeaders;
+use sluice_common::telemetry;
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// What a job needs besides its record.
 #[derive(Clone)]
@@ -34,6 +38,8 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// The W3C trace context the record carried: the job's span continues that trace.
+    pub trace: TraceHeaders,
 }
 
 /// How a record ended; every variant but `Abandoned` lets its offset be stored.
@@ -53,8 +59,21 @@ impl From<Abandoned> for Outcome {
     }
 }
 
-#[tracing::instrument(skip_all, fields(partition = record.partition, offset = record.offset, job_id))]
+/// Runs one request record in the job's worker span, a child of the span that published it.
 pub async fn run(context: &JobContext, record: &Record) -> Outcome {
+    let span = tracing::info_span!(
+        "worker job",
+        otel.kind = "consumer",
+        partition = record.partition,
+        offset = record.offset,
+        job_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::adopt(&span, record.trace.context());
+    run_in_span(context, record).instrument(span).await
+}
+
+async fn run_in_span(context: &JobContext, record: &Record) -> Outcome {
     let request = match RequestEvent::decode(record.payload.as_deref().unwrap_or_default()) {
         Ok(request) => request,
         Err(error) => {
@@ -124,6 +143,10 @@ async fn execute(
     attempts: &AtomicU32,
 ) -> Result<JobStatus, Abandoned> {
     let started_at = Utc::now();
+    let waited = (started_at - request.submitted_at)
+        .to_std()
+        .unwrap_or_default();
+    metrics::histogram!("sluice_job_queue_wait_seconds").record(waited.as_secs_f64());
     if time_left(request).is_zero() {
         let mut expired = status_event(context, request, JobStatus::Expired, 0, started_at);
         expired.timings.finished_at = Some(started_at);
@@ -143,9 +166,21 @@ async fn execute(
     let mut terminal = status_event(context, request, JobStatus::Succeeded, attempt, started_at);
     terminal.timings.finished_at = Some(Utc::now());
     match answer {
-        Ok(output) => terminal.output = Some(output),
+        Ok(output) => {
+            if output
+                .model
+                .as_deref()
+                .is_some_and(|answered_by| answered_by != request.model.as_str())
+            {
+                metrics::counter!("sluice_model_fallbacks_total", "model" => request.model.as_str().to_owned(), "to" => "model")
+                    .increment(1);
+            }
+            terminal.output = Some(output);
+        }
         Err(error) => match context.routes.static_fallback(request.model.as_str()) {
             Some(text) => {
+                metrics::counter!("sluice_model_fallbacks_total", "model" => request.model.as_str().to_owned(), "to" => "static")
+                    .increment(1);
                 tracing::info!(code = ?error.code, "every model failed; answering with the static fallback");
                 terminal.output = Some(Output {
                     content: text.to_owned(),
@@ -164,6 +199,11 @@ async fn execute(
         },
     }
     context.publisher.publish(&terminal).await?;
+    let ran = (Utc::now() - started_at).to_std().unwrap_or_default();
+    metrics::histogram!("sluice_job_run_seconds").record(ran.as_secs_f64());
+    metrics::counter!("sluice_jobs_finished_total", "status" => terminal.status.as_str())
+        .increment(1);
+    tracing::debug!(status = terminal.status.as_str(), "job finished");
     Ok(terminal.status)
 }
 
@@ -237,6 +277,7 @@ async fn call_chain(
                 }));
             };
             if !backend.breaker.try_acquire(Instant::now()) {
+                metrics::gauge!("sluice_circuit_state", "backend" => backend.name.clone()).set(2.0);
                 last_error = JobError {
                     code: ErrorCode::CircuitOpen,
                     message: format!(
@@ -253,12 +294,23 @@ async fn call_chain(
             let remaining = time_left(request);
             let per_attempt = context.retry.attempt_timeout;
             let call_started = Instant::now();
-            let call = backend.client.chat(
-                request,
-                &model,
-                remaining.min(per_attempt),
-                remaining < per_attempt,
+            let attempt_span = tracing::info_span!(
+                "model attempt",
+                otel.kind = "client",
+                model = %model,
+                backend = %backend.name,
+                attempt,
+                outcome = tracing::field::Empty,
             );
+            let call = backend
+                .client
+                .chat(
+                    request,
+                    &model,
+                    remaining.min(per_attempt),
+                    remaining < per_attempt,
+                )
+                .instrument(attempt_span.clone());
             let (published, result) = tokio::join!(context.publisher.publish(&running), call);
             let answered_in = call_started.elapsed();
             published?;
@@ -271,8 +323,27 @@ async fn call_chain(
                     Failure::DeadlineCut => (false, Sample::Ignored),
                 },
             };
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(error) => match error.failure {
+                    Failure::Fatal => "fatal",
+                    Failure::Retryable => "retryable",
+                    Failure::DeadlineCut => "deadline",
+                },
+            };
+            attempt_span.record("outcome", outcome);
+            metrics::histogram!("sluice_model_request_duration_seconds", "model" => model.clone(), "outcome" => outcome)
+                .record(answered_in.as_secs_f64());
             backend.breaker.record(healthy, now);
             permit.release(sample);
+            let circuit = match backend.breaker.state(now) {
+                CircuitState::Closed => 0.0,
+                CircuitState::HalfOpen => 1.0,
+                CircuitState::Open => 2.0,
+            };
+            metrics::gauge!("sluice_circuit_state", "backend" => backend.name.clone()).set(circuit);
+            metrics::gauge!("sluice_model_concurrency_limit", "backend" => backend.name.clone())
+                .set(backend.limit.limit());
             let failure = match result {
                 Ok(output) => return Ok(Ok(output)),
                 Err(failure) => failure,
@@ -283,6 +354,8 @@ async fn call_chain(
                 Failure::Fatal | Failure::DeadlineCut => return Ok(Err(last_error)),
                 Failure::Retryable if try_number == context.retry.max_attempts => break,
                 Failure::Retryable => {
+                    metrics::counter!("sluice_model_retries_total", "model" => model.clone())
+                        .increment(1);
                     let delay = context.retry.delay(try_number, failure.retry_after);
                     if delay >= time_left(request) {
                         // Waiting would spend the deadline: let the next model try now.

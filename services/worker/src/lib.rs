@@ -125,6 +125,10 @@ impl Application {
         let router = Router::new()
             .route("/healthz", get(sluice_common::http::healthz))
             .route("/readyz", get(readyz))
+            .route("/metrics", get(sluice_common::metrics::render))
+            .layer(axum::middleware::from_fn(
+                sluice_common::metrics::track_http,
+            ))
             .with_state(health);
         let server = tokio::spawn(
             axum::serve(self.listener, router)

@@ -5,11 +5,14 @@ use sluice_worker::{Application, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    sluice_common::telemetry::init("worker");
+    let telemetry = sluice_common::telemetry::init("worker");
     let config = Config::parse();
     let application = Application::build(config).await?;
     tracing::info!(health = %application.local_addr(), "worker consuming");
-    application
+    let result = application
         .run_until_stopped(sluice_common::shutdown::on_signal())
-        .await
+        .await;
+    // Spans still buffered (the last jobs' traces) are exported before the process ends.
+    telemetry.shutdown();
+    result
 }
