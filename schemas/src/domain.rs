@@ -8,6 +8,8 @@ use uuid::Uuid;
 pub const MAX_USER_ID_LEN: usize = 128;
 /// Most messages one request may carry.
 pub const MAX_MESSAGES: usize = 256;
+/// Most texts one embedding job may carry.
+pub const MAX_INPUTS: usize = 256;
 const MAX_MODEL_LEN: usize = 256;
 
 /// A validation failure that names the offending field, e.g. `messages[2].role`.
@@ -216,6 +218,43 @@ pub(crate) fn check_messages(messages: &[Message]) -> Result<(), FieldError> {
     {
         return Err(FieldError::new(
             format!("messages[{index}].content"),
+            "must not be empty",
+        ));
+    }
+    Ok(())
+}
+
+/// OpenAI's embeddings `input`: one string or an array of strings, always held as a list.
+pub fn deserialize_input<'de, D>(deserializer: D) -> Result<Option<Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => None,
+        Some(OneOrMany::One(text)) => Some(vec![text]),
+        Some(OneOrMany::Many(texts)) => Some(texts),
+    })
+}
+
+pub(crate) fn check_input(input: &[String]) -> Result<(), FieldError> {
+    if input.is_empty() {
+        return Err(FieldError::new("input", "must hold at least one text"));
+    }
+    if input.len() > MAX_INPUTS {
+        return Err(FieldError::new(
+            "input",
+            format!("must hold at most {MAX_INPUTS} texts"),
+        ));
+    }
+    if let Some(index) = input.iter().position(|text| text.trim().is_empty()) {
+        return Err(FieldError::new(
+            format!("input[{index}]"),
             "must not be empty",
         ));
     }

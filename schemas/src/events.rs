@@ -1,6 +1,9 @@
 //! The two events on Sluice's topics: a request to run a job, and a change in a job's status.
 
-use crate::domain::{FieldError, JobId, Message, ModelName, Params, UserId, check_messages};
+use crate::domain::{
+    FieldError, JobId, Message, ModelName, Params, UserId, check_input, check_messages,
+    deserialize_input,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +72,17 @@ pub struct RequestEvent {
     pub job_id: JobId,
     pub user_id: UserId,
     pub model: ModelName,
+    /// A chat job's conversation; empty for an embedding job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Message>,
+    /// An embedding job's texts (OpenAI's embeddings `input`: a string or an array); none for a
+    /// chat job.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_input"
+    )]
+    pub input: Option<Vec<String>>,
     #[serde(default)]
     pub params: Params,
     pub submitted_at: DateTime<Utc>,
@@ -85,7 +98,17 @@ impl RequestEvent {
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         let event: RequestEvent = decode_json(payload)?;
         check_version(event.schema_version)?;
-        check_messages(&event.messages)?;
+        match (&event.input, event.messages.is_empty()) {
+            (None, _) => check_messages(&event.messages)?,
+            (Some(input), true) => check_input(input)?,
+            (Some(_), false) => {
+                return Err(FieldError::new(
+                    "input",
+                    "a job is a chat (messages) or an embedding (input), not both",
+                )
+                .into());
+            }
+        }
         if event.deadline < event.submitted_at {
             return Err(FieldError::new("deadline", "must not be before submitted_at").into());
         }
@@ -95,6 +118,22 @@ impl RequestEvent {
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a request event always serializes")
     }
+
+    pub fn task(&self) -> Task {
+        match self.input {
+            Some(_) => Task::Embedding,
+            None => Task::Chat,
+        }
+    }
+}
+
+/// What a job asks of its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// `messages` in, a chat completion out (`output.content`).
+    Chat,
+    /// `input` in, one vector per text out (`output.embeddings`).
+    Embedding,
 }
 
 /// Where a job is in its life. The order of the variants is the order of progress.
@@ -191,8 +230,10 @@ pub struct Usage {
 }
 
 /// What the model answered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Output {
+    /// A chat job's answer; empty for an embedding job.
+    #[serde(default)]
     pub content: String,
     /// The model that answered: the requested one or a fallback from the chain.
     #[serde(default)]
@@ -208,6 +249,12 @@ pub struct Output {
     pub finish_reason: Option<String>,
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// An embedding job's vectors, one per input text, in input order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<Vec<Vec<f32>>>,
+    /// The length of each vector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<usize>,
 }
 
 /// When the job reached each stage.

@@ -7,11 +7,12 @@ mod domain;
 mod events;
 
 pub use domain::{
-    FieldError, JobId, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role, UserId,
+    FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role,
+    UserId, deserialize_input,
 };
 pub use events::{
     CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, RequestEvent, SCHEMA_VERSION,
-    StatusEvent, Timings, Usage, decode_json,
+    StatusEvent, Task, Timings, Usage, decode_json,
 };
 
 /// Record header names used on every Sluice topic.

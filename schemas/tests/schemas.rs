@@ -50,15 +50,23 @@ fn sample_request() -> RequestEvent {
         submitted_at: now,
         deadline: now + chrono::Duration::seconds(30),
         cache: None,
+        input: None,
     }
 }
 
 #[test]
 fn examples_validate_against_the_schema_files_and_decode_in_rust() {
     let request_validator = validator("request.schema.json");
-    let example = read_json("examples/request.json");
-    assert_valid(&request_validator, &example);
-    RequestEvent::decode(example.to_string().as_bytes()).expect("request example decodes");
+    for name in ["request", "request-embedding"] {
+        let example = read_json(&format!("examples/{name}.json"));
+        assert_valid(&request_validator, &example);
+        let decoded = RequestEvent::decode(example.to_string().as_bytes()).expect(name);
+        let expected = match name {
+            "request" => sluice_schemas::Task::Chat,
+            _ => sluice_schemas::Task::Embedding,
+        };
+        assert_eq!(decoded.task(), expected);
+    }
 
     let cancel_validator = validator("cancel.schema.json");
     let example = read_json("examples/cancel.json");
@@ -71,7 +79,12 @@ fn examples_validate_against_the_schema_files_and_decode_in_rust() {
     );
 
     let status_validator = validator("status.schema.json");
-    for name in ["status-running", "status-succeeded", "status-failed"] {
+    for name in [
+        "status-running",
+        "status-succeeded",
+        "status-failed",
+        "status-embedding",
+    ] {
         let example = read_json(&format!("examples/{name}.json"));
         assert_valid(&status_validator, &example);
         let decoded = StatusEvent::decode(example.to_string().as_bytes()).expect(name);
@@ -109,6 +122,7 @@ fn every_status_the_rust_side_writes_validates() {
                 cached: false,
                 finish_reason: Some("stop".into()),
                 usage: None,
+                ..Default::default()
             });
         } else if status.is_terminal() {
             event.error = Some(JobError {
@@ -139,6 +153,23 @@ fn schema_and_rust_reject_the_same_bad_events() {
         (
             "empty messages",
             Box::new(|event| event["messages"] = Value::Array(vec![])),
+        ),
+        (
+            "both messages and input",
+            Box::new(|event| event["input"] = "embed me too".into()),
+        ),
+        (
+            "neither messages nor input",
+            Box::new(|event| {
+                event.as_object_mut().unwrap().remove("messages");
+            }),
+        ),
+        (
+            "an empty text to embed",
+            Box::new(|event| {
+                event.as_object_mut().unwrap().remove("messages");
+                event["input"] = serde_json::json!(["fine", " "]);
+            }),
         ),
         (
             "bad role",

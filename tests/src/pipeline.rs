@@ -30,6 +30,8 @@ pub struct PipelineOptions {
     pub sim: sluice_model_sim::Config,
     /// Points the workers somewhere other than the simulated model (e.g. a closed port).
     pub model_base_url: Option<String>,
+    /// Loads the in-process embedding model from here in every worker.
+    pub embedding_model_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for PipelineOptions {
@@ -47,6 +49,7 @@ impl Default for PipelineOptions {
             redis: false,
             sim,
             model_base_url: None,
+            embedding_model_dir: None,
         }
     }
 }
@@ -189,6 +192,7 @@ impl Pipeline {
             .unwrap_or_else(|| sim_url.to_owned());
         config.worker_id = Some(format!("test-worker-{index}"));
         config.drain_timeout_ms = 5_000;
+        config.embedding_model_dir = options.embedding_model_dir.clone();
         config
     }
 
@@ -209,10 +213,15 @@ impl Pipeline {
     /// `POST /v1/jobs` for one user message; panics unless the answer is 202.
     pub async fn submit(&self, user_id: &str, content: &str) -> Accepted {
         let body = json!({"user_id": user_id, "model": "sim", "messages": [{"role": "user", "content": content}]});
+        self.submit_body(&body).await
+    }
+
+    /// `POST /v1/jobs` with any body; panics unless the answer is 202.
+    pub async fn submit_body(&self, body: &Value) -> Accepted {
         let response = self
             .http
             .post(format!("{}/v1/jobs", self.ingest_url))
-            .json(&body)
+            .json(body)
             .send()
             .await
             .expect("POST /v1/jobs");

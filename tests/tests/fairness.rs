@@ -89,5 +89,6 @@ fn request_event(user: &str, content: &str) -> RequestEvent {
         submitted_at: now,
         deadline: now + chrono::Duration::minutes(5),
         cache: None,
+        input: None,
     }
 }

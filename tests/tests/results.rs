@@ -27,6 +27,7 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
             cached: false,
             finish_reason: None,
             usage: None,
+            ..Default::default()
         }),
         error: None,
         worker_id: Some("w1".into()),

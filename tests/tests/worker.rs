@@ -11,7 +11,7 @@ use sluice_schemas::{
 use sluice_tests::infra::read_topic;
 use sluice_tests::{TestTopics, kafka_args};
 use sluice_worker::{
-    Cancellations, Coalescer, JobContext, Outcome, Record, Routes, StatusPublisher, run_job,
+    Cancellations, Coalescer, JobContext, Outcome, Record, StatusPublisher, run_job,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,7 +60,7 @@ impl Harness {
         configure(&mut config);
         let producer = kafka.producer_config("test-worker").create().unwrap();
         let context = JobContext {
-            routes: Routes::from_config(&config).expect("routes"),
+            routes: config.routes().await.expect("routes"),
             publisher: StatusPublisher::new(
                 producer,
                 topics.status.clone(),
@@ -111,6 +111,7 @@ fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
         submitted_at: now,
         deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
         cache: None,
+        input: None,
     }
 }
 

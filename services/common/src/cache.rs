@@ -17,6 +17,7 @@ pub fn cache_key(request: &RequestEvent) -> String {
         "scope": request.user_id.as_str(),
         "model": request.model.as_str(),
         "messages": request.messages,
+        "input": request.input,
         "params": request.params,
     });
     format!(

@@ -105,6 +105,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "sluice_sse_connections",
         "Server-Sent Event streams open now",
     ),
+    (
+        "sluice_embedding_batch_texts",
+        "Texts per forward pass of the in-process embedding model",
+    ),
+    (
+        "sluice_embedding_forward_seconds",
+        "Time of one batch on the in-process embedding model",
+    ),
 ];
 
 /// Installs the process's recorder; later calls (several services in one test process) reuse it.
@@ -116,6 +124,12 @@ pub fn install() {
                 builder.set_buckets_for_metric(
                     Matcher::Full("sluice_results_batch_events".into()),
                     &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0],
+                )
+            })
+            .and_then(|builder| {
+                builder.set_buckets_for_metric(
+                    Matcher::Full("sluice_embedding_batch_texts".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
                 )
             })
             .and_then(PrometheusBuilder::install_recorder)

@@ -30,7 +30,12 @@ pub struct SubmitBody {
     #[serde(default)]
     pub user_id: Option<String>,
     pub model: String,
-    pub messages: Vec<Message>,
+    /// A chat job: the conversation.
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    /// An embedding job: a text or an array of texts, as in OpenAI's embeddings API.
+    #[serde(default, deserialize_with = "sluice_schemas::deserialize_input")]
+    pub input: Option<Vec<String>>,
     #[serde(default)]
     pub params: Option<Params>,
     #[serde(default)]
@@ -72,12 +77,27 @@ pub fn to_request_event(
             .ok_or_else(|| FieldError::new("user_id", "is required"))?,
     )?;
     let model = ModelName::parse(body.model)?;
-    if body.messages.is_empty() {
-        return Err(FieldError::new(
-            "messages",
-            "must hold at least one message",
-        ));
-    }
+    let messages = match (body.messages, &body.input) {
+        (Some(_), Some(_)) => {
+            return Err(FieldError::new(
+                "input",
+                "a job is a chat (messages) or an embedding (input), not both",
+            ));
+        }
+        (None, None) => {
+            return Err(FieldError::new(
+                "messages",
+                "is required (or `input`, for an embedding job)",
+            ));
+        }
+        (Some(messages), None) if messages.is_empty() => {
+            return Err(FieldError::new(
+                "messages",
+                "must hold at least one message",
+            ));
+        }
+        (messages, _) => messages.unwrap_or_default(),
+    };
     let timeout_ms = match body.timeout_ms {
         Some(0) => return Err(FieldError::new("timeout_ms", "must be above 0")),
         Some(asked) => asked.min(limits.max_timeout_ms),
@@ -90,7 +110,8 @@ pub fn to_request_event(
         job_id: JobId::new(),
         user_id,
         model,
-        messages: body.messages,
+        messages,
+        input: body.input,
         params: body.params.unwrap_or_default(),
         submitted_at: now,
         deadline,

@@ -116,6 +116,37 @@ async fn each_invalid_field_is_422_and_named() {
             Box::new(|body| body["temprature"] = json!(0.2)),
             "temprature",
         ),
+        (
+            Box::new(|body| body["input"] = json!("embed this too")),
+            "input",
+        ),
+        (
+            Box::new(|body| {
+                body.as_object_mut().unwrap().remove("messages");
+            }),
+            "messages",
+        ),
+        (
+            Box::new(|body| {
+                body.as_object_mut().unwrap().remove("messages");
+                body["input"] = json!([]);
+            }),
+            "input",
+        ),
+        (
+            Box::new(|body| {
+                body.as_object_mut().unwrap().remove("messages");
+                body["input"] = json!(["fine", ""]);
+            }),
+            "input[1]",
+        ),
+        (
+            Box::new(|body| {
+                body.as_object_mut().unwrap().remove("messages");
+                body["input"] = json!(42);
+            }),
+            "input",
+        ),
     ];
     for (mutate, field) in cases {
         let mut body = valid();

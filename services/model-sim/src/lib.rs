@@ -155,6 +155,7 @@ impl SimModel {
         };
         let router = Router::new()
             .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .route("/stats", get(stats_handler))
             .route("/healthz", get(sluice_common::http::healthz))
@@ -250,4 +251,59 @@ async fn models() -> Json<serde_json::Value> {
 
 async fn stats_handler(State(state): State<AppState>) -> Json<StatsSnapshot> {
     Json(state.stats.snapshot())
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: serde_json::Value,
+}
+
+/// `POST /v1/embeddings`, OpenAI's shape: one 8-dimensional unit vector per text, derived from
+/// the text's bytes, so the same text always gets the same vector. A stand-in for a real
+/// embedding server (TEI, vLLM, Ollama); it counts as a call like a chat completion does.
+async fn embeddings(
+    State(state): State<AppState>,
+    Json(request): Json<EmbeddingRequest>,
+) -> Response {
+    let mut open = OpenCall::start(&state.stats);
+    let _slot = state
+        .capacity
+        .acquire()
+        .await
+        .expect("the capacity semaphore is never closed");
+    tokio::time::sleep(Duration::from_millis(state.config.service_time_ms)).await;
+    open.answered = true;
+    let texts: Vec<String> = match request.input {
+        serde_json::Value::String(text) => vec![text],
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| item.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let data: Vec<serde_json::Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let mut vector = [0f32; 8];
+            for (position, byte) in text.bytes().enumerate() {
+                vector[position % 8] += f32::from(byte);
+            }
+            let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+            let unit: Vec<f32> = vector.iter().map(|x| x / norm).collect();
+            serde_json::json!({"object": "embedding", "index": index, "embedding": unit})
+        })
+        .collect();
+    let tokens: usize = texts
+        .iter()
+        .map(|text| text.split_whitespace().count())
+        .sum();
+    Json(serde_json::json!({
+        "object": "list",
+        "model": request.model,
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }

@@ -207,6 +207,7 @@ mod tests {
                 cached: false,
                 finish_reason: None,
                 usage: None,
+                ..Default::default()
             }),
             error: (status == JobStatus::Failed).then(|| JobError {
                 code: ErrorCode::BackendError,

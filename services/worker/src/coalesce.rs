@@ -79,6 +79,7 @@ mod tests {
             cached: false,
             finish_reason: None,
             usage: None,
+            ..Default::default()
         }
     }
 

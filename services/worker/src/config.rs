@@ -1,5 +1,6 @@
 //! Worker settings, read from flags or the environment; every default works on a laptop.
 
+use anyhow::Context;
 use secrecy::SecretString;
 use sluice_common::kafka::{KafkaArgs, TopicArgs};
 
@@ -120,6 +121,23 @@ pub struct Config {
     /// On SIGTERM, how long running jobs get to finish before the worker leaves anyway.
     #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+
+    /// The in-process embedding model, `all-minilm-l6-v2`: a directory holding its
+    /// `config.json`, `model.safetensors` and `tokenizer.json`. Unset: no in-process model.
+    #[arg(long, env = "SLUICE_EMBEDDING_MODEL_DIR")]
+    pub embedding_model_dir: Option<std::path::PathBuf>,
+
+    /// Threads of the embedding model's own pool (never the async runtime's).
+    #[arg(long, env = "SLUICE_EMBEDDING_THREADS", default_value_t = 2)]
+    pub embedding_threads: usize,
+
+    /// Most texts in one forward pass; 1 turns batching across jobs off.
+    #[arg(long, env = "SLUICE_EMBEDDING_MAX_BATCH", default_value_t = 8)]
+    pub embedding_max_batch: usize,
+
+    /// Longest the first job of a batch waits for others to join it.
+    #[arg(long, env = "SLUICE_EMBEDDING_MAX_WAIT_MS", default_value_t = 5)]
+    pub embedding_max_wait_ms: u64,
 }
 
 impl Config {
@@ -156,6 +174,28 @@ impl Config {
     }
 
     /// The response cache these settings describe (connects to Redis if `REDIS_URL` is set).
+    /// The routes, with the in-process embedding model loaded if one is configured: a missing
+    /// or corrupt model file is an error naming it, before the worker joins its group.
+    pub async fn routes(&self) -> anyhow::Result<crate::routing::Routes> {
+        let routes = crate::routing::Routes::from_config(self)?;
+        let Some(dir) = &self.embedding_model_dir else {
+            anyhow::ensure!(
+                !routes.uses_local(),
+                "SLUICE_MODELS routes a model to `local`, but SLUICE_EMBEDDING_MODEL_DIR is not set"
+            );
+            return Ok(routes);
+        };
+        let embedder = crate::embed::Embedder::load(crate::embed::EmbedderSettings {
+            model_dir: dir.clone(),
+            threads: self.embedding_threads,
+            max_batch: self.embedding_max_batch,
+            max_wait: std::time::Duration::from_millis(self.embedding_max_wait_ms),
+        })
+        .await
+        .context("loading the in-process embedding model (SLUICE_EMBEDDING_MODEL_DIR)")?;
+        Ok(routes.with_local_embedder(embedder))
+    }
+
     pub async fn response_cache(&self) -> anyhow::Result<sluice_common::cache::ResponseCache> {
         let ttl = std::time::Duration::from_secs(self.cache_ttl_secs);
         sluice_common::cache::ResponseCache::new(

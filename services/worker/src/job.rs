@@ -189,6 +189,7 @@ async fn execute(
                     cached: false,
                     finish_reason: None,
                     usage: None,
+                    ..Output::default()
                 });
             }
             None => {
@@ -304,7 +305,7 @@ async fn call_chain(
             );
             let call = backend
                 .client
-                .chat(
+                .call(
                     request,
                     &model,
                     remaining.min(per_attempt),

@@ -6,6 +6,7 @@ mod cancel;
 mod coalesce;
 mod config;
 mod consumer;
+pub mod embed;
 mod fair;
 mod job;
 mod limit;
@@ -75,7 +76,7 @@ impl Application {
 
         let give_up = CancellationToken::new();
         let context = JobContext {
-            routes: Routes::from_config(&config)?,
+            routes: config.routes().await?,
             publisher: StatusPublisher::new(
                 producer,
                 config.topics.status.clone(),

@@ -1,17 +1,21 @@
-//! The OpenAI-compatible chat completions client: one pooled connection set per backend.
+//! The model clients: OpenAI-compatible chat completions and embeddings over HTTP (one pooled
+//! connection set per backend), or the in-process embedding model.
 
+use crate::embed::Embedder;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use sluice_schemas::{ErrorCode, JobError, Output, RequestEvent, Usage};
+use sluice_schemas::{ErrorCode, JobError, Output, RequestEvent, Task, Usage};
 use std::time::Duration;
 
 #[derive(Clone)]
 pub struct ModelClient {
     http: reqwest::Client,
-    completions_url: String,
+    base_url: String,
     api_key: Option<SecretString>,
+    /// Set for the in-process model's backend: embeddings are computed here, not fetched.
+    local: Option<Embedder>,
 }
 
 /// How a failed call may be handled.
@@ -64,6 +68,43 @@ struct ChoiceMessage {
     content: Option<String>,
 }
 
+/// OpenAI's embeddings answer (vLLM, TEI, Ollama and llama.cpp answer the same shape).
+#[derive(Deserialize)]
+struct EmbeddingList {
+    data: Vec<EmbeddingItem>,
+    #[serde(default)]
+    usage: Option<EmbeddingUsage>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingItem {
+    embedding: Vec<f32>,
+    #[serde(default)]
+    index: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    total_tokens: u64,
+}
+
+fn embedding_output(model: &str, vectors: Vec<Vec<f32>>, prompt_tokens: u64) -> Output {
+    Output {
+        model: Some(model.to_owned()),
+        dimensions: vectors.first().map(Vec::len),
+        embeddings: Some(vectors),
+        usage: Some(Usage {
+            prompt_tokens,
+            completion_tokens: 0,
+            total_tokens: prompt_tokens,
+        }),
+        ..Output::default()
+    }
+}
+
 impl ModelClient {
     pub fn new(
         base_url: &str,
@@ -75,17 +116,89 @@ impl ModelClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        let completions_url = format!("{}/v1/chat/completions", base_url.trim_end_matches('/'));
         Ok(Self {
             http,
-            completions_url,
+            base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            local: None,
         })
     }
 
-    /// One call to the backend for `model`, given at most `timeout`. `timeout_is_deadline` says
-    /// whether the job's deadline (not the per-attempt limit) is what bounds it.
-    pub async fn chat(
+    /// The client of the in-process embedding model.
+    pub fn local(embedder: Embedder) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base_url: String::new(),
+            api_key: None,
+            local: Some(embedder),
+        }
+    }
+
+    /// One call to the backend for `model`, given at most `timeout`: a chat completion or
+    /// embeddings, as the job asks. `timeout_is_deadline` says whether the job's deadline (not
+    /// the per-attempt limit) is what bounds it.
+    pub async fn call(
+        &self,
+        request: &RequestEvent,
+        model: &str,
+        timeout: Duration,
+        timeout_is_deadline: bool,
+    ) -> Result<Output, CallError> {
+        let texts = request.input.clone().unwrap_or_default();
+        match (request.task(), &self.local) {
+            (Task::Chat, None) => {
+                self.chat(request, model, timeout, timeout_is_deadline)
+                    .await
+            }
+            (Task::Embedding, None) => {
+                let mut body = request.params.clone();
+                body.insert("model".into(), model.into());
+                body.insert("input".into(), texts.into());
+                let bytes = self
+                    .post("/v1/embeddings", &body, timeout, timeout_is_deadline)
+                    .await?;
+                let list: EmbeddingList = serde_json::from_slice(&bytes).map_err(|error| {
+                    invalid(format!("model answer is not an embedding list: {error}"))
+                })?;
+                let mut items = list.data;
+                items.sort_by_key(|item| item.index.unwrap_or(0));
+                let vectors: Vec<Vec<f32>> = items.into_iter().map(|item| item.embedding).collect();
+                if vectors.len() != request.input.as_ref().map_or(0, Vec::len) {
+                    return Err(invalid(format!(
+                        "model answered {} vectors for {} texts",
+                        vectors.len(),
+                        request.input.as_ref().map_or(0, Vec::len)
+                    )));
+                }
+                let tokens = list
+                    .usage
+                    .map_or(0, |usage| usage.prompt_tokens.max(usage.total_tokens));
+                Ok(embedding_output(model, vectors, tokens))
+            }
+            (Task::Embedding, Some(embedder)) => {
+                match tokio::time::timeout(timeout, embedder.embed(texts)).await {
+                    Ok(Ok(embedded)) => Ok(embedding_output(
+                        model,
+                        embedded.vectors,
+                        embedded.tokens as u64,
+                    )),
+                    Ok(Err(error)) => Err(CallError::new(
+                        ErrorCode::BackendError,
+                        Failure::Fatal,
+                        format!("the in-process embedding model failed: {error:#}"),
+                    )),
+                    Err(_) => Err(timed_out(timeout, timeout_is_deadline)),
+                }
+            }
+            (Task::Chat, Some(_)) => Err(CallError::new(
+                ErrorCode::BackendError,
+                Failure::Fatal,
+                format!("{model} is the in-process embedding model: send `input`, not `messages`"),
+            )),
+        }
+    }
+
+    async fn chat(
         &self,
         request: &RequestEvent,
         model: &str,
@@ -99,34 +212,47 @@ impl ModelClient {
             serde_json::to_value(&request.messages).expect("messages serialize"),
         );
         body.insert("stream".into(), false.into());
+        let bytes = self
+            .post("/v1/chat/completions", &body, timeout, timeout_is_deadline)
+            .await?;
+        let completion: Completion = serde_json::from_slice(&bytes)
+            .map_err(|error| invalid(format!("model answer is not a chat completion: {error}")))?;
+        let choice = completion
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid("model answer has no choices".to_owned()))?;
+        Ok(Output {
+            content: choice.message.content.unwrap_or_default(),
+            model: Some(model.to_owned()),
+            degraded: false,
+            cached: false,
+            finish_reason: choice.finish_reason,
+            usage: completion.usage,
+            ..Output::default()
+        })
+    }
 
+    /// POSTs `body` to `path`; a non-2xx answer or a transport failure becomes a `CallError`
+    /// that says whether another attempt may help.
+    async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Map<String, serde_json::Value>,
+        timeout: Duration,
+        timeout_is_deadline: bool,
+    ) -> Result<bytes::Bytes, CallError> {
         let mut call = self
             .http
-            .post(&self.completions_url)
+            .post(format!("{}{path}", self.base_url))
             .timeout(timeout)
-            .json(&body);
+            .json(body);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key.expose_secret());
         }
-        let timed_out = || {
-            let millis = timeout.as_millis();
-            if timeout_is_deadline {
-                CallError::new(
-                    ErrorCode::Timeout,
-                    Failure::DeadlineCut,
-                    format!("the job's deadline passed {millis} ms into the model call"),
-                )
-            } else {
-                CallError::new(
-                    ErrorCode::BackendTimeout,
-                    Failure::Retryable,
-                    format!("model backend did not answer within {millis} ms"),
-                )
-            }
-        };
         let unreachable = |error: reqwest::Error| {
             if error.is_timeout() {
-                timed_out()
+                timed_out(timeout, timeout_is_deadline)
             } else {
                 CallError::new(
                     ErrorCode::BackendUnreachable,
@@ -156,24 +282,28 @@ impl ModelClient {
             error.retry_after = retry_after;
             return Err(error);
         }
-        let invalid = |message: String| {
-            CallError::new(ErrorCode::InvalidBackendResponse, Failure::Fatal, message)
-        };
-        let completion: Completion = serde_json::from_slice(&bytes)
-            .map_err(|error| invalid(format!("model answer is not a chat completion: {error}")))?;
-        let choice = completion
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| invalid("model answer has no choices".to_owned()))?;
-        Ok(Output {
-            content: choice.message.content.unwrap_or_default(),
-            model: Some(model.to_owned()),
-            degraded: false,
-            cached: false,
-            finish_reason: choice.finish_reason,
-            usage: completion.usage,
-        })
+        Ok(bytes)
+    }
+}
+
+fn invalid(message: String) -> CallError {
+    CallError::new(ErrorCode::InvalidBackendResponse, Failure::Fatal, message)
+}
+
+fn timed_out(timeout: Duration, timeout_is_deadline: bool) -> CallError {
+    let millis = timeout.as_millis();
+    if timeout_is_deadline {
+        CallError::new(
+            ErrorCode::Timeout,
+            Failure::DeadlineCut,
+            format!("the job's deadline passed {millis} ms into the model call"),
+        )
+    } else {
+        CallError::new(
+            ErrorCode::BackendTimeout,
+            Failure::Retryable,
+            format!("model backend did not answer within {millis} ms"),
+        )
     }
 }
 

@@ -18,6 +18,7 @@
 
 use crate::breaker::CircuitBreaker;
 use crate::config::Config;
+use crate::embed::{Embedder, LOCAL_MODEL};
 use crate::limit::AdaptiveLimit;
 use crate::model::ModelClient;
 use anyhow::Context;
@@ -28,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_BACKEND: &str = "default";
+/// The in-process embedding model's backend, when one is loaded.
+pub const LOCAL_BACKEND: &str = "local";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,8 +107,9 @@ impl Routes {
         );
         for (name, spec) in &file.backends {
             anyhow::ensure!(
-                name != DEFAULT_BACKEND,
-                "SLUICE_MODELS: the backend name `default` is MODEL_BASE_URL's"
+                name != DEFAULT_BACKEND && name != LOCAL_BACKEND,
+                "SLUICE_MODELS: the backend names `default` (MODEL_BASE_URL) and `local` (the \
+                 in-process embedding model) are taken"
             );
             reqwest::Url::parse(&spec.base_url)
                 .with_context(|| format!("SLUICE_MODELS: backend {name}: base_url"))?;
@@ -124,7 +128,7 @@ impl Routes {
         for (model, spec) in &file.models {
             if let Some(backend) = &spec.backend {
                 anyhow::ensure!(
-                    backends.contains_key(backend),
+                    backends.contains_key(backend) || backend == LOCAL_BACKEND,
                     "SLUICE_MODELS: model {model} names unknown backend {backend}"
                 );
             }
@@ -133,6 +137,36 @@ impl Routes {
             backends,
             models: Arc::new(file.models),
         })
+    }
+
+    /// Adds the in-process embedding model as the backend `local`, and routes
+    /// `all-minilm-l6-v2` to it unless `SLUICE_MODELS` routes that name elsewhere.
+    pub fn with_local_embedder(mut self, embedder: Embedder) -> Self {
+        let local = Arc::new(Backend {
+            name: LOCAL_BACKEND.to_owned(),
+            client: ModelClient::local(embedder),
+            // The model cannot be unreachable; a failure is about the input, not its health.
+            breaker: CircuitBreaker::new(u32::MAX, Duration::from_secs(1)),
+            // The batcher queues; the pool bounds the work. No adaptive limit in front of it.
+            limit: AdaptiveLimit::new(4096, 1, 4096, false),
+        });
+        self.backends.insert(LOCAL_BACKEND.to_owned(), local);
+        let mut models = (*self.models).clone();
+        models
+            .entry(LOCAL_MODEL.to_owned())
+            .or_insert_with(|| ModelSpec {
+                backend: Some(LOCAL_BACKEND.to_owned()),
+                ..ModelSpec::default()
+            });
+        self.models = Arc::new(models);
+        self
+    }
+
+    /// Whether some model is routed to the in-process embedding model.
+    pub fn uses_local(&self) -> bool {
+        self.models
+            .values()
+            .any(|spec| spec.backend.as_deref() == Some(LOCAL_BACKEND))
     }
 
     pub fn backend_for(&self, model: &str) -> &Arc<Backend> {
