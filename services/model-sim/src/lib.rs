@@ -176,11 +176,9 @@ impl SimModel {
     }
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    Json(request): Json<ChatRequest>,
-) -> Response {
-    let call_number = state.stats.calls.load(Ordering::SeqCst) + 1;
+/// A call's turn at the model: counted, waiting for one of `capacity` slots, then the service
+/// time (plus jitter). Dropping the result before it returns counts a disconnect.
+async fn serve_turn(state: &AppState) -> OpenCall<'_> {
     let mut open = OpenCall::start(&state.stats);
     let _slot = state
         .capacity
@@ -194,6 +192,15 @@ async fn chat_completions(
     };
     tokio::time::sleep(Duration::from_millis(state.config.service_time_ms + jitter)).await;
     open.answered = true;
+    open
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    Json(request): Json<ChatRequest>,
+) -> Response {
+    let call_number = state.stats.calls.load(Ordering::SeqCst) + 1;
+    let _open = serve_turn(&state).await;
 
     let fails = call_number <= state.config.fail_first
         || (state.config.failure_rate > 0.0 && fastrand::f64() < state.config.failure_rate);
@@ -266,14 +273,7 @@ async fn embeddings(
     State(state): State<AppState>,
     Json(request): Json<EmbeddingRequest>,
 ) -> Response {
-    let mut open = OpenCall::start(&state.stats);
-    let _slot = state
-        .capacity
-        .acquire()
-        .await
-        .expect("the capacity semaphore is never closed");
-    tokio::time::sleep(Duration::from_millis(state.config.service_time_ms)).await;
-    open.answered = true;
+    let _open = serve_turn(&state).await;
     let texts: Vec<String> = match request.input {
         serde_json::Value::String(text) => vec![text],
         serde_json::Value::Array(items) => items
