@@ -117,12 +117,8 @@ fn every_status_the_rust_side_writes_validates() {
         if status == JobStatus::Succeeded {
             event.output = Some(Output {
                 content: "ok".into(),
-                model: None,
-                degraded: false,
-                cached: false,
                 finish_reason: Some("stop".into()),
-                usage: None,
-                ..Default::default()
+                ..Output::default()
             });
         } else if status.is_terminal() {
             event.error = Some(JobError {

@@ -22,12 +22,7 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
         attempt,
         output: (status == JobStatus::Succeeded).then(|| Output {
             content: "done".into(),
-            model: None,
-            degraded: false,
-            cached: false,
-            finish_reason: None,
-            usage: None,
-            ..Default::default()
+            ..Output::default()
         }),
         error: None,
         worker_id: Some("w1".into()),

@@ -134,6 +134,8 @@ pub fn install() {
             })
             .and_then(PrometheusBuilder::install_recorder)
             .expect("the first Prometheus recorder of the process");
+        // The exporter keeps one description per name whatever the kind, so one call serves
+        // counters, gauges and histograms alike.
         for (name, help) in CATALOGUE {
             metrics::describe_counter!(*name, *help);
         }

@@ -20,7 +20,6 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[derive(Debug)]
 pub struct Telemetry {
     provider: SdkTracerProvider,
-    exporting: bool,
 }
 
 impl Telemetry {
@@ -29,10 +28,6 @@ impl Telemetry {
         if let Err(error) = self.provider.shutdown() {
             tracing::warn!(error = %error, "flushing spans failed");
         }
-    }
-
-    pub fn exporting(&self) -> bool {
-        self.exporting
     }
 }
 
@@ -108,10 +103,7 @@ pub fn init(service: &'static str) -> Telemetry {
         exporting_traces = exporting,
         "starting"
     );
-    Telemetry {
-        provider,
-        exporting,
-    }
+    Telemetry { provider }
 }
 
 /// Gives `span` the remote parent `parent` (if it carries one) and records the span's trace id

@@ -62,11 +62,6 @@ impl JobChanges {
             watched.counter.send_modify(|count| *count += 1);
         }
     }
-
-    /// Jobs being watched on this replica.
-    pub fn watched_jobs(&self) -> usize {
-        self.watched.lock().expect("job changes").len()
-    }
 }
 
 impl Subscription {
@@ -91,15 +86,10 @@ impl Drop for Subscription {
 /// Listens until `shutdown`, reconnecting when the connection drops. SSE streams also re-read
 /// on a timer, so a notification lost during a reconnect delays a change but never hides it.
 pub async fn listen(pool: PgPool, changes: JobChanges, shutdown: CancellationToken) {
-    loop {
-        if let Err(error) = listen_once(&pool, &changes, &shutdown).await {
-            tracing::warn!(error = %error, "job change listener failed; reconnecting");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    sluice_common::shutdown::retry_until_stopped("listening for job changes", &shutdown, || {
+        listen_once(&pool, &changes, &shutdown)
+    })
+    .await;
 }
 
 async fn listen_once(

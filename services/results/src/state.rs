@@ -202,12 +202,7 @@ mod tests {
             attempt,
             output: (status == JobStatus::Succeeded).then(|| Output {
                 content: "ok".into(),
-                model: None,
-                degraded: false,
-                cached: false,
-                finish_reason: None,
-                usage: None,
-                ..Default::default()
+                ..Output::default()
             }),
             error: (status == JobStatus::Failed).then(|| JobError {
                 code: ErrorCode::BackendError,

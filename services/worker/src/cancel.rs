@@ -85,16 +85,10 @@ pub async fn follow(
     cancellations: Cancellations,
     shutdown: CancellationToken,
 ) {
-    loop {
-        if let Err(error) = follow_once(&kafka, &topic, &worker_id, &cancellations, &shutdown).await
-        {
-            tracing::warn!(error = %error, "reading the control topic failed; retrying");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    sluice_common::shutdown::retry_until_stopped("reading the control topic", &shutdown, || {
+        follow_once(&kafka, &topic, &worker_id, &cancellations, &shutdown)
+    })
+    .await;
 }
 
 async fn follow_once(

@@ -74,12 +74,7 @@ mod tests {
     fn output() -> Output {
         Output {
             content: "x".into(),
-            model: None,
-            degraded: false,
-            cached: false,
-            finish_reason: None,
-            usage: None,
-            ..Default::default()
+            ..Output::default()
         }
     }
 

@@ -184,11 +184,7 @@ async fn execute(
                 tracing::info!(code = ?error.code, "every model failed; answering with the static fallback");
                 terminal.output = Some(Output {
                     content: text.to_owned(),
-                    model: None,
                     degraded: true,
-                    cached: false,
-                    finish_reason: None,
-                    usage: None,
                     ..Output::default()
                 });
             }

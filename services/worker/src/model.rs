@@ -144,7 +144,7 @@ impl ModelClient {
         timeout: Duration,
         timeout_is_deadline: bool,
     ) -> Result<Output, CallError> {
-        let texts = request.input.clone().unwrap_or_default();
+        let texts = || request.input.clone().unwrap_or_default();
         match (request.task(), &self.local) {
             (Task::Chat, None) => {
                 self.chat(request, model, timeout, timeout_is_deadline)
@@ -153,6 +153,8 @@ impl ModelClient {
             (Task::Embedding, None) => {
                 let mut body = request.params.clone();
                 body.insert("model".into(), model.into());
+                let texts = texts();
+                let expected = texts.len();
                 body.insert("input".into(), texts.into());
                 let bytes = self
                     .post("/v1/embeddings", &body, timeout, timeout_is_deadline)
@@ -163,11 +165,10 @@ impl ModelClient {
                 let mut items = list.data;
                 items.sort_by_key(|item| item.index.unwrap_or(0));
                 let vectors: Vec<Vec<f32>> = items.into_iter().map(|item| item.embedding).collect();
-                if vectors.len() != request.input.as_ref().map_or(0, Vec::len) {
+                if vectors.len() != expected {
                     return Err(invalid(format!(
-                        "model answered {} vectors for {} texts",
-                        vectors.len(),
-                        request.input.as_ref().map_or(0, Vec::len)
+                        "model answered {} vectors for {expected} texts",
+                        vectors.len()
                     )));
                 }
                 let tokens = list
@@ -176,7 +177,7 @@ impl ModelClient {
                 Ok(embedding_output(model, vectors, tokens))
             }
             (Task::Embedding, Some(embedder)) => {
-                match tokio::time::timeout(timeout, embedder.embed(texts)).await {
+                match tokio::time::timeout(timeout, embedder.embed(texts())).await {
                     Ok(Ok(embedded)) => Ok(embedding_output(
                         model,
                         embedded.vectors,
@@ -225,8 +226,6 @@ impl ModelClient {
         Ok(Output {
             content: choice.message.content.unwrap_or_default(),
             model: Some(model.to_owned()),
-            degraded: false,
-            cached: false,
             finish_reason: choice.finish_reason,
             usage: completion.usage,
             ..Output::default()

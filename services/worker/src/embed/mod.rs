@@ -38,6 +38,8 @@ pub struct Embedded {
 
 struct Pending {
     texts: Vec<String>,
+    /// How many texts the job sent (`texts` is emptied into the batch).
+    count: usize,
     reply: oneshot::Sender<anyhow::Result<Embedded>>,
 }
 
@@ -99,7 +101,11 @@ impl Embedder {
     pub async fn embed(&self, texts: Vec<String>) -> anyhow::Result<Embedded> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send(Pending { texts, reply })
+            .send(Pending {
+                count: texts.len(),
+                texts,
+                reply,
+            })
             .await
             .map_err(|_| anyhow::anyhow!("the embedding model has stopped"))?;
         answer
@@ -130,19 +136,23 @@ async fn batch_loop(
     settings: EmbedderSettings,
 ) {
     while let Some(first) = receiver.recv().await {
-        let mut texts = first.texts.len();
+        let mut texts = first.count;
         let mut batch = vec![first];
         let until = tokio::time::Instant::now() + settings.max_wait;
         while texts < settings.max_batch {
             match tokio::time::timeout_at(until, receiver.recv()).await {
                 Ok(Some(pending)) => {
-                    texts += pending.texts.len();
+                    texts += pending.count;
                     batch.push(pending);
                 }
                 _ => break,
             }
         }
-        let all: Vec<String> = batch.iter().flat_map(|p| p.texts.iter().cloned()).collect();
+        let all: Vec<String> = batch
+            .iter_mut()
+            .flat_map(|pending| std::mem::take(&mut pending.texts))
+            .collect();
+        let counts: Vec<usize> = batch.iter().map(|pending| pending.count).collect();
         let (model, max_batch) = (model.clone(), settings.max_batch);
         let started = Instant::now();
         let result = run_on(&pool, move || {
@@ -164,8 +174,7 @@ async fn batch_loop(
             Ok((vectors, token_counts)) => {
                 let mut vectors = vectors.into_iter();
                 let mut token_counts = token_counts.into_iter();
-                for pending in batch {
-                    let count = pending.texts.len();
+                for (pending, count) in batch.into_iter().zip(counts) {
                     let embedded = Embedded {
                         vectors: vectors.by_ref().take(count).collect(),
                         tokens: token_counts.by_ref().take(count).sum(),
