@@ -1,16 +1,19 @@
 # Shared by scripts/run and scripts/test: installs what is missing, starts what is not running.
 # Everything installed goes to places that are reused the next time; nothing depends on what a
-# machine happens to have except Debian's apt and a Rust toolchain.
+# machine happens to have except Debian's apt, Maven Central and a Rust toolchain.
 #
 # Settings (environment):
-#   SLUICE_STATE_DIR   where the local Postgres cluster, the broker's SQLite file and logs live
+#   SLUICE_STATE_DIR   where the local Postgres cluster, the broker's data and logs live
 #   SLUICE_PG_PORT     port of the local Postgres cluster (default 55432)
-#   SLUICE_KAFKA_PORT  port of the local Tansu broker (default 9092)
+#   SLUICE_KAFKA_PORT  port of the local Kafka broker (default 9092; its controller uses the next)
+#   SLUICE_KAFKA_VERSION  the Apache Kafka release fetched from Maven Central (default 4.4.0)
+#   SLUICE_KAFKA_HEAP  the broker's JVM heap options (default -Xms512m -Xmx1g)
 #   SLUICE_REDIS_PORT  port of the local Redis (default 56379)
-#   SLUICE_TEST_KAFKA_PORT  port of the broker the tests start, on a fresh database (default 19092)
-#   SLUICE_TOOLS_DIR   where Tansu and the Python checkers are installed (default ~/.local/share/sluice)
+#   SLUICE_TEST_KAFKA_PORT  port of the broker the tests start, with fresh data (default 19092)
+#   SLUICE_TOOLS_DIR   where Kafka's jars, the model and the Python checkers are kept (default ~/.local/share/sluice)
 
-TANSU_VERSION=0.6.0
+KAFKA_VERSION=${SLUICE_KAFKA_VERSION:-4.4.0}
+KAFKA_LOG4J_VERSION=2.24.3
 SLUICE_STATE_DIR=${SLUICE_STATE_DIR:-/var/tmp/sluice-$(id -u)}
 SLUICE_TOOLS_DIR=${SLUICE_TOOLS_DIR:-$HOME/.local/share/sluice}
 SLUICE_PG_PORT=${SLUICE_PG_PORT:-55432}
@@ -131,64 +134,93 @@ PY
   export SLUICE_EMBEDDING_MODEL_DIR=$dir
 }
 
-# --- Tansu (Kafka-compatible broker) ----------------------------------------------------
+# --- Apache Kafka (KRaft, one process) -------------------------------------------------
 
-ensure_tansu() {
-  local installed="$SLUICE_TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu"
-  if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q " $TANSU_VERSION"; then
-    TANSU_BIN=$(command -v tansu)
-  elif [ -x "$installed" ]; then
-    TANSU_BIN=$installed
-  else
-    log "building Tansu $TANSU_VERSION from crates.io (about 11 minutes, once)"
-    command -v cargo >/dev/null || die "cargo is needed to install Tansu"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql,postgres \
-      --root "$SLUICE_TOOLS_DIR/tansu-$TANSU_VERSION"
-    TANSU_BIN=$installed
-  fi
+# Fetched from Maven Central with Maven (scripts/kafka/pom.xml), once, into
+# $SLUICE_TOOLS_DIR/kafka-$KAFKA_VERSION/libs; Java and Maven come from Debian where missing.
+ensure_kafka() {
+  KAFKA_HOME="$SLUICE_TOOLS_DIR/kafka-$KAFKA_VERSION"
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  [ -f "$KAFKA_HOME/libs/.complete" ] && return
+  command -v mvn >/dev/null || apt_install maven
+  log "fetching Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_HOME (once)"
+  rm -rf "$KAFKA_HOME/libs.part" && mkdir -p "$KAFKA_HOME"
+  mvn -q -B -f scripts/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+    -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$KAFKA_LOG4J_VERSION" \
+    -DoutputDirectory="$KAFKA_HOME/libs.part" || die "Maven could not fetch Apache Kafka $KAFKA_VERSION"
+  ls "$KAFKA_HOME/libs.part/kafka_2.13-$KAFKA_VERSION.jar" >/dev/null || die "no kafka_2.13-$KAFKA_VERSION.jar was fetched"
+  touch "$KAFKA_HOME/libs.part/.complete"
+  rm -rf "$KAFKA_HOME/libs" && mv "$KAFKA_HOME/libs.part" "$KAFKA_HOME/libs"
 }
 
-start_tansu() { # [port] [database file]
-  local port=${1:-$SLUICE_KAFKA_PORT} db=${2:-$SLUICE_STATE_DIR/tansu.db}
+kafka_java() { # main class and arguments
+  java ${SLUICE_KAFKA_HEAP:--Xms512m -Xmx1g} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$PWD/scripts/kafka/log4j2.properties" \
+    -cp "$KAFKA_HOME/libs/*" "$@"
+}
+
+# One broker that is its own controller. The listener is on loopback only; the controller
+# listener is the next port up. Settings for one node and for tests: internal topics with one
+# replica, no delay before a new group's first assignment, no topics created by a stray client,
+# and members of `consumer`-protocol groups (KIP-848) timed out after 10 s as the clients' classic
+# `session.timeout.ms` is (the broker's default is 45 s).
+write_kafka_config() { # port dir
+  local port=$1 dir=$2
+  cat >"$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$((port + 1))
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$((port + 1))
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+num.network.threads=${SLUICE_KAFKA_NETWORK_THREADS:-3}
+num.io.threads=${SLUICE_KAFKA_IO_THREADS:-4}
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=${SLUICE_KAFKA_OFFSETS_PARTITIONS:-4}
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=1000
+auto.create.topics.enable=false
+log.retention.hours=${SLUICE_KAFKA_RETENTION_HOURS:-24}
+EOF
+}
+
+start_kafka() { # [port] [state dir]
+  local port=${1:-$SLUICE_KAFKA_PORT} dir=${2:-$SLUICE_STATE_DIR/kafka}
   export KAFKA_BROKERS="127.0.0.1:$port"
   if port_open "$port"; then
     log "a Kafka broker is already listening on $KAFKA_BROKERS"
     return
   fi
-  ensure_tansu
-  mkdir -p "$SLUICE_STATE_DIR"
-  log "starting Tansu $TANSU_VERSION on $KAFKA_BROKERS (SQLite storage in $db)"
-  # sqlite:// plus an absolute path (so three slashes before it). SQLite storage, not memory://: the memory engine skips records when a consumer resumes
-  # from a committed offset inside a record batch.
-  # Its own log filter: a RUST_LOG meant for Sluice (`info`) makes Tansu log every request,
-  # which costs it more CPU than serving them.
-  RUST_LOG=${TANSU_RUST_LOG:-warn} "$TANSU_BIN" broker \
-    --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine "sqlite:///$db" \
-    >"${db%.db}.log" 2>&1 &
+  ensure_kafka
+  mkdir -p "$dir"
+  write_kafka_config "$port" "$dir"
+  if [ ! -s "$dir/data/meta.properties" ]; then
+    log "formatting KRaft storage in $dir/data"
+    kafka_java kafka.tools.StorageTool format --standalone -t "$(kafka_java kafka.tools.StorageTool random-uuid)" \
+      -c "$dir/server.properties" >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "could not format $dir/data"; }
+  fi
+  log "starting Apache Kafka $KAFKA_VERSION on $KAFKA_BROKERS (KRaft, data in $dir/data)"
+  kafka_java kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 &
   STARTED_PIDS+=($!)
-  wait_for_port "$port" 60 Tansu
-  index_tansu_headers "$db"
-}
-
-# Tansu 0.6.0's SQLite schema has no index on its `header` table, and its fetch looks up each
-# record's headers by (topition, offset_id): every record fetched scans every header ever
-# written, so a broker slows down with the volume it has taken (measured by scripts/bench:
-# 200 jobs/s sustained on a fresh file, 68/s after some 40,000 jobs). The index changes no
-# behaviour, only the cost; it is added once Tansu has created its tables.
-index_tansu_headers() { # database file
-  command -v python3 >/dev/null || apt_install python3
-  python3 - "$1" <<'PY' || die "could not index Tansu's header table in $1"
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], timeout=30)
-for _ in range(100):
-    if db.execute("select 1 from sqlite_master where name = 'header'").fetchone():
-        break
-    time.sleep(0.1)
-db.execute("create index if not exists sluice_header_topition_offset on header (topition, offset_id)")
-db.commit()
-PY
+  KAFKA_PID=$!
+  # The port opens before the broker has caught up with its metadata; this line comes after.
+  local deadline=$((SECONDS + 90))
+  until grep -q 'Kafka Server started' "$dir/server.log" 2>/dev/null; do
+    kill -0 "$KAFKA_PID" 2>/dev/null || { tail -n 30 "$dir/server.log" >&2; die "Kafka exited during start-up"; }
+    [ "$SECONDS" -lt "$deadline" ] || { tail -n 30 "$dir/server.log" >&2; die "Kafka did not start within 90 s"; }
+    sleep 0.2
+  done
+  wait_for_port "$port" 10 Kafka
 }
 
 # --- Redis (shared rate limits and idempotency keys) -----------------------------------

@@ -21,12 +21,11 @@ pub fn brokers() -> String {
         .unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
 }
 
-/// Kafka settings for a test: the test broker, few partitions, and a short fetch wait because
-/// Tansu does not answer a waiting fetch when records arrive.
+/// Kafka settings for a test: the test broker and few partitions; everything else as the
+/// services' defaults.
 pub fn kafka_args(partitions: i32) -> KafkaArgs {
     let mut args = sluice_worker::Config::defaults().kafka;
     args.brokers = brokers();
-    args.fetch_wait_max_ms = 5;
     args.topic_partitions = partitions;
     args
 }
@@ -149,7 +148,6 @@ pub fn read_topic(
         .set("bootstrap.servers", brokers())
         .set("group.id", format!("reader-{}", Uuid::now_v7()))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
         .create()
         .expect("creating a reader");
     let mut assignment = TopicPartitionList::new();

@@ -147,7 +147,6 @@ async fn a_job_is_one_trace_across_the_three_services_and_every_service_has_metr
     let results_url = format!("http://127.0.0.1:{results_port}");
     let env: HashMap<String, String> = [
         ("KAFKA_BROKERS", kafka.brokers.as_str()),
-        ("KAFKA_FETCH_WAIT_MAX_MS", "5"),
         ("SLUICE_AUTH", "off"),
         ("SLUICE_REQUESTS_TOPIC", &topics.requests),
         ("SLUICE_STATUS_TOPIC", &topics.status),

@@ -21,10 +21,23 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
 
-    /// Longest a consumer's fetch waits at the broker for data. librdkafka's default is 500;
-    /// brokers that do not answer a waiting fetch when records arrive (Tansu) want about 5.
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
+    /// Longest a consumer's fetch waits at the broker when there is no data (librdkafka's
+    /// default). Kafka answers a waiting fetch as soon as records arrive, so this bounds only
+    /// idle polling, not latency.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 500)]
     pub fetch_wait_max_ms: u32,
+
+    /// Consumer group protocol: `consumer` (KIP-848, Kafka 4: the broker assigns partitions
+    /// incrementally, member by member) or `classic` (join/sync with the cooperative-sticky
+    /// assignor).
+    #[arg(long, env = "KAFKA_GROUP_PROTOCOL", value_enum, default_value_t = GroupProtocol::Classic)]
+    pub group_protocol: GroupProtocol,
+
+    /// Classic protocol only: how long the group waits for a silent member before giving its
+    /// partitions to others (a killed worker's jobs wait this long). With the `consumer`
+    /// protocol the broker sets it (`group.consumer.session.timeout.ms`).
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
 
     /// Partitions for topics this service creates. Fixed once a topic exists.
     #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 12)]
@@ -45,6 +58,13 @@ pub struct KafkaArgs {
     /// Extra librdkafka properties, `key=value` comma separated (e.g. `security.protocol=ssl`).
     #[arg(long, env = "KAFKA_EXTRA_PROPERTIES", default_value = "", value_parser = parse_properties)]
     pub extra_properties: Properties,
+}
+
+/// How a consumer group shares partitions among its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupProtocol {
+    Classic,
+    Consumer,
 }
 
 /// The topics Sluice uses; every service reads the same settings.
@@ -275,11 +295,28 @@ impl KafkaArgs {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "300000")
             // For `sluice_consumer_lag`: librdkafka reports each partition's lag in its statistics.
             .set("statistics.interval.ms", "5000");
+        match self.group_protocol {
+            // Why cooperative-sticky: a member joining or leaving moves only the partitions that
+            // must move; the others keep being consumed through the rebalance.
+            GroupProtocol::Classic => config
+                .set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", self.session_timeout_ms.to_string())
+                .set(
+                    "heartbeat.interval.ms",
+                    (self.session_timeout_ms / 10).max(100).to_string(),
+                ),
+            // The broker owns the assignor, session timeout and heartbeat interval; librdkafka
+            // refuses those settings with this protocol.
+            GroupProtocol::Consumer => config.set("group.protocol", "consumer"),
+        };
+        // Extra properties last, so an operator's setting wins.
+        for (key, value) in &self.extra_properties.0 {
+            config.set(key, value);
+        }
         config
     }
 

@@ -74,9 +74,6 @@ impl Cancellations {
     }
 }
 
-/// Longest a control-topic fetch waits at the broker.
-const CONTROL_FETCH_WAIT_MS: u32 = 100;
-
 /// Reads every partition of the control topic from the beginning until `shutdown`.
 pub async fn follow(
     kafka: KafkaArgs,
@@ -104,15 +101,6 @@ async fn follow_once(
         &format!("{worker_id}-control"),
     );
     config.set("enable.auto.commit", "false");
-    // Cancellations are rare and a tenth of a second late is harmless; a broker that does not
-    // answer a waiting fetch early (Tansu) is spared polling every few milliseconds for them.
-    config.set(
-        "fetch.wait.max.ms",
-        kafka
-            .fetch_wait_max_ms
-            .max(CONTROL_FETCH_WAIT_MS)
-            .to_string(),
-    );
     let consumer: Arc<StreamConsumer> = Arc::new(config.create()?);
     // Why in a blocking task: the metadata call blocks for up to its timeout.
     let partitions = tokio::task::spawn_blocking({
