@@ -153,8 +153,10 @@ ensure_kafka() {
   rm -rf "$KAFKA_HOME/libs" && mv "$KAFKA_HOME/libs.part" "$KAFKA_HOME/libs"
 }
 
+# Replaces the shell it runs in: call it in a subshell or in the background, so that $! is the
+# JVM itself (scripts/bench samples its CPU and memory).
 kafka_java() { # main class and arguments
-  java ${SLUICE_KAFKA_HEAP:--Xms512m -Xmx1g} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+  exec java ${SLUICE_KAFKA_HEAP:--Xms512m -Xmx1g} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -Djava.awt.headless=true -Dlog4j2.configurationFile="$PWD/scripts/kafka/log4j2.properties" \
     -cp "$KAFKA_HOME/libs/*" "$@"
 }
@@ -206,8 +208,8 @@ start_kafka() { # [port] [state dir]
   write_kafka_config "$port" "$dir"
   if [ ! -s "$dir/data/meta.properties" ]; then
     log "formatting KRaft storage in $dir/data"
-    kafka_java kafka.tools.StorageTool format --standalone -t "$(kafka_java kafka.tools.StorageTool random-uuid)" \
-      -c "$dir/server.properties" >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "could not format $dir/data"; }
+    (kafka_java kafka.tools.StorageTool format --standalone -t "$(kafka_java kafka.tools.StorageTool random-uuid)" \
+      -c "$dir/server.properties") >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "could not format $dir/data"; }
   fi
   log "starting Apache Kafka $KAFKA_VERSION on $KAFKA_BROKERS (KRaft, data in $dir/data)"
   kafka_java kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 &

@@ -38,9 +38,10 @@ pub struct SweepArgs {
     pub target: Target,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Model answering at once (a simulated model with no service time).
-    #[arg(long, default_value = "instant")]
-    pub instant_model: String,
+    /// Model of unlimited capacity (a simulated model with a fixed service time, 50 ms in
+    /// `scripts/bench`): the sweep measures the pipeline, not the model.
+    #[arg(long, default_value = "unlimited")]
+    pub unlimited_model: String,
     /// Model of known capacity, for goodput.
     #[arg(long, default_value = "limited")]
     pub limited_model: String,
@@ -74,7 +75,7 @@ pub struct SweepArgs {
 pub struct OverloadArgs {
     #[command(flatten)]
     pub target: Target,
-    #[arg(long, default_value = "instant")]
+    #[arg(long, default_value = "unlimited")]
     pub model: String,
     /// Offered submissions per second.
     #[arg(long)]
@@ -193,14 +194,14 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<Sweep> {
     // Connections, consumer fetch sessions and Postgres caches warm up first, unmeasured.
     let warm_up = Config {
         rate: Some(args.start_rate),
-        ..bench_config(&args.target, &args.instant_model, 5.0)
+        ..bench_config(&args.target, &args.unlimited_model, 5.0)
     };
     crate::run(warm_up).await?;
     let mut steps = Vec::new();
     let mut rate = args.start_rate;
     let mut first_failed = None;
     while rate <= args.max_rate {
-        let result = open_loop(&args, &args.instant_model, rate).await?;
+        let result = open_loop(&args, &args.unlimited_model, rate).await?;
         let sustained = result.sustained;
         steps.push(result);
         if !sustained {
@@ -220,7 +221,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<Sweep> {
         for _ in 0..args.refine {
             let low = best(&steps);
             let middle = ((low + high) / 2.0).round();
-            let result = open_loop(&args, &args.instant_model, middle).await?;
+            let result = open_loop(&args, &args.unlimited_model, middle).await?;
             if !result.sustained {
                 high = middle;
             }
@@ -242,7 +243,11 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<Sweep> {
         duration: Duration::from_secs_f64(args.step_secs),
     };
     let (half_rate, hop) = tokio::join!(
-        open_loop(&args, &args.instant_model, (sustainable_rate / 2.0).round()),
+        open_loop(
+            &args,
+            &args.unlimited_model,
+            (sustainable_rate / 2.0).round()
+        ),
         probe.run()
     );
 

@@ -134,7 +134,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     let _ = write!(
         text,
         "## Summary\n\n| figure | value |\n|---|---|\n\
-         | highest sustained rate, instant model (0 lost, p99 end to end < {MAX_P99_END_TO_END_MS:.0} ms) | **{:.0} jobs/s** |\n\
+         | highest sustained rate, model of unlimited capacity (0 lost, p99 end to end < {MAX_P99_END_TO_END_MS:.0} ms) | **{:.0} jobs/s** |\n\
          | pipeline overhead at half that rate ({:.0}/s), p50 / p99 | **{}** ms |\n\
          | broker produce-to-consume hop in the same run, p50 / p99 | {} ms |\n\
          | goodput, model of capacity {:.0}/s ({} closed-loop clients) | **{goodput:.1}/s = {:.1}%** |\n\
@@ -156,7 +156,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
 
     let _ = writeln!(
         text,
-        "## Sweep (instant model)\n\n![end-to-end latency against offered load]({})\n",
+        "## Sweep (model of unlimited capacity)\n\n![end-to-end latency against offered load]({})\n",
         args.plot.display()
     );
     text.push_str("| offered /s | made /s | steady completions /s | submit p50 / p99 ms | queue wait p50 / p99 | delivery p50 / p99 | end to end p50 / p99 / max | lost | verdict |\n|---:|---:|---:|---|---|---|---|---:|---|\n");

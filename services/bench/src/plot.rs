@@ -29,7 +29,7 @@ pub fn latency_against_load(steps: &[Step], path: &Path) -> anyhow::Result<()> {
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Sluice: end-to-end latency against offered load (instant model)",
+            "Sluice: end-to-end latency against offered load (model of unlimited capacity)",
             ("sans-serif", 22),
         )
         .margin(16)

@@ -160,10 +160,13 @@ impl Application {
     /// Serves until `shutdown` is cancelled, then flushes what the producer still holds.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let producer = self.state.publisher.producer().clone();
-        axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .context("serving HTTP")?;
+        axum::serve(
+            sluice_common::http::no_delay(self.listener),
+            router(self.state),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving HTTP")?;
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
             .await?
             .context("flushing the producer")?;

@@ -169,7 +169,7 @@ impl SimModel {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        axum::serve(listener, self.router)
+        axum::serve(sluice_common::http::no_delay(listener), self.router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
         Ok(())

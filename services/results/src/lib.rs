@@ -232,9 +232,12 @@ impl Application {
             loop_stop.cancel();
             result
         });
-        let serve = axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        let serve = axum::serve(
+            sluice_common::http::no_delay(self.listener),
+            router(self.state),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
         shutdown.cancel();
         tasks.close();
         let loop_result = event_loop.await?;

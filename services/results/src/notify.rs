@@ -107,7 +107,7 @@ async fn listen_once(
             _ = shutdown.cancelled() => return Ok(()),
             notification = listener.recv() => notification?,
         };
-        if let Ok(job_id) = Uuid::parse_str(notification.payload()) {
+        for job_id in crate::store::notified_ids(notification.payload()) {
             changes.announce(job_id);
         }
     }

@@ -8,7 +8,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
-/// The channel `NOTIFY` announces changed job ids on, one id per notification.
+/// The channel `NOTIFY` announces changed job ids on, comma separated.
 pub const NOTIFY_CHANNEL: &str = "sluice_job_changed";
 
 #[derive(Clone)]
@@ -63,22 +63,12 @@ impl Store {
             }
             events.extend(changes);
         }
-        update_jobs(&mut transaction, &changed_jobs).await?;
-        insert_events(&mut transaction, &events).await?;
-
         let notified: Vec<Uuid> = {
             let mut ids: Vec<Uuid> = events.iter().map(|job| job.job_id).collect();
             ids.dedup();
             ids
         };
-        let notify_ids: Vec<String> = notified.iter().map(Uuid::to_string).collect();
-        // Why inside the transaction: Postgres delivers a NOTIFY only when its transaction
-        // commits, so a listener never hears of a change it cannot read yet.
-        sqlx::query("SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id")
-            .bind(NOTIFY_CHANNEL)
-            .bind(&notify_ids)
-            .execute(&mut *transaction)
-            .await?;
+        record_changes(&mut transaction, &changed_jobs, &events, &notified).await?;
         transaction.commit().await?;
         Ok(notified)
     }
@@ -210,24 +200,37 @@ fn to_json_text<T: serde::Serialize>(value: &Option<T>) -> Option<String> {
         .map(|value| serde_json::to_string(value).expect("job fields serialize"))
 }
 
-async fn update_jobs(
+/// Writes the changed jobs, their new event rows and the notifications in one statement: one
+/// round trip instead of three. Data-modifying `WITH` parts run once, to completion, whether or
+/// not the outer query reads them.
+async fn record_changes(
     transaction: &mut Transaction<'_, Postgres>,
     jobs: &[Job],
+    events: &[Job],
+    notified: &[Uuid],
 ) -> sqlx::Result<()> {
-    if jobs.is_empty() {
+    if jobs.is_empty() && events.is_empty() {
         return Ok(());
     }
     let column = |get: fn(&Job) -> Option<DateTime<Utc>>| jobs.iter().map(get).collect::<Vec<_>>();
     sqlx::query(
-        "UPDATE jobs SET status = u.status, status_rank = u.status_rank, attempt = u.attempt, seq = u.seq,
-             output = u.output::jsonb, error = u.error::jsonb, worker_id = u.worker_id,
-             submitted_at = u.submitted_at, deadline = u.deadline, started_at = u.started_at,
-             finished_at = u.finished_at, updated_at = now()
-         FROM UNNEST($1::uuid[], $2::text[], $3::smallint[], $4::int[], $5::bigint[], $6::text[], $7::text[],
-                     $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[])
-             AS u(job_id, status, status_rank, attempt, seq, output, error, worker_id,
-                  submitted_at, deadline, started_at, finished_at)
-         WHERE jobs.job_id = u.job_id",
+        "WITH updated AS (
+             UPDATE jobs SET status = u.status, status_rank = u.status_rank, attempt = u.attempt, seq = u.seq,
+                 output = u.output::jsonb, error = u.error::jsonb, worker_id = u.worker_id,
+                 submitted_at = u.submitted_at, deadline = u.deadline, started_at = u.started_at,
+                 finished_at = u.finished_at, updated_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::smallint[], $4::int[], $5::bigint[], $6::text[], $7::text[],
+                         $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::timestamptz[])
+                 AS u(job_id, status, status_rank, attempt, seq, output, error, worker_id,
+                      submitted_at, deadline, started_at, finished_at)
+             WHERE jobs.job_id = u.job_id
+         ), recorded AS (
+             INSERT INTO job_events (job_id, seq, status, job)
+             SELECT job_id, seq, status, job::jsonb
+             FROM UNNEST($13::uuid[], $14::bigint[], $15::text[], $16::text[]) AS e(job_id, seq, status, job)
+             ON CONFLICT (job_id, seq) DO NOTHING
+         )
+         SELECT pg_notify($17, payload) FROM UNNEST($18::text[]) AS payload",
     )
     .bind(jobs.iter().map(|job| job.job_id).collect::<Vec<_>>())
     .bind(jobs.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
@@ -241,29 +244,56 @@ async fn update_jobs(
     .bind(column(|job| job.timings.deadline))
     .bind(column(|job| job.timings.started_at))
     .bind(column(|job| job.timings.finished_at))
+    .bind(events.iter().map(|job| job.job_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|job| job.seq).collect::<Vec<_>>())
+    .bind(events.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(events.iter().map(|job| serde_json::to_string(job).expect("a job serializes")).collect::<Vec<_>>())
+    .bind(NOTIFY_CHANNEL)
+    .bind(notify_payloads(notified))
     .execute(&mut **transaction)
     .await?;
     Ok(())
 }
 
-async fn insert_events(
-    transaction: &mut Transaction<'_, Postgres>,
-    snapshots: &[Job],
-) -> sqlx::Result<()> {
-    if snapshots.is_empty() {
-        return Ok(());
+/// Changed job ids, comma separated, as few notifications as fit Postgres' payload limit
+/// (under 8,000 bytes): one per transaction in all but the largest batches. Why inside the
+/// transaction: Postgres delivers a NOTIFY only when its transaction commits, so a listener
+/// never hears of a change it cannot read yet.
+pub(crate) fn notify_payloads(ids: &[Uuid]) -> Vec<String> {
+    const IDS_PER_NOTIFICATION: usize = 200; // 200 x 37 bytes = 7,400
+    ids.chunks(IDS_PER_NOTIFICATION)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
+/// The job ids in one notification's payload; what does not parse is skipped.
+pub(crate) fn notified_ids(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
+    payload
+        .split(',')
+        .filter_map(|id| Uuid::parse_str(id.trim()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_payloads_stay_under_the_limit_and_carry_every_id() {
+        let ids: Vec<Uuid> = (0..450).map(|_| Uuid::now_v7()).collect();
+        let payloads = notify_payloads(&ids);
+        assert_eq!(payloads.len(), 3, "200 + 200 + 50");
+        assert!(payloads.iter().all(|payload| payload.len() < 8000));
+        let parsed: Vec<Uuid> = payloads
+            .iter()
+            .flat_map(|payload| notified_ids(payload))
+            .collect();
+        assert_eq!(parsed, ids);
+        assert!(notify_payloads(&[]).is_empty());
     }
-    sqlx::query(
-        "INSERT INTO job_events (job_id, seq, status, job)
-         SELECT job_id, seq, status, job::jsonb FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[])
-             AS e(job_id, seq, status, job)
-         ON CONFLICT (job_id, seq) DO NOTHING",
-    )
-    .bind(snapshots.iter().map(|job| job.job_id).collect::<Vec<_>>())
-    .bind(snapshots.iter().map(|job| job.seq).collect::<Vec<_>>())
-    .bind(snapshots.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
-    .bind(snapshots.iter().map(|job| serde_json::to_string(job).expect("a job serializes")).collect::<Vec<_>>())
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
 }

@@ -132,7 +132,7 @@ impl Application {
             ))
             .with_state(health);
         let server = tokio::spawn(
-            axum::serve(self.listener, router)
+            axum::serve(sluice_common::http::no_delay(self.listener), router)
                 .with_graceful_shutdown(http_stop.clone().cancelled_owned())
                 .into_future(),
         );
