@@ -4,6 +4,7 @@ use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders, ToBytes};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -356,6 +357,22 @@ impl KafkaArgs {
     }
 }
 
+/// Commits the stored offsets synchronously: on revoke and at shutdown, the last chance before
+/// another member starts from the committed offsets. Only "no offset to commit" is excused, as
+/// Vector's Kafka source does; any other failure is reported, because the records after the
+/// last committed offset will be processed again.
+pub fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C, when: &'static str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!(when, "committed offsets"),
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+            tracing::debug!(when, "no new offsets to commit")
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, when, "committing offsets failed; records after the last commit will be redelivered")
+        }
+    }
+}
+
 /// What the rebalance callbacks tell a consumer loop; they run inside `recv()`, on its task.
 #[derive(Debug, Default)]
 pub struct RebalanceState {
@@ -414,13 +431,8 @@ impl ConsumerContext for RebalanceContext {
         if let Rebalance::Revoke(partitions) = rebalance {
             // Why synchronously, here: once this returns the partitions belong to another
             // worker, which starts from the last committed offset.
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => tracing::info!(
-                    partitions = partitions.count(),
-                    "committed offsets before revoke"
-                ),
-                Err(error) => tracing::debug!(error = %error, "nothing committed before revoke"),
-            }
+            tracing::info!(partitions = partitions.count(), "partitions revoked");
+            commit_stored(consumer, "before revoke");
             let mut revoked = self.state.revoked.lock().expect("revoked list lock");
             revoked.extend(
                 partitions

@@ -4,7 +4,7 @@
 use crate::state::Update;
 use crate::store::Store;
 use futures::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use sluice_common::kafka::{self, RebalanceContext, Rejection};
@@ -56,10 +56,7 @@ impl EventLoop {
                 break;
             }
         }
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("committed offsets"),
-            Err(error) => tracing::debug!(error = %error, "no offsets to commit"),
-        }
+        kafka::commit_stored(self.consumer.as_ref(), "at shutdown");
         Ok(())
     }
 

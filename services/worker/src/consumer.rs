@@ -5,7 +5,7 @@ use crate::fair::FairQueue;
 use crate::job::{self, JobContext, Outcome, Record};
 use crate::offsets::OffsetTracker;
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use sluice_common::kafka::{RebalanceContext, RebalanceState};
@@ -115,7 +115,7 @@ pub async fn consume(
         &give_up,
     )
     .await;
-    commit_now(&consumer);
+    sluice_common::kafka::commit_stored(consumer.as_ref(), "at shutdown");
     Ok(())
 }
 
@@ -205,12 +205,5 @@ async fn drain(
                 break;
             }
         }
-    }
-}
-
-fn commit_now(consumer: &WorkerConsumer) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("committed offsets"),
-        Err(error) => tracing::debug!(error = %error, "no offsets to commit"),
     }
 }
