@@ -1,6 +1,7 @@
 //! `GET /v1/jobs/{id}` and `GET /v1/jobs/{id}/events` (Server-Sent Events).
 
 use crate::AppState;
+use crate::notify::Wake;
 use crate::state::Job;
 use crate::store::JobEvent;
 use axum::Json;
@@ -144,8 +145,18 @@ pub async fn job_events(
         let mut last_seen = last_seen;
         // The job's trace, read once there is something to push.
         let mut trace: Option<TraceHeaders> = None;
+        // The first read is always from Postgres: it holds what happened before subscribing.
+        let mut wake = Wake::Recheck;
         loop {
-            match store.events_after(job_id, last_seen, user.as_deref()).await {
+            let written = match wake {
+                Wake::Changed => changes.written_after(last_seen),
+                Wake::Recheck => None,
+            };
+            let read = match written {
+                Some(events) => Ok(visible_to(events, user.as_deref())),
+                None => store.events_after(job_id, last_seen, user.as_deref()).await,
+            };
+            match read {
                 Ok(events) => {
                     if trace.is_none() && !events.is_empty() {
                         trace = Some(TraceHeaders::from_traceparent(store.traceparent(job_id).await.ok().flatten()));
@@ -173,13 +184,25 @@ pub async fn job_events(
                 Err(error) => tracing::warn!(error = %error, "reading job events failed; retrying"),
             }
             // Why: graceful shutdown waits for open responses, and a stream may wait for ever.
-            tokio::select! {
+            wake = tokio::select! {
                 _ = stopping.cancelled() => return,
-                _ = changes.changed(recheck) => {}
-            }
+                wake = changes.changed(recheck) => wake,
+            };
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
+}
+
+/// Events this replica wrote, as `Store::events_after` would show them to `user`: another user's
+/// job shows nothing.
+fn visible_to(events: Vec<JobEvent>, user: Option<&str>) -> Vec<JobEvent> {
+    match user {
+        Some(user) => events
+            .into_iter()
+            .filter(|event| event.job.get("user_id").and_then(|id| id.as_str()) == Some(user))
+            .collect(),
+        None => events,
+    }
 }
 
 /// `DELETE /v1/jobs/{id}`: asks the workers to stop the job. A job not started yet is skipped; a

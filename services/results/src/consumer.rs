@@ -1,6 +1,7 @@
 //! Reads both topics in batches, writes each batch in one transaction, stores offsets after
 //! the commit. Undecodable status events go to the dead-letter topic.
 
+use crate::notify::JobChanges;
 use crate::state::Update;
 use crate::store::Store;
 use futures::FutureExt;
@@ -22,6 +23,8 @@ pub struct EventLoop {
     pub consumer: Arc<ResultsConsumer>,
     pub producer: FutureProducer,
     pub store: Store,
+    /// This replica's SSE streams, handed each committed change.
+    pub changes: JobChanges,
     pub requests_topic: String,
     pub dlq_topic: String,
     pub max_batch: usize,
@@ -126,7 +129,11 @@ impl EventLoop {
         loop {
             let started = std::time::Instant::now();
             match self.store.apply(updates).await {
-                Ok(changed) => {
+                Ok(recorded) => {
+                    for job in &recorded {
+                        self.changes.written(job);
+                    }
+                    let changed: Vec<uuid::Uuid> = recorded.iter().map(|job| job.job_id).collect();
                     metrics::histogram!("sluice_results_write_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("sluice_results_batch_events").record(updates.len() as f64);

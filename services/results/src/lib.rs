@@ -191,6 +191,7 @@ impl Application {
             consumer,
             producer,
             store,
+            changes: state.changes.clone(),
             requests_topic: config.topics.requests,
             dlq_topic: config.topics.status_dlq,
             max_batch: config.max_batch,

@@ -1,9 +1,10 @@
 //! Fans Postgres `NOTIFY` out to this replica's SSE streams, so a change written by any replica
-//! reaches a client connected to any other. Each stream waits on its own job only: a change
-//! wakes the streams of that job, not every open stream (with thousands of browsers waiting on
-//! slow models, a broadcast to all would cost streams x changes wake-ups).
+//! reaches a client connected to any other; changes this replica wrote reach its own streams
+//! with their events, which they push without reading Postgres again. Each stream waits on its
+//! own job only: a change wakes the streams of that job, not every open stream (with thousands
+//! of browsers waiting on slow models, a broadcast to all would cost streams x changes wake-ups).
 
-use crate::store::NOTIFY_CHANNEL;
+use crate::store::{JobEvent, NOTIFY_CHANNEL, Recorded};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The jobs some stream of this replica is watching, each with a change counter.
+/// The jobs some stream of this replica is watching, each with what is known of its changes.
 #[derive(Debug, Clone, Default)]
 pub struct JobChanges {
     watched: Arc<Mutex<HashMap<Uuid, Watched>>>,
@@ -21,8 +22,21 @@ pub struct JobChanges {
 
 #[derive(Debug)]
 struct Watched {
-    counter: watch::Sender<u64>,
+    known: watch::Sender<Known>,
     streams: usize,
+}
+
+/// What this replica knows of a watched job's changes since the first stream subscribed.
+#[derive(Debug, Default)]
+struct Known {
+    /// The highest seq announced, by this replica's writes or by any replica's `NOTIFY`.
+    seq: i64,
+    /// The events this replica wrote, as it committed them: streams push these without reading
+    /// Postgres. Few (a job changes status a handful of times), and dropped with the job's last
+    /// stream.
+    written: Vec<JobEvent>,
+    /// Bumped when notifications may have been missed: every stream reads Postgres again.
+    resync: u64,
 }
 
 /// One stream's interest in one job; dropping it forgets the job when no stream is left.
@@ -30,7 +44,16 @@ struct Watched {
 pub struct Subscription {
     changes: JobChanges,
     job_id: Uuid,
-    receiver: watch::Receiver<u64>,
+    receiver: watch::Receiver<Known>,
+    resync_seen: u64,
+}
+
+/// Why [`Subscription::changed`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Changed,
+    /// The recheck interval passed with no announcement: read Postgres, in case one was lost.
+    Recheck,
 }
 
 impl JobChanges {
@@ -38,36 +61,87 @@ impl JobChanges {
     pub fn subscribe(&self, job_id: Uuid) -> Subscription {
         let mut watched = self.watched.lock().expect("job changes");
         let entry = watched.entry(job_id).or_insert_with(|| Watched {
-            counter: watch::Sender::new(0),
+            known: watch::Sender::new(Known::default()),
             streams: 0,
         });
         entry.streams += 1;
+        let receiver = entry.known.subscribe();
+        let resync_seen = receiver.borrow().resync;
         Subscription {
             changes: self.clone(),
             job_id,
-            receiver: entry.counter.subscribe(),
+            receiver,
+            resync_seen,
         }
     }
 
-    /// Wakes the streams watching `job_id`, if any.
-    pub fn announce(&self, job_id: Uuid) {
+    /// A `NOTIFY` said the job's latest change is `seq`: wakes its streams, if any.
+    pub fn announce(&self, job_id: Uuid, seq: i64) {
         if let Some(watched) = self.watched.lock().expect("job changes").get(&job_id) {
-            watched.counter.send_modify(|count| *count += 1);
+            watched
+                .known
+                .send_modify(|known| known.seq = known.seq.max(seq));
         }
     }
 
-    /// Wakes every stream: after a listener reconnect, notifications may have been missed.
+    /// This replica committed `recorded`: hands the events to the job's streams, if any.
+    pub fn written(&self, recorded: &Recorded) {
+        if let Some(watched) = self
+            .watched
+            .lock()
+            .expect("job changes")
+            .get(&recorded.job_id)
+        {
+            watched.known.send_modify(|known| {
+                known.seq = known.seq.max(recorded.latest_seq());
+                known.written.extend(recorded.events.iter().cloned());
+            });
+        }
+    }
+
+    /// Wakes every stream to read Postgres: after a listener reconnect, notifications may have
+    /// been missed.
     pub fn announce_all(&self) {
         for watched in self.watched.lock().expect("job changes").values() {
-            watched.counter.send_modify(|count| *count += 1);
+            watched.known.send_modify(|known| known.resync += 1);
         }
     }
 }
 
 impl Subscription {
     /// Returns when the job changed since the last call (or since subscribing), or after `recheck`.
-    pub async fn changed(&mut self, recheck: Duration) {
-        let _ = tokio::time::timeout(recheck, self.receiver.changed()).await;
+    pub async fn changed(&mut self, recheck: Duration) -> Wake {
+        match tokio::time::timeout(recheck, self.receiver.changed()).await {
+            Ok(_) => Wake::Changed,
+            Err(_elapsed) => Wake::Recheck,
+        }
+    }
+
+    /// The events after `last_seen`, if this replica wrote every one of them and has them at
+    /// hand (an empty list when nothing newer is known); `None` when Postgres must be read: a
+    /// change written by another replica, or notifications possibly missed.
+    pub fn written_after(&mut self, last_seen: i64) -> Option<Vec<JobEvent>> {
+        let known = self.receiver.borrow_and_update();
+        if known.resync != self.resync_seen {
+            self.resync_seen = known.resync;
+            return None;
+        }
+        let mut events: Vec<JobEvent> = known
+            .written
+            .iter()
+            .filter(|event| event.seq > last_seen)
+            .cloned()
+            .collect();
+        events.sort_by_key(|event| event.seq);
+        events.dedup_by_key(|event| event.seq);
+        // Why check: seqs count a job's changes one by one, so the local events cover what is
+        // new only if they run from last_seen + 1 to the highest seq announced without a gap.
+        let contiguous = events
+            .iter()
+            .zip(last_seen + 1..)
+            .all(|(event, expected)| event.seq == expected);
+        let reaches = events.last().map_or(last_seen, |event| event.seq) >= known.seq;
+        (contiguous && reaches).then_some(events)
     }
 }
 
@@ -107,8 +181,67 @@ async fn listen_once(
             _ = shutdown.cancelled() => return Ok(()),
             notification = listener.recv() => notification?,
         };
-        for job_id in crate::store::notified_ids(notification.payload()) {
-            changes.announce(job_id);
+        for (job_id, seq) in crate::store::notified_changes(notification.payload()) {
+            changes.announce(job_id, seq);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_schemas::JobStatus;
+
+    fn written(job_id: Uuid, seqs: &[i64]) -> Recorded {
+        Recorded {
+            job_id,
+            events: seqs
+                .iter()
+                .map(|&seq| JobEvent {
+                    seq,
+                    status: JobStatus::Running,
+                    job: serde_json::json!({ "seq": seq }),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_stream_uses_what_this_replica_wrote_only_when_it_covers_every_new_change() {
+        let changes = JobChanges::default();
+        let job_id = Uuid::now_v7();
+        let mut subscription = changes.subscribe(job_id);
+        assert_eq!(
+            subscription.written_after(0).map(|events| events.len()),
+            Some(0)
+        );
+
+        changes.written(&written(job_id, &[1, 2]));
+        let seqs = |events: Option<Vec<JobEvent>>| {
+            events.map(|events| events.iter().map(|event| event.seq).collect::<Vec<_>>())
+        };
+        assert_eq!(seqs(subscription.written_after(0)), Some(vec![1, 2]));
+        assert_eq!(seqs(subscription.written_after(2)), Some(vec![]));
+
+        // Another replica wrote seq 3: only Postgres has it.
+        changes.announce(job_id, 3);
+        assert_eq!(seqs(subscription.written_after(2)), None);
+        // This replica's own notification for what it already handed over changes nothing.
+        changes.announce(job_id, 2);
+        changes.written(&written(job_id, &[4]));
+        assert_eq!(seqs(subscription.written_after(3)), Some(vec![4]));
+        assert_eq!(
+            seqs(subscription.written_after(2)),
+            None,
+            "seq 3 is missing"
+        );
+
+        // After a listener reconnect every stream reads Postgres once.
+        changes.announce_all();
+        assert_eq!(seqs(subscription.written_after(4)), None);
+        assert_eq!(seqs(subscription.written_after(4)), Some(vec![]));
+
+        drop(subscription);
+        assert!(changes.watched.lock().unwrap().is_empty());
     }
 }

@@ -16,6 +16,40 @@ pub struct Store {
     pool: PgPool,
 }
 
+/// The status changes one transaction recorded for one job, oldest first.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub job_id: Uuid,
+    pub events: Vec<JobEvent>,
+}
+
+impl Recorded {
+    /// Groups event snapshots (ordered by job, then seq) by job.
+    fn group(snapshots: &[Job]) -> Vec<Self> {
+        let mut recorded: Vec<Recorded> = Vec::new();
+        for job in snapshots {
+            let event = JobEvent {
+                seq: job.seq,
+                status: job.status,
+                job: serde_json::to_value(job).expect("a job serializes"),
+            };
+            match recorded.last_mut() {
+                Some(last) if last.job_id == job.job_id => last.events.push(event),
+                _ => recorded.push(Recorded {
+                    job_id: job.job_id,
+                    events: vec![event],
+                }),
+            }
+        }
+        recorded
+    }
+
+    /// The highest seq recorded: the job's latest change.
+    pub fn latest_seq(&self) -> i64 {
+        self.events.iter().map(|event| event.seq).max().unwrap_or(0)
+    }
+}
+
 /// One recorded status change, as SSE sends it.
 #[derive(Debug, Clone)]
 pub struct JobEvent {
@@ -33,9 +67,9 @@ impl Store {
         &self.pool
     }
 
-    /// Applies a batch of updates in one transaction and returns the ids of changed jobs.
+    /// Applies a batch of updates in one transaction and returns what it recorded, job by job.
     /// Replayed, duplicated or out-of-order updates never move a job back or add a row.
-    pub async fn apply(&self, updates: &[Update]) -> sqlx::Result<Vec<Uuid>> {
+    pub async fn apply(&self, updates: &[Update]) -> sqlx::Result<Vec<Recorded>> {
         // Sorted by job id so every writer takes row locks in the same order (no deadlocks
         // between results replicas that share jobs through the two topics).
         let mut by_job: BTreeMap<Uuid, Vec<&Update>> = BTreeMap::new();
@@ -63,14 +97,10 @@ impl Store {
             }
             events.extend(changes);
         }
-        let notified: Vec<Uuid> = {
-            let mut ids: Vec<Uuid> = events.iter().map(|job| job.job_id).collect();
-            ids.dedup();
-            ids
-        };
-        record_changes(&mut transaction, &changed_jobs, &events, &notified).await?;
+        let recorded = Recorded::group(&events);
+        record_changes(&mut transaction, &changed_jobs, &events, &recorded).await?;
         transaction.commit().await?;
-        Ok(notified)
+        Ok(recorded)
     }
 
     pub async fn job(&self, job_id: Uuid) -> sqlx::Result<Option<Job>> {
@@ -207,7 +237,7 @@ async fn record_changes(
     transaction: &mut Transaction<'_, Postgres>,
     jobs: &[Job],
     events: &[Job],
-    notified: &[Uuid],
+    recorded: &[Recorded],
 ) -> sqlx::Result<()> {
     if jobs.is_empty() && events.is_empty() {
         return Ok(());
@@ -247,53 +277,72 @@ async fn record_changes(
     .bind(events.iter().map(|job| job.job_id).collect::<Vec<_>>())
     .bind(events.iter().map(|job| job.seq).collect::<Vec<_>>())
     .bind(events.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
-    .bind(events.iter().map(|job| serde_json::to_string(job).expect("a job serializes")).collect::<Vec<_>>())
+    .bind(recorded.iter().flat_map(|job| job.events.iter().map(|event| event.job.to_string())).collect::<Vec<_>>())
     .bind(NOTIFY_CHANNEL)
-    .bind(notify_payloads(notified))
+    .bind(notify_payloads(recorded))
     .execute(&mut **transaction)
     .await?;
     Ok(())
 }
 
-/// Changed job ids, comma separated, as few notifications as fit Postgres' payload limit
-/// (under 8,000 bytes): one per transaction in all but the largest batches. Why inside the
-/// transaction: Postgres delivers a NOTIFY only when its transaction commits, so a listener
-/// never hears of a change it cannot read yet.
-pub(crate) fn notify_payloads(ids: &[Uuid]) -> Vec<String> {
-    const IDS_PER_NOTIFICATION: usize = 200; // 200 x 37 bytes = 7,400
-    ids.chunks(IDS_PER_NOTIFICATION)
+/// Changed jobs as `job_id:seq` (the job's latest change), comma separated, in as few
+/// notifications as fit Postgres' payload limit (under 8,000 bytes): one per transaction in all
+/// but the largest batches. Why inside the transaction: Postgres delivers a NOTIFY only when
+/// its transaction commits, so a listener never hears of a change it cannot read yet.
+pub(crate) fn notify_payloads(recorded: &[Recorded]) -> Vec<String> {
+    const JOBS_PER_NOTIFICATION: usize = 130; // 130 x (36 + 1 + 19 + 1) bytes = 7,410 at most
+    recorded
+        .chunks(JOBS_PER_NOTIFICATION)
         .map(|chunk| {
             chunk
                 .iter()
-                .map(Uuid::to_string)
+                .map(|job| format!("{}:{}", job.job_id, job.latest_seq()))
                 .collect::<Vec<_>>()
                 .join(",")
         })
         .collect()
 }
 
-/// The job ids in one notification's payload; what does not parse is skipped.
-pub(crate) fn notified_ids(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
-    payload
-        .split(',')
-        .filter_map(|id| Uuid::parse_str(id.trim()).ok())
+/// The `(job_id, seq)` pairs in one notification's payload; what does not parse is skipped.
+pub(crate) fn notified_changes(payload: &str) -> impl Iterator<Item = (Uuid, i64)> + '_ {
+    payload.split(',').filter_map(|item| {
+        let (id, seq) = item.trim().split_once(':')?;
+        Some((Uuid::parse_str(id).ok()?, seq.parse().ok()?))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn recorded(job_id: Uuid, seq: i64) -> Recorded {
+        Recorded {
+            job_id,
+            events: vec![JobEvent {
+                seq,
+                status: JobStatus::Running,
+                job: serde_json::Value::Null,
+            }],
+        }
+    }
+
     #[test]
-    fn notification_payloads_stay_under_the_limit_and_carry_every_id() {
-        let ids: Vec<Uuid> = (0..450).map(|_| Uuid::now_v7()).collect();
-        let payloads = notify_payloads(&ids);
-        assert_eq!(payloads.len(), 3, "200 + 200 + 50");
-        assert!(payloads.iter().all(|payload| payload.len() < 8000));
-        let parsed: Vec<Uuid> = payloads
-            .iter()
-            .flat_map(|payload| notified_ids(payload))
+    fn notification_payloads_stay_under_the_limit_and_carry_every_change() {
+        let changes: Vec<Recorded> = (0..300)
+            .map(|index| recorded(Uuid::now_v7(), i64::MAX - index))
             .collect();
-        assert_eq!(parsed, ids);
+        let payloads = notify_payloads(&changes);
+        assert_eq!(payloads.len(), 3, "130 + 130 + 40");
+        assert!(payloads.iter().all(|payload| payload.len() < 8000));
+        let parsed: Vec<(Uuid, i64)> = payloads
+            .iter()
+            .flat_map(|payload| notified_changes(payload))
+            .collect();
+        let expected: Vec<(Uuid, i64)> = changes
+            .iter()
+            .map(|change| (change.job_id, change.latest_seq()))
+            .collect();
+        assert_eq!(parsed, expected);
         assert!(notify_payloads(&[]).is_empty());
     }
 }
