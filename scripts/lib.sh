@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/run and scripts/test: installs what is missing, starts what is not running.
 # Everything installed goes to places that are reused the next time; nothing depends on what a
 # machine happens to have except Debian's apt, Maven Central and a Rust toolchain.
@@ -47,7 +48,8 @@ apt_install() {
 # --- Postgres ---------------------------------------------------------------------------
 
 pg_bin_dir() {
-  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+  local dir
+  for dir in /usr/lib/postgresql/*/bin; do [ -d "$dir" ] && echo "$dir"; done | sort -V | tail -n 1
 }
 
 # Runs a Postgres server program as the cluster's owner: Postgres refuses to run as root.
@@ -56,7 +58,7 @@ pg_run() {
 }
 
 ensure_postgres() {
-  [ -n "$(pg_bin_dir)" ] && [ -x "$(pg_bin_dir)/postgres" ] || apt_install postgresql
+  if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/postgres" ]; then apt_install postgresql; fi
   PG_BIN=$(pg_bin_dir)
   command -v psql >/dev/null || apt_install postgresql-client
 }
@@ -87,7 +89,8 @@ start_postgres() {
 
 # A command that restarts the local cluster (the fault tests restart Postgres under load).
 pg_restart_command() {
-  local ctl="$(pg_bin_dir)/pg_ctl -D $SLUICE_STATE_DIR/postgres -m fast -w -t 60 restart"
+  local ctl
+  ctl="$(pg_bin_dir)/pg_ctl -D $SLUICE_STATE_DIR/postgres -m fast -w -t 60 restart"
   if [ "$(id -u)" -eq 0 ]; then echo "runuser -u postgres -- $ctl >/dev/null"; else echo "$ctl >/dev/null"; fi
 }
 
@@ -156,7 +159,9 @@ ensure_kafka() {
 # Replaces the shell it runs in: call it in a subshell or in the background, so that $! is the
 # JVM itself (scripts/bench samples its CPU and memory).
 kafka_java() { # main class and arguments
-  exec java ${SLUICE_KAFKA_HEAP:--Xms512m -Xmx1g} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+  local heap
+  read -r -a heap <<<"${SLUICE_KAFKA_HEAP:--Xms512m -Xmx1g}"
+  exec java "${heap[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -Djava.awt.headless=true -Dlog4j2.configurationFile="$PWD/scripts/kafka/log4j2.properties" \
     -cp "$KAFKA_HOME/libs/*" "$@"
 }
@@ -256,11 +261,13 @@ ensure_checkers() {
   fi
   if [ "$(cat "$venv/.sluice-checkers" 2>/dev/null)" != "$CHECKERS" ]; then
     log "installing $CHECKERS from PyPI into $venv"
-    "$venv/bin/pip" install -q $CHECKERS
+    local checkers
+    read -r -a checkers <<<"$CHECKERS"
+    "$venv/bin/pip" install -q "${checkers[@]}"
     echo "$CHECKERS" >"$venv/.sluice-checkers"
   fi
-  CHECK_JSONSCHEMA="$venv/bin/check-jsonschema"
-  CHECKERS_PYTHON="$venv/bin/python"
+  export CHECK_JSONSCHEMA="$venv/bin/check-jsonschema"
+  export CHECKERS_PYTHON="$venv/bin/python"
 }
 
 stop_started() {

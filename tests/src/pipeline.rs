@@ -122,7 +122,7 @@ impl Pipeline {
         let mut worker_urls = Vec::new();
         for index in 0..options.workers {
             let mut config = Self::worker_config(&options, &kafka, &topics, &sim_url, index);
-            config.redis_url = redis_url.clone();
+            config.redis_url = redis_url.clone().map(Into::into);
             config.redis_prefix = redis_prefix.clone();
             let worker = sluice_worker::Application::build(config)
                 .await
@@ -140,7 +140,7 @@ impl Pipeline {
         ingest_config.auth = auth_mode(options.api_keys);
         ingest_config.database_url = database.url.clone().into();
         ingest_config.key_cache_secs = 1;
-        ingest_config.redis_url = redis_url.clone();
+        ingest_config.redis_url = redis_url.clone().map(Into::into);
         ingest_config.redis_prefix = redis_prefix.clone();
         // Pipeline tests are about the pipeline, not admission control: limits out of the way.
         ingest_config.tiers = options

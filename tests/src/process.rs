@@ -73,14 +73,27 @@ impl ServiceProcess {
 
     /// SIGTERM, then waits up to `timeout` for a clean exit; returns whether it exited 0.
     pub async fn terminate(mut self, timeout: Duration) -> bool {
+        self.sigterm();
+        self.wait_exit(timeout)
+            .await
+            .is_some_and(|exit| exit.success())
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn sigterm(&self) {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("running kill");
         assert!(status.success());
+    }
+
+    /// Waits up to `timeout` for the process to exit: its exit status, or `None` if it is still
+    /// running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(exit)) => exit.success(),
-            _ => false,
+            Ok(Ok(exit)) => Some(exit),
+            _ => None,
         }
     }
 

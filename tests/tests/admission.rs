@@ -72,7 +72,7 @@ async fn burst_of_thirty(shared: bool) {
     let app = ingest(&topics, |config| {
         config.tiers = tiers(1.0, 10);
         if shared {
-            config.redis_url = Some(redis_url());
+            config.redis_url = Some(redis_url().into());
             config.redis_prefix = prefix;
         }
     })
@@ -139,7 +139,7 @@ async fn the_global_limit_holds_across_two_ingest_instances_sharing_redis() {
         config.tiers = tiers(100.0, 100);
         config.global_rate_per_sec = 0.1;
         config.global_burst = 10;
-        config.redis_url = Some(redis_url());
+        config.redis_url = Some(redis_url().into());
         config.redis_prefix = prefix.clone();
     };
     let (first, second) = (
@@ -197,7 +197,7 @@ async fn idempotency(shared: bool) {
     let prefix = unique_prefix();
     let app = ingest(&topics, |config| {
         if shared {
-            config.redis_url = Some(redis_url());
+            config.redis_url = Some(redis_url().into());
             config.redis_prefix = prefix;
         }
     })
@@ -316,7 +316,7 @@ async fn with_redis_gone(mode: FailureMode) -> StatusCode {
     .await;
     let topics = TestTopics::unique();
     let app = ingest(&topics, |config| {
-        config.redis_url = Some(redis_url);
+        config.redis_url = Some(redis_url.into());
         config.redis_failure_mode = mode;
     })
     .await;

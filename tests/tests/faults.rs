@@ -40,6 +40,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(name: &'static str) -> Self {
+        Self::with_model_time(name, 100).await
+    }
+
+    /// A cluster whose simulated model takes `service_time_ms` (plus up to 50 ms) per call.
+    async fn with_model_time(name: &'static str, service_time_ms: u64) -> Self {
         let kafka = kafka_args(6);
         let topics = TestTopics::unique();
         topics.create(&kafka).await;
@@ -52,7 +57,7 @@ impl Cluster {
         let stop = CancellationToken::new();
 
         let mut sim_config = sluice_model_sim::Config::defaults();
-        sim_config.service_time_ms = 100;
+        sim_config.service_time_ms = service_time_ms;
         sim_config.jitter_ms = 50;
         let sim = sluice_model_sim::SimModel::new(sim_config);
         let stats = sim.stats.clone();
@@ -328,4 +333,51 @@ async fn sigterm_drains_commits_and_hands_over_to_another_worker() {
         std::fs::read_to_string(log).unwrap_or_default()
     );
     cluster.check(load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_stop_signal_exits_at_once_without_draining() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // Model calls of 30 s: the first SIGTERM starts a drain (15 s) that cannot finish soon.
+    let cluster = Cluster::with_model_time("second signal", 30_000).await;
+    let mut worker = cluster.worker("worker").await;
+    let submit = format!("{}/v1/jobs", cluster.ingest_url);
+    for index in 0..4 {
+        let body = serde_json::json!({
+            "user_id": "patient", "model": "sim",
+            "messages": [{"role": "user", "content": format!("slow {index}")}]
+        });
+        let response = cluster.http.post(&submit).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    wait_until(
+        "the worker to be mid-flight",
+        Duration::from_secs(30),
+        || async { (cluster.sim.snapshot().open > 0).then_some(()) },
+    )
+    .await;
+
+    worker.sigterm();
+    assert!(
+        worker.wait_exit(Duration::from_secs(1)).await.is_none(),
+        "the first signal starts a drain, which waits for the running calls"
+    );
+    let second = Instant::now();
+    worker.sigterm();
+    let exit = worker
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "still running 5 s after the second signal:\n{}",
+                worker.log_tail()
+            )
+        });
+    assert!(!exit.success(), "it exits without a clean drain: {exit}");
+    let log = worker.log_tail();
+    assert!(log.contains("second stop signal received"), "{log}");
+    println!(
+        "second signal: the worker exited {:.2} s after it, status {exit}",
+        second.elapsed().as_secs_f64()
+    );
 }

@@ -6,9 +6,7 @@ use redis::aio::ConnectionManager;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sluice_schemas::{Output, RequestEvent};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The cache key of a request: a SHA-256 over a canonical JSON form (object keys sorted), so
 /// the same request always hashes the same however its producer ordered the fields.
@@ -44,11 +42,8 @@ fn canonical(value: &Value) -> Value {
 
 pub enum ResponseCache {
     Off,
-    Local {
-        entries: Mutex<HashMap<String, (Instant, Output)>>,
-        ttl: Duration,
-        capacity: usize,
-    },
+    /// Bounded by entries, each kept for the TTL; concurrent, no lock across all requests.
+    Local(moka::sync::Cache<String, Output>),
     Redis {
         connection: ConnectionManager,
         prefix: String,
@@ -73,11 +68,12 @@ impl ResponseCache {
                 prefix: prefix.to_owned(),
                 ttl,
             },
-            None => Self::Local {
-                entries: Mutex::new(HashMap::new()),
-                ttl,
-                capacity,
-            },
+            None => Self::Local(
+                moka::sync::Cache::builder()
+                    .max_capacity(capacity as u64)
+                    .time_to_live(ttl)
+                    .build(),
+            ),
         })
     }
 
@@ -99,14 +95,7 @@ impl ResponseCache {
     async fn lookup(&self, key: &str) -> Option<Output> {
         let mut output = match self {
             Self::Off => return None,
-            Self::Local { entries, .. } => {
-                let entries = entries.lock().expect("cache lock");
-                let (expires, output) = entries.get(key)?;
-                if *expires <= Instant::now() {
-                    return None;
-                }
-                output.clone()
-            }
+            Self::Local(entries) => entries.get(key)?,
             Self::Redis {
                 connection, prefix, ..
             } => {
@@ -133,21 +122,7 @@ impl ResponseCache {
         }
         match self {
             Self::Off => {}
-            Self::Local {
-                entries,
-                ttl,
-                capacity,
-            } => {
-                let mut entries = entries.lock().expect("cache lock");
-                let now = Instant::now();
-                if entries.len() >= *capacity {
-                    entries.retain(|_, (expires, _)| *expires > now);
-                    if entries.len() >= *capacity {
-                        return;
-                    }
-                }
-                entries.insert(key.to_owned(), (now + *ttl, output.clone()));
-            }
+            Self::Local(entries) => entries.insert(key.to_owned(), output.clone()),
             Self::Redis {
                 connection,
                 prefix,

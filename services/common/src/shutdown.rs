@@ -1,17 +1,47 @@
-//! The stop signal: SIGTERM or SIGINT cancels one token that every task watches.
+//! The stop signal: SIGTERM or SIGINT cancels one token that every task watches; a second one
+//! ends the process at once.
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// A token cancelled at the first SIGTERM or SIGINT.
+/// A token cancelled at the first SIGTERM or SIGINT. A second signal exits the process at once
+/// with status 1, without waiting for the drain: what an operator pressing Ctrl-C twice, or an
+/// orchestrator that has run out of patience, means.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
+    // Installed before returning, so a signal sent right after start-up is not missed.
+    let mut signals = StopSignals::install();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("stop signal received, draining");
+        signals.next().await;
+        tracing::info!("stop signal received, draining; a second one exits at once");
         cancel.cancel();
+        signals.next().await;
+        tracing::warn!("second stop signal received, exiting without draining");
+        std::process::exit(1);
     });
     token
+}
+
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        Self {
+            terminate: signal(SignalKind::terminate()).expect("installing the SIGTERM handler"),
+            interrupt: signal(SignalKind::interrupt()).expect("installing the SIGINT handler"),
+        }
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
 
 /// Runs `attempt` again a second after it returns (logging a failure) until `shutdown` is
@@ -34,15 +64,5 @@ pub async fn retry_until_stopped<F, Fut, E>(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
     }
 }

@@ -74,7 +74,7 @@ pub struct Config {
 
     /// Redis for limits and idempotency keys shared by every ingest replica; in process if unset.
     #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<secrecy::SecretString>,
 
     /// Prefix of every Redis key Sluice writes.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice:")]

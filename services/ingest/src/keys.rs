@@ -3,8 +3,7 @@
 use secrecy::{ExposeSecret, SecretString};
 use sluice_common::auth;
 
-#[derive(Debug, clap::Parser)]
-#[command(name = "sluice-ingest keys", about = "Manage API keys")]
+#[derive(Debug, clap::Args)]
 pub struct KeysCommand {
     /// Postgres holding the keys.
     #[arg(

@@ -53,8 +53,10 @@ impl AppState {
         let limiter = Arc::new(admission::build_limiter(&config).await?);
         let idempotency = Arc::new(match &config.redis_url {
             Some(url) => IdempotencyStore::Redis {
-                connection: redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
-                    .await?,
+                connection: redis::aio::ConnectionManager::new(redis::Client::open(
+                    secrecy::ExposeSecret::expose_secret(url),
+                )?)
+                .await?,
                 prefix: config.redis_prefix.clone(),
             },
             None => IdempotencyStore::Local(Default::default()),
@@ -70,7 +72,10 @@ impl AppState {
             sluice_common::cache::ResponseCache::new(
                 Duration::from_secs(cache_ttl),
                 0,
-                config.redis_url.as_deref(),
+                config
+                    .redis_url
+                    .as_ref()
+                    .map(secrecy::ExposeSecret::expose_secret),
                 &config.redis_prefix,
             )
             .await?,

@@ -50,7 +50,7 @@ pub struct SubmitBody {
 pub struct Accepted {
     pub job_id: JobId,
     /// `queued`; `succeeded` when answered from the shared cache at submit time.
-    pub status: String,
+    pub status: JobStatus,
     pub deadline: DateTime<Utc>,
     pub status_url: String,
     pub events_url: String,
@@ -207,7 +207,7 @@ fn on_store_failure(
 
 /// `POST /v1/jobs`, in the job's root span: a child of the caller's `traceparent` if it sent
 /// one, and the parent of everything the job does in the worker and the results service.
-pub async fn submit(
+pub(crate) async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -366,11 +366,10 @@ async fn admit_and_publish(
     let accepted = Accepted {
         job_id: event.job_id,
         status: if output.is_some() {
-            "succeeded"
+            JobStatus::Succeeded
         } else {
-            "queued"
-        }
-        .to_owned(),
+            JobStatus::Queued
+        },
         deadline: event.deadline,
         events_url: format!("{status_url}/events"),
         status_url,

@@ -105,7 +105,7 @@ fn parse_job_id(text: &str) -> Result<Uuid, ApiError> {
 }
 
 #[tracing::instrument(skip_all, fields(job_id = %id))]
-pub async fn get_job(
+pub(crate) async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -119,7 +119,7 @@ pub async fn get_job(
 /// status, `data` the job. Opened before the job exists, it waits for it; it ends after a
 /// terminal status; `Last-Event-ID` resumes after the given change.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
-pub async fn job_events(
+pub(crate) async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -209,7 +209,7 @@ fn visible_to(events: Vec<JobEvent>, user: Option<&str>) -> Vec<JobEvent> {
 /// running one has its model call aborted. Either way it ends `cancelled` (SSE shows it). A job
 /// that already finished is left as it is: 409 `job_finished`.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
-pub async fn cancel_job(
+pub(crate) async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,

@@ -75,7 +75,7 @@ impl Cancellations {
 }
 
 /// Reads every partition of the control topic from the beginning until `shutdown`.
-pub async fn follow(
+pub(crate) async fn follow(
     kafka: KafkaArgs,
     topic: String,
     worker_id: String,

@@ -60,7 +60,7 @@ impl Drop for Leader {
 }
 
 /// Waits for the leader: its answer, or `None` if it failed or went away.
-pub async fn follow(mut receiver: watch::Receiver<Answer>) -> Option<Output> {
+pub(crate) async fn follow(mut receiver: watch::Receiver<Answer>) -> Option<Output> {
     match receiver.wait_for(Option::is_some).await {
         Ok(answer) => answer.clone().flatten(),
         Err(_) => None,

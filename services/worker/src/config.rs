@@ -1,7 +1,7 @@
 //! Worker settings, read from flags or the environment; every default works on a laptop.
 
 use anyhow::Context;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use sluice_common::kafka::{KafkaArgs, TopicArgs};
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -108,7 +108,7 @@ pub struct Config {
 
     /// Redis for a response cache shared by every worker and ingest; in process if unset.
     #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<SecretString>,
 
     /// Prefix of every Redis key Sluice writes.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice:")]
@@ -201,7 +201,7 @@ impl Config {
         sluice_common::cache::ResponseCache::new(
             ttl,
             self.cache_max_entries,
-            self.redis_url.as_deref(),
+            self.redis_url.as_ref().map(ExposeSecret::expose_secret),
             &self.redis_prefix,
         )
         .await

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub type WorkerConsumer = StreamConsumer<RebalanceContext>;
+pub(crate) type WorkerConsumer = StreamConsumer<RebalanceContext>;
 
 /// Settings of the loop.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +34,7 @@ pub struct LoopSettings {
 type Finished = (Record, Outcome);
 
 /// Runs until `shutdown`, then drains running jobs within the drain timeout and commits.
-pub async fn consume(
+pub(crate) async fn consume(
     consumer: Arc<WorkerConsumer>,
     context: JobContext,
     settings: LoopSettings,

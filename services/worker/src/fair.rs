@@ -7,7 +7,7 @@ use crate::job::Record;
 use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug)]
-pub struct FairQueue {
+pub(crate) struct FairQueue {
     queues: HashMap<Vec<u8>, VecDeque<Record>>,
     /// Users with buffered records, in the order they get their next turn.
     turns: VecDeque<Vec<u8>>,
@@ -26,7 +26,7 @@ fn size_of(record: &Record) -> usize {
 }
 
 impl FairQueue {
-    pub fn new(per_user: usize) -> Self {
+    pub(crate) fn new(per_user: usize) -> Self {
         Self {
             queues: HashMap::new(),
             turns: VecDeque::new(),
@@ -37,7 +37,7 @@ impl FairQueue {
         }
     }
 
-    pub fn push(&mut self, record: Record) {
+    pub(crate) fn push(&mut self, record: Record) {
         self.buffered += 1;
         self.buffered_bytes += size_of(&record);
         let user = user_of(&record).to_vec();
@@ -50,7 +50,7 @@ impl FairQueue {
 
     /// The next record to start: the first user in turn order below its cap gets one, then
     /// goes to the back of the line. `None` if every buffered user is at its cap.
-    pub fn pop(&mut self) -> Option<Record> {
+    pub(crate) fn pop(&mut self) -> Option<Record> {
         for _ in 0..self.turns.len() {
             let user = self.turns.pop_front()?;
             let running = self.running.get(&user).copied().unwrap_or(0);
@@ -77,7 +77,7 @@ impl FairQueue {
     }
 
     /// A started record finished; its user may start another.
-    pub fn finished(&mut self, record: &Record) {
+    pub(crate) fn finished(&mut self, record: &Record) {
         let user = user_of(record);
         if let Some(running) = self.running.get_mut(user) {
             *running -= 1;
@@ -88,7 +88,7 @@ impl FairQueue {
     }
 
     /// Drops buffered records that `keep` rejects (those of revoked partitions).
-    pub fn retain(&mut self, keep: impl Fn(&Record) -> bool) {
+    pub(crate) fn retain(&mut self, keep: impl Fn(&Record) -> bool) {
         for queue in self.queues.values_mut() {
             queue.retain(|record| {
                 let kept = keep(record);
@@ -104,11 +104,11 @@ impl FairQueue {
         self.turns.retain(|user| queues.contains_key(user));
     }
 
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.buffered
     }
 
-    pub fn buffered_bytes(&self) -> usize {
+    pub(crate) fn buffered_bytes(&self) -> usize {
         self.buffered_bytes
     }
 }

@@ -28,13 +28,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const DEFAULT_BACKEND: &str = "default";
+pub(crate) const DEFAULT_BACKEND: &str = "default";
 /// The in-process embedding model's backend, when one is loaded.
-pub const LOCAL_BACKEND: &str = "local";
+pub(crate) const LOCAL_BACKEND: &str = "local";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelsFile {
+pub(crate) struct ModelsFile {
     #[serde(default)]
     pub backends: HashMap<String, BackendSpec>,
     #[serde(default)]
@@ -43,7 +43,7 @@ pub struct ModelsFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BackendSpec {
+pub(crate) struct BackendSpec {
     pub base_url: String,
     /// Name of the environment variable holding the bearer token, so secrets stay out of JSON.
     #[serde(default)]
@@ -52,7 +52,7 @@ pub struct BackendSpec {
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelSpec {
+pub(crate) struct ModelSpec {
     #[serde(default)]
     pub backend: Option<String>,
     /// Models tried in order when this one's attempts are spent or its backend's circuit is open.

@@ -1,7 +1,7 @@
 //! Publishes status and dead-letter records, retrying until the broker acknowledges them.
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
-pub use sluice_common::kafka::Abandoned;
+pub(crate) use sluice_common::kafka::Abandoned;
 use sluice_common::kafka::{self, Rejection};
 use sluice_schemas::StatusEvent;
 use tokio_util::sync::CancellationToken;

@@ -51,7 +51,7 @@ pub async fn build_limiter(config: &Config) -> anyhow::Result<RateLimiter> {
     match &config.redis_url {
         Some(url) => {
             RateLimiter::redis(
-                url,
+                secrecy::ExposeSecret::expose_secret(url),
                 config.redis_prefix.clone(),
                 global,
                 config.redis_failure_mode,

@@ -78,7 +78,7 @@ pub struct Usage {
 }
 
 /// Samples every watched process until stopped, then tells what each used.
-pub struct Sampler {
+pub(crate) struct Sampler {
     watched: Vec<Watched>,
     started: Instant,
     cpu_at_start: Vec<Option<f64>>,
@@ -87,7 +87,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// Watches these and the load generator itself, which shares the machine with them.
-    pub fn start(watched: &[Watched]) -> Self {
+    pub(crate) fn start(watched: &[Watched]) -> Self {
         let mut watched = watched.to_vec();
         watched.push(Watched {
             name: "load generator".into(),
@@ -101,7 +101,7 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self) {
+    pub(crate) fn sample(&mut self) {
         for (index, watched) in self.watched.iter().enumerate() {
             let rss = status_kib(watched.pid, "VmRSS").unwrap_or_default();
             self.max_rss_kib[index] = self.max_rss_kib[index].max(rss);
@@ -109,7 +109,7 @@ impl Sampler {
     }
 
     /// Samples once a second while `work` runs.
-    pub async fn during<T>(&mut self, work: impl Future<Output = T>) -> T {
+    pub(crate) async fn during<T>(&mut self, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -120,7 +120,7 @@ impl Sampler {
         }
     }
 
-    pub fn finish(self) -> BTreeMap<String, Usage> {
+    pub(crate) fn finish(self) -> BTreeMap<String, Usage> {
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
         let mib = |kib: u64| kib as f64 / 1024.0;
         self.watched

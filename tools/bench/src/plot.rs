@@ -6,7 +6,7 @@ use plotters::prelude::*;
 use std::path::Path;
 
 /// Registers the TrueType font the plot's text is drawn with (plotters draws no text without).
-pub fn load_font(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn load_font(path: &Path) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading the plot font {}", path.display()))?;
     // plotters keeps fonts for the life of the process; this runs once per report.
@@ -15,7 +15,7 @@ pub fn load_font(path: &Path) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("{} is not a usable font", path.display()))
 }
 
-pub fn latency_against_load(steps: &[Step], path: &Path) -> anyhow::Result<()> {
+pub(crate) fn latency_against_load(steps: &[Step], path: &Path) -> anyhow::Result<()> {
     let mut steps: Vec<&Step> = steps.iter().collect();
     steps.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     let max_rate = steps.iter().map(|step| step.rate).fold(10.0, f64::max) * 1.1;
