@@ -52,12 +52,6 @@ pub struct Config {
     #[arg(long, env = "SLUICE_RESULTS_MAX_BATCH", default_value_t = 500)]
     pub max_batch: usize,
 
-    /// Under load (the last batch held more than one event), how long a batch waits for more
-    /// events before it is written, in ms: fewer, larger transactions. A lone event is written at
-    /// once. 0 turns it off.
-    #[arg(long, env = "SLUICE_RESULTS_BATCH_LINGER_MS", default_value_t = 2)]
-    pub batch_linger_ms: u64,
-
     /// Interval of SSE keep-alive comments, in seconds.
     #[arg(long, env = "SLUICE_SSE_KEEPALIVE_SECS", default_value_t = 15)]
     pub sse_keepalive_secs: u64,

@@ -28,13 +28,10 @@ pub(crate) struct EventLoop {
     pub requests_topic: String,
     pub dlq_topic: String,
     pub max_batch: usize,
-    /// How long a batch waits for company when the previous one had some.
-    pub batch_linger: Duration,
 }
 
 impl EventLoop {
     pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut under_load = false;
         loop {
             let first = tokio::select! {
                 biased;
@@ -58,19 +55,6 @@ impl EventLoop {
                     _ => break,
                 }
             }
-            // Why only under load: each transaction costs Postgres about the same whatever it
-            // holds, and with Kafka answering every fetch at once a busy stream of events would
-            // otherwise be written one or two at a time; a quiet one must not wait at all.
-            if under_load && !self.batch_linger.is_zero() {
-                let until = tokio::time::Instant::now() + self.batch_linger;
-                while batch.len() < self.max_batch {
-                    match tokio::time::timeout_at(until, self.consumer.recv()).await {
-                        Ok(Ok(message)) => batch.push(message),
-                        _ => break,
-                    }
-                }
-            }
-            under_load = batch.len() > 1;
             if !self.process(&batch, &shutdown).await {
                 break;
             }

@@ -195,7 +195,6 @@ impl Application {
             requests_topic: config.topics.requests,
             dlq_topic: config.topics.status_dlq,
             max_batch: config.max_batch,
-            batch_linger: Duration::from_millis(config.batch_linger_ms),
         };
         Ok(Self {
             listener,
