@@ -97,9 +97,17 @@ impl RequestEvent {
     /// Parses and checks a record payload; any error is a reason to dead-letter it.
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
         let event: RequestEvent = decode_json(payload)?;
-        check_version(event.schema_version)?;
-        match (&event.input, event.messages.is_empty()) {
-            (None, _) => check_messages(&event.messages)?,
+        event.validate()?;
+        Ok(event)
+    }
+
+    /// The rules beyond the JSON's shape that every consumer applies: ingest checks a new
+    /// event with them before publishing it, so it never publishes what a worker would
+    /// dead-letter.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        check_version(self.schema_version)?;
+        match (&self.input, self.messages.is_empty()) {
+            (None, _) => check_messages(&self.messages)?,
             (Some(input), true) => check_input(input)?,
             (Some(_), false) => {
                 return Err(FieldError::new(
@@ -109,10 +117,10 @@ impl RequestEvent {
                 .into());
             }
         }
-        if event.deadline < event.submitted_at {
+        if self.deadline < self.submitted_at {
             return Err(FieldError::new("deadline", "must not be before submitted_at").into());
         }
-        Ok(event)
+        Ok(())
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -66,16 +66,14 @@ pub struct Limits {
     pub max_timeout_ms: u64,
 }
 
-/// Turns a sent body into the event to publish, or names the field that is wrong.
+/// Turns a sent body, for the user it was accepted from (parsed once, by the handler), into
+/// the event to publish, or names the field that is wrong.
 pub fn to_request_event(
     body: SubmitBody,
+    user_id: UserId,
     limits: Limits,
     now: DateTime<Utc>,
 ) -> Result<RequestEvent, FieldError> {
-    let user_id = UserId::parse(
-        body.user_id
-            .ok_or_else(|| FieldError::new("user_id", "is required"))?,
-    )?;
     let model = ModelName::parse(body.model)?;
     let messages = match (body.messages, &body.input) {
         (Some(_), Some(_)) => {
@@ -117,12 +115,13 @@ pub fn to_request_event(
         deadline,
         cache: body.cache,
     };
-    // The decoder holds the rules every consumer applies (message count, empty content, ...);
-    // running them here means ingest never publishes what a worker would dead-letter.
-    RequestEvent::decode(&event.encode()).map_err(|error| match error {
+    // The rules every consumer applies (message count, empty content, ...): ingest never
+    // publishes what a worker would dead-letter.
+    event.validate().map_err(|error| match error {
         DecodeError::Field(field) => field,
         other => FieldError::new("body", other.to_string()),
-    })
+    })?;
+    Ok(event)
 }
 
 fn parse_body(
@@ -349,7 +348,7 @@ async fn admit_and_publish(
         default_timeout_ms: state.config.default_timeout_ms,
         max_timeout_ms: state.config.max_timeout_ms,
     };
-    let event = to_request_event(body, limits, Utc::now())?;
+    let event = to_request_event(body, user_id.clone(), limits, Utc::now())?;
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
     let output = answer_from_cache(state, &event).await?;
     if output.is_none() {

@@ -216,6 +216,7 @@ async fn health_is_up_and_readiness_is_down_without_a_broker() {
 fn timeouts_default_and_are_capped() {
     use chrono::Utc;
     use sluice_ingest::{Limits, SubmitBody, to_request_event};
+    use sluice_schemas::UserId;
     let limits = Limits {
         default_timeout_ms: 1_000,
         max_timeout_ms: 5_000,
@@ -227,12 +228,13 @@ fn timeouts_default_and_are_capped() {
         }
         serde_json::from_value(value).unwrap()
     };
+    let user = || UserId::parse("u-1").unwrap();
     let now = Utc::now();
-    let default = to_request_event(body(None), limits, now).unwrap();
+    let default = to_request_event(body(None), user(), limits, now).unwrap();
     assert_eq!((default.deadline - now).num_milliseconds(), 1_000);
-    let capped = to_request_event(body(Some(60_000)), limits, now).unwrap();
+    let capped = to_request_event(body(Some(60_000)), user(), limits, now).unwrap();
     assert_eq!((capped.deadline - now).num_milliseconds(), 5_000);
-    let asked = to_request_event(body(Some(2_500)), limits, now).unwrap();
+    let asked = to_request_event(body(Some(2_500)), user(), limits, now).unwrap();
     assert_eq!((asked.deadline - now).num_milliseconds(), 2_500);
     assert_eq!(asked.job_id.as_uuid().get_version_num(), 7);
 }
