@@ -264,6 +264,12 @@ impl KafkaArgs {
     fn base(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        config
+    }
+
+    /// The operator's `KAFKA_EXTRA_PROPERTIES`, set last on every client so that they win over
+    /// Sluice's own settings (TLS and SASL, or a tuned `linger.ms`).
+    fn with_extras(&self, mut config: ClientConfig) -> ClientConfig {
         for (key, value) in &self.extra_properties.0 {
             config.set(key, value);
         }
@@ -280,7 +286,7 @@ impl KafkaArgs {
             .set("linger.ms", self.linger_ms.to_string())
             .set("message.timeout.ms", self.message_timeout_ms.to_string())
             .set("compression.type", "lz4");
-        config
+        self.with_extras(config)
     }
 
     /// A group consumer that stores offsets only when told to (`store_offset`), and commits
@@ -314,17 +320,13 @@ impl KafkaArgs {
             // refuses those settings with this protocol.
             GroupProtocol::Consumer => config.set("group.protocol", "consumer"),
         };
-        // Extra properties last, so an operator's setting wins.
-        for (key, value) in &self.extra_properties.0 {
-            config.set(key, value);
-        }
-        config
+        self.with_extras(config)
     }
 
     /// Creates the topics that do not exist yet; existing ones are left as they are.
     pub async fn ensure_topics(&self, names: &[&str]) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = self
-            .base()
+            .with_extras(self.base())
             .create()
             .context("creating the Kafka admin client")?;
         let topics: Vec<NewTopic<'_>> = names
