@@ -191,7 +191,7 @@ impl Pipeline {
             .clone()
             .unwrap_or_else(|| sim_url.to_owned());
         config.worker_id = Some(format!("test-worker-{index}"));
-        config.drain_timeout_ms = 5_000;
+        config.drain_timeout = Duration::from_secs(5);
         config.embedding_model_dir = options.embedding_model_dir.clone();
         config
     }

@@ -5,9 +5,10 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use chrono::Utc;
 use serde_json::Value;
-use sluice_results::{AppState, Store, Update, router};
+use sluice_common::kafka::{KafkaSource, Received};
+use sluice_results::{AppState, Canceller, Store, Update, router};
 use sluice_schemas::{JobStatus, Output};
-use sluice_tests::{TestDatabase, read_sse};
+use sluice_tests::{TestDatabase, TestTopics, kafka_args, read_sse, wait_until};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -45,15 +46,42 @@ async fn statuses(store: &Store, job_id: Uuid) -> Vec<JobStatus> {
         .collect()
 }
 
-fn state(database: &TestDatabase, recheck: Duration) -> AppState {
-    let changes = sluice_results::notify::JobChanges::default();
+/// The service's state with its real parts: a consumer on test topics (for `/readyz`) and a
+/// producer to the test broker (for cancellations).
+async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
+    let kafka = kafka_args(1);
+    let topics = TestTopics::unique();
+    topics.create(&kafka).await;
+    let source = KafkaSource::subscribe(
+        &kafka,
+        "test-results",
+        &format!("test-results-{}", Uuid::now_v7()),
+        &[&topics.status],
+    )
+    .expect("consumer");
+    let health = source.health();
+    // Polled as the service polls it, so that it joins its group and `/readyz` can say ready.
+    tokio::spawn(async move {
+        let mut source = source;
+        loop {
+            if let Received::Record(record) = source.recv().await {
+                source.done(&record);
+            }
+        }
+    });
     AppState {
         store: Store::new(database.pool.clone()),
-        changes,
+        changes: sluice_results::notify::JobChanges::default(),
         keepalive: Duration::from_millis(200),
         sse_recheck: recheck,
-        consumer: None,
-        canceller: None,
+        consumer: health,
+        canceller: Canceller {
+            producer: kafka
+                .producer_config("test-results")
+                .create()
+                .expect("producer"),
+            topic: topics.control,
+        },
         keys: None,
         stopping: CancellationToken::new(),
     }
@@ -153,7 +181,7 @@ async fn get(app: axum::Router, uri: &str, last_event_id: Option<&str>) -> (Stat
 #[tokio::test]
 async fn http_errors_are_json_with_stable_codes() {
     let database = TestDatabase::migrated().await;
-    let app = router(state(&database, Duration::from_secs(2)));
+    let app = router(state(&database, Duration::from_secs(2)).await);
     let (status, body) = get(app.clone(), "/v1/jobs/not-a-uuid", None).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -181,18 +209,22 @@ async fn http_errors_are_json_with_stable_codes() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_last_event_id"))
     );
-    let (status, body) = get(app, "/readyz", None).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (StatusCode::OK, Some("ready"))
-    );
+    // Ready once the consumer has joined its group (the test's state keeps it polling).
+    wait_until("/readyz to say ready", Duration::from_secs(30), || {
+        let app = app.clone();
+        async move {
+            let (status, body) = get(app, "/readyz", None).await;
+            (status == StatusCode::OK && body["status"] == "ready").then_some(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_notify() {
     let database = TestDatabase::migrated().await;
     // Rechecking only every minute: whatever arrives sooner came through LISTEN/NOTIFY.
-    let serving = state(&database, Duration::from_secs(60));
+    let serving = state(&database, Duration::from_secs(60)).await;
     let stop = CancellationToken::new();
     tokio::spawn(sluice_results::notify::listen(
         database.pool.clone(),

@@ -10,9 +10,7 @@ use sluice_schemas::{
 };
 use sluice_tests::infra::read_topic;
 use sluice_tests::{TestTopics, kafka_args};
-use sluice_worker::{
-    Cancellations, Coalescer, JobContext, Outcome, Record, StatusPublisher, run_job,
-};
+use sluice_worker::{JobContext, Outcome, Record, run_job};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -59,20 +57,11 @@ impl Harness {
         config.cache_ttl_secs = 0;
         configure(&mut config);
         let producer = kafka.producer_config("test-worker").create().unwrap();
-        let context = JobContext {
-            routes: config.routes().await.expect("routes"),
-            publisher: StatusPublisher::new(
-                producer,
-                topics.status.clone(),
-                topics.requests_dlq.clone(),
-                CancellationToken::new(),
-            ),
-            worker_id: "direct".into(),
-            retry: config.retry_policy(),
-            cancellations: Cancellations::default(),
-            cache: Arc::new(config.response_cache().await.expect("cache")),
-            coalescer: Coalescer::default(),
-        };
+        config.worker_id = Some("direct".into());
+        config.topics = topics.args();
+        let context = JobContext::from_config(&config, producer, CancellationToken::new())
+            .await
+            .expect("job context");
         Self { topics, context }
     }
 
@@ -84,6 +73,7 @@ impl Harness {
             key: Some(b"bob".to_vec()),
             payload: Some(payload),
             trace: Default::default(),
+            timestamp_ms: None,
         };
         run_job(&self.context, &record).await
     }

@@ -69,3 +69,16 @@ pub fn no_delay(
     }
     listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream))
 }
+
+/// Serves `router` on `listener` (with `no_delay`) until `stop`, then lets open requests end.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    axum::serve(no_delay(listener), router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .context("serving HTTP")
+}

@@ -38,6 +38,10 @@ pub struct Config {
     #[arg(long, env = "SLUICE_PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
     pub publish_timeout_ms: u64,
 
+    /// After a stop signal, how long open requests get to finish, in ms.
+    #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]
+    pub drain_timeout: std::time::Duration,
+
     /// `api-keys`: every request needs `Authorization: Bearer <key>`, and the key says who the
     /// user is and its tier. `off`: the body's `user_id` is trusted (local development only).
     #[arg(long, env = "SLUICE_AUTH", value_enum, default_value = "api-keys")]

@@ -22,7 +22,8 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::Response;
 use axum::routing::{get, post};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
+use sluice_common::lifecycle::Lifecycle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,17 +165,14 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then flushes what the producer still holds.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let lifecycle = Lifecycle::new();
+        let drain_timeout = self.state.config.drain_timeout;
         let producer = self.state.publisher.producer().clone();
-        axum::serve(
-            sluice_common::http::no_delay(self.listener),
-            router(self.state),
-        )
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving HTTP")?;
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
-            .await?
-            .context("flushing the producer")?;
-        Ok(())
+        let stop = lifecycle.stop().clone();
+        lifecycle.spawn("HTTP server", async move {
+            sluice_common::http::serve(self.listener, router(self.state), stop).await?;
+            sluice_common::kafka::flush(producer).await
+        });
+        lifecycle.run(shutdown, drain_timeout).await
     }
 }

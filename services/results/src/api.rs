@@ -223,11 +223,8 @@ pub(crate) async fn cancel_job(
             status: job.status.as_str(),
         });
     }
-    let canceller = state
+    state
         .canceller
-        .as_ref()
-        .ok_or_else(|| ApiError::Unavailable("no producer".into()))?;
-    canceller
         .publish(&job)
         .await
         .map_err(ApiError::Unavailable)?;

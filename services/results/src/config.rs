@@ -59,6 +59,11 @@ pub struct Config {
     /// How often an open SSE stream re-reads its job even without a notification, in ms.
     #[arg(long, env = "SLUICE_SSE_RECHECK_MS", default_value_t = 2_000)]
     pub sse_recheck_ms: u64,
+
+    /// After a stop signal, how long the batch being written and open requests get before the
+    /// service leaves anyway (what is not stored by then is redelivered), in ms.
+    #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]
+    pub drain_timeout: std::time::Duration,
 }
 
 impl Config {

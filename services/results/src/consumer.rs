@@ -1,26 +1,20 @@
-//! Reads both topics in batches, writes each batch in one transaction, stores offsets after
-//! the commit. Undecodable status events go to the dead-letter topic.
+//! The results service's work on the shared Kafka source: reads both topics in batches, writes
+//! each batch in one transaction, marks its records done after the commit. Undecodable status
+//! events go to the dead-letter topic.
 
 use crate::notify::JobChanges;
 use crate::state::Update;
 use crate::store::Store;
-use futures::FutureExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
-use sluice_common::kafka::{self, RebalanceContext, Rejection};
-use sluice_common::propagation::TraceHeaders;
+use sluice_common::kafka::{self, KafkaSource, Received, Record};
 use sluice_common::telemetry;
 use sluice_schemas::{RequestEvent, StatusEvent};
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) type ResultsConsumer = StreamConsumer<RebalanceContext>;
-
 pub(crate) struct EventLoop {
-    pub consumer: Arc<ResultsConsumer>,
+    pub source: KafkaSource,
     pub producer: FutureProducer,
     pub store: Store,
     /// This replica's SSE streams, handed each committed change.
@@ -31,53 +25,52 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
-    pub(crate) async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `stop`; a batch being written then is finished unless `give_up` comes first.
+    pub(crate) async fn run(
+        mut self,
+        stop: CancellationToken,
+        give_up: CancellationToken,
+    ) -> anyhow::Result<()> {
         loop {
             let first = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
-                received = self.consumer.recv() => received,
+                _ = stop.cancelled() => break,
+                received = self.source.recv() => received,
             };
-            let first = match first {
-                Ok(message) => message,
-                Err(error) => {
-                    tracing::warn!(error = %error, "consumer error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let Received::Record(first) = first else {
+                continue;
             };
-            // Why now_or_never: take what librdkafka has already fetched, without waiting,
-            // so a burst becomes one transaction and a lone event is written at once.
+            // Why recv_ready: take what librdkafka has already fetched, without waiting, so a
+            // burst becomes one transaction and a lone event is written at once.
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(message)) => batch.push(message),
+                match self.source.recv_ready() {
+                    Some(Received::Record(record)) => batch.push(record),
                     _ => break,
                 }
             }
-            if !self.process(&batch, &shutdown).await {
+            if !self.process(&batch, &give_up).await {
                 break;
             }
+            self.source.done_all(&batch);
         }
-        kafka::commit_stored(self.consumer.as_ref(), "at shutdown");
+        self.source.close().await;
         Ok(())
     }
 
-    /// Writes one batch and stores its offsets. Returns false if stopped before it was written.
-    async fn process(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
+    /// Writes one batch. Returns false if it gave up before the batch was written.
+    async fn process(&self, batch: &[Record], give_up: &CancellationToken) -> bool {
         let mut updates = Vec::with_capacity(batch.len());
         // One span per event, each in its job's trace, open while the batch is written.
         let mut spans = Vec::with_capacity(batch.len());
-        for message in batch {
-            let payload = message.payload().unwrap_or_default();
-            let decoded = if message.topic() == self.requests_topic {
-                RequestEvent::decode(payload).map(Update::from)
+        for record in batch {
+            let decoded = if record.topic == self.requests_topic {
+                RequestEvent::decode(record.payload()).map(Update::from)
             } else {
-                StatusEvent::decode(payload).map(Update::from)
+                StatusEvent::decode(record.payload()).map(Update::from)
             };
             match decoded {
                 Ok(mut update) => {
-                    let trace = TraceHeaders::from_kafka(message.headers());
                     let span = tracing::info_span!(
                         "results store",
                         otel.kind = "consumer",
@@ -85,46 +78,49 @@ impl EventLoop {
                         status = update.status.as_str(),
                         trace_id = tracing::field::Empty,
                     );
-                    telemetry::adopt(&span, trace.context());
+                    telemetry::adopt(&span, record.trace.context());
                     spans.push(span);
-                    update.traceparent = trace.traceparent;
+                    update.traceparent = record.trace.traceparent.clone();
                     updates.push(update);
                 }
                 // The worker dead-letters bad request events; here they are only skipped.
-                Err(error) if message.topic() == self.requests_topic => {
-                    tracing::debug!(reason = %error, offset = message.offset(), "skipping an undecodable request event");
+                Err(error) if record.topic == self.requests_topic => {
+                    tracing::debug!(reason = %error, offset = record.offset, "skipping an undecodable request event");
                 }
                 Err(error) => {
-                    tracing::warn!(reason = %error, offset = message.offset(), "dead-lettering an undecodable status event");
-                    if !self
-                        .dead_letter(message, &format!("{}: {error}", error.kind()), shutdown)
-                        .await
-                    {
+                    tracing::warn!(reason = %error, offset = record.offset, "dead-lettering an undecodable status event");
+                    let reason = format!("{}: {error}", error.kind());
+                    let rejection = record.rejection(&reason, "sluice-results");
+                    let sent = kafka::dead_letter(
+                        &self.producer,
+                        &self.dlq_topic,
+                        record,
+                        &rejection,
+                        give_up,
+                    )
+                    .await;
+                    if sent.is_err() {
                         return false;
                     }
                 }
             }
         }
-        if let Some(created_ms) = batch
-            .first()
-            .and_then(|first| first.timestamp().to_millis())
-        {
+        if let Some(created_ms) = batch.first().and_then(|first| first.timestamp_ms) {
             tracing::debug!(
                 events = batch.len(),
                 first_event_age_ms = chrono::Utc::now().timestamp_millis() - created_ms,
                 "batch received"
             );
         }
-        if !updates.is_empty() && !self.write(&updates, shutdown).await {
+        if !updates.is_empty() && !self.write(&updates, give_up).await {
             return false;
         }
         drop(spans);
-        self.store_offsets(batch);
         true
     }
 
     /// Retries until the write commits: Postgres restarts and deadlocks are waited out.
-    async fn write(&self, updates: &[Update], shutdown: &CancellationToken) -> bool {
+    async fn write(&self, updates: &[Update], give_up: &CancellationToken) -> bool {
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = std::time::Instant::now();
@@ -151,51 +147,10 @@ impl EventLoop {
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = give_up.cancelled() => return false,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        message: &BorrowedMessage<'_>,
-        reason: &str,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let rejection = Rejection {
-            reason,
-            source_topic: message.topic(),
-            source_partition: message.partition(),
-            source_offset: message.offset(),
-            rejected_by: "sluice-results",
-        };
-        kafka::dead_letter(
-            &self.producer,
-            &self.dlq_topic,
-            message.key(),
-            message.payload(),
-            &rejection,
-            shutdown,
-        )
-        .await
-        .is_ok()
-    }
-
-    fn store_offsets(&self, batch: &[BorrowedMessage<'_>]) {
-        let mut highest: HashMap<(&str, i32), i64> = HashMap::new();
-        for message in batch {
-            let entry = highest
-                .entry((message.topic(), message.partition()))
-                .or_insert(message.offset());
-            *entry = (*entry).max(message.offset());
-        }
-        for ((topic, partition), offset) in highest {
-            // Why not +1: rd_kafka_offset_store stores offset + 1, the next record to read.
-            if let Err(error) = self.consumer.store_offset(topic, partition, offset) {
-                tracing::debug!(error = %error, partition, "offset not stored; partition no longer ours");
-            }
         }
     }
 }

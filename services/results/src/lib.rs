@@ -2,6 +2,7 @@
 //! job's state over HTTP and its changes over Server-Sent Events.
 
 mod api;
+mod cancel;
 mod config;
 mod consumer;
 pub mod notify;
@@ -9,6 +10,7 @@ pub mod state;
 pub mod store;
 
 pub use api::ApiError;
+pub use cancel::Canceller;
 pub use config::Config;
 pub use state::{Job, Update};
 pub use store::Store;
@@ -18,18 +20,17 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
-use consumer::{EventLoop, ResultsConsumer};
-use rdkafka::consumer::Consumer;
-use rdkafka::producer::{FutureProducer, Producer};
+use consumer::EventLoop;
+use rdkafka::producer::FutureProducer;
 use secrecy::ExposeSecret;
-use sluice_common::kafka::RebalanceContext;
+use sluice_common::kafka::{KafkaSource, SourceHealth};
+use sluice_common::lifecycle::Lifecycle;
 use sqlx::postgres::PgPoolOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use sluice_common::auth::MIGRATOR;
 
@@ -42,52 +43,14 @@ pub struct AppState {
     /// How often an open SSE stream re-reads its job without a notification (a safety net
     /// for notifications lost while the listener reconnects).
     pub sse_recheck: Duration,
-    /// `None` in router tests that run without Kafka.
-    pub consumer: Option<Arc<ResultsConsumer>>,
-    /// Publishes cancellations; `None` in router tests that run without Kafka.
-    pub canceller: Option<Canceller>,
+    /// The Kafka consumer's readiness, for `/readyz`.
+    pub consumer: SourceHealth,
+    /// Publishes cancellations.
+    pub canceller: Canceller,
     /// `None` when API keys are off.
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
     /// Cancelled when the service stops: open SSE streams end then.
     pub stopping: CancellationToken,
-}
-
-/// Publishes cancel events to the control topic.
-#[derive(Clone)]
-pub struct Canceller {
-    pub producer: FutureProducer,
-    pub topic: String,
-}
-
-impl Canceller {
-    pub async fn publish(&self, job: &Job) -> Result<(), String> {
-        let job_id =
-            sluice_schemas::JobId::try_from(job.job_id).map_err(|error| error.to_string())?;
-        let user_id = sluice_schemas::UserId::parse(job.user_id.clone())
-            .map_err(|error| error.to_string())?;
-        let event = sluice_schemas::CancelEvent {
-            schema_version: sluice_schemas::SCHEMA_VERSION,
-            job_id,
-            user_id,
-            requested_at: chrono::Utc::now(),
-            deadline: job.timings.deadline,
-        };
-        let payload = event.encode();
-        let record = rdkafka::producer::FutureRecord::to(&self.topic)
-            .key(job.user_id.as_str())
-            .payload(&payload)
-            .headers(sluice_common::kafka::event_headers());
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            self.producer.send(record, Duration::ZERO),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(error.to_string()),
-            Err(_) => Err("the broker did not acknowledge within 5 s".to_owned()),
-        }
-    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -109,19 +72,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if let Err(error) = sqlx::query("SELECT 1").execute(state.store.pool()).await {
         problems.push(format!("postgres unreachable: {error}"));
     }
-    if let Some(consumer) = &state.consumer {
-        if !consumer.context().state.is_joined() {
-            problems.push("consumer has not joined its group yet".to_owned());
-        }
-        let consumer = consumer.clone();
-        let broker = tokio::task::spawn_blocking(move || {
-            consumer.fetch_metadata(None, Duration::from_secs(2))
-        })
-        .await;
-        if !matches!(broker, Ok(Ok(_))) {
-            problems.push("broker unreachable".to_owned());
-        }
-    }
+    problems.extend(state.consumer.problems().await);
     sluice_common::http::readiness(problems)
 }
 
@@ -130,6 +81,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     event_loop: EventLoop,
+    lifecycle: Lifecycle,
+    drain_timeout: Duration,
 }
 
 impl Application {
@@ -145,21 +98,19 @@ impl Application {
             MIGRATOR.run(&pool).await.context("applying migrations")?;
         }
         config.topics.ensure(&config.kafka).await?;
-        let consumer: ResultsConsumer = config
-            .kafka
-            .consumer_config("sluice-results", &config.group_id)
-            .create_with_context(RebalanceContext::default())
-            .context("creating the Kafka consumer")?;
-        consumer
-            .subscribe(&[&config.topics.requests, &config.topics.status])
-            .context("subscribing to the requests and status topics")?;
+        let source = KafkaSource::subscribe(
+            &config.kafka,
+            "sluice-results",
+            &config.group_id,
+            &[&config.topics.requests, &config.topics.status],
+        )?;
         let producer: FutureProducer = config
             .kafka
             .producer_config("sluice-results")
             .create()
             .context("creating the Kafka producer")?;
-        let consumer = Arc::new(consumer);
         let store = Store::new(pool);
+        let lifecycle = Lifecycle::new();
         let changes = notify::JobChanges::default();
         let listener = TcpListener::bind(&config.addr)
             .await
@@ -169,7 +120,7 @@ impl Application {
             changes,
             keepalive: Duration::from_secs(config.sse_keepalive_secs),
             sse_recheck: Duration::from_millis(config.sse_recheck_ms),
-            consumer: Some(consumer.clone()),
+            consumer: source.health(),
             keys: if config.auth == sluice_common::auth::AuthMode::ApiKeys {
                 Some(Arc::new(sluice_common::auth::KeyStore::new(
                     store.pool().clone(),
@@ -181,14 +132,14 @@ impl Application {
                 );
                 None
             },
-            stopping: CancellationToken::new(),
-            canceller: Some(Canceller {
+            stopping: lifecycle.stop().clone(),
+            canceller: Canceller {
                 producer: producer.clone(),
                 topic: config.topics.control.clone(),
-            }),
+            },
         };
         let event_loop = EventLoop {
-            consumer,
+            source,
             producer,
             store,
             changes: state.changes.clone(),
@@ -200,6 +151,8 @@ impl Application {
             listener,
             state,
             event_loop,
+            lifecycle,
+            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -211,47 +164,32 @@ impl Application {
 
     /// Serves and consumes until `shutdown`; if either stops with an error, both stop.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let tasks = TaskTracker::new();
-        let stopping = self.state.stopping.clone();
-        let stop_streams = shutdown.clone();
-        tasks.spawn(async move {
-            stop_streams.cancelled().await;
-            stopping.cancel();
+        let lifecycle = self.lifecycle;
+        let stop = lifecycle.stop().clone();
+        let pool = self.state.store.pool().clone();
+        lifecycle.spawn("notification listener", {
+            let (changes, stop) = (self.state.changes.clone(), stop.clone());
+            async move {
+                notify::listen(pool, changes, stop).await;
+                Ok(())
+            }
+        });
+        let producer = self.event_loop.producer.clone();
+        let give_up = lifecycle.give_up().clone();
+        lifecycle.spawn("consumer", {
+            let stop = stop.clone();
+            async move {
+                self.event_loop.run(stop, give_up).await?;
+                sluice_common::kafka::flush(producer).await
+            }
         });
         let pool = self.state.store.pool().clone();
-        tasks.spawn(notify::listen(
-            pool.clone(),
-            self.state.changes.clone(),
-            shutdown.clone(),
-        ));
-
-        let consumer = self.event_loop.consumer.clone();
-        let producer = self.event_loop.producer.clone();
-        let loop_stop = shutdown.clone();
-        let event_loop = tasks.spawn(async move {
-            let result = self.event_loop.run(loop_stop.clone()).await;
-            loop_stop.cancel();
-            result
-        });
-        let serve = axum::serve(
-            sluice_common::http::no_delay(self.listener),
-            router(self.state),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
-        shutdown.cancel();
-        tasks.close();
-        let loop_result = event_loop.await?;
-        tasks.wait().await;
-        tokio::task::spawn_blocking(move || {
-            if let Err(error) = producer.flush(Duration::from_secs(5)) {
-                tracing::warn!(error = %error, "producer flush failed");
-            }
-            consumer.unsubscribe();
-        })
-        .await?;
+        lifecycle.spawn(
+            "HTTP server",
+            sluice_common::http::serve(self.listener, router(self.state), stop),
+        );
+        let result = lifecycle.run(shutdown, self.drain_timeout).await;
         pool.close().await;
-        serve.context("serving HTTP")?;
-        loop_result
+        result
     }
 }

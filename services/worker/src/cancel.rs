@@ -2,14 +2,10 @@
 //! cancelled (until their deadline); a running job's task is told through its token.
 
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use sluice_common::kafka::KafkaArgs;
+use sluice_common::kafka::{KafkaArgs, KafkaSource, Received};
 use sluice_schemas::{CancelEvent, JobId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How long a cancellation without a known deadline is remembered.
@@ -74,18 +70,20 @@ impl Cancellations {
     }
 }
 
-/// Reads every partition of the control topic from the beginning until `shutdown`.
+/// Reads every partition of the control topic from the beginning until `stop`, starting again
+/// after a broker failure.
 pub(crate) async fn follow(
     kafka: KafkaArgs,
     topic: String,
     worker_id: String,
     cancellations: Cancellations,
-    shutdown: CancellationToken,
-) {
-    sluice_common::shutdown::retry_until_stopped("reading the control topic", &shutdown, || {
-        follow_once(&kafka, &topic, &worker_id, &cancellations, &shutdown)
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    sluice_common::shutdown::retry_until_stopped("reading the control topic", &stop, || {
+        follow_once(&kafka, &topic, &worker_id, &cancellations, &stop)
     })
     .await;
+    Ok(())
 }
 
 async fn follow_once(
@@ -93,39 +91,20 @@ async fn follow_once(
     topic: &str,
     worker_id: &str,
     cancellations: &Cancellations,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     // Its own group id and no commits: every worker must see every cancellation.
-    let mut config = kafka.consumer_config(
-        &format!("{worker_id}-control"),
-        &format!("{worker_id}-control"),
-    );
-    config.set("enable.auto.commit", "false");
-    let consumer: Arc<StreamConsumer> = Arc::new(config.create()?);
-    // Why in a blocking task: the metadata call blocks for up to its timeout.
-    let partitions = tokio::task::spawn_blocking({
-        let (consumer, topic) = (consumer.clone(), topic.to_owned());
-        move || -> anyhow::Result<usize> {
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-            Ok(metadata
-                .topics()
-                .first()
-                .map_or(0, |found| found.partitions().len()))
-        }
-    })
-    .await??;
-    anyhow::ensure!(partitions > 0, "control topic {topic} has no partitions");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment.add_partition_offset(topic, i32::try_from(partition)?, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
+    let mut source =
+        KafkaSource::follow_from_beginning(kafka, &format!("{worker_id}-control"), topic).await?;
     loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            message = consumer.recv() => message?,
+        let record = tokio::select! {
+            _ = stop.cancelled() => break,
+            received = source.recv() => match received {
+                Received::Record(record) => record,
+                Received::Revoked(_) => continue,
+            },
         };
-        match CancelEvent::decode(message.payload().unwrap_or_default()) {
+        match CancelEvent::decode(record.payload()) {
             Ok(cancel) => {
                 let forget_after = cancel
                     .deadline
@@ -135,8 +114,11 @@ async fn follow_once(
                 }
             }
             Err(error) => {
-                tracing::warn!(reason = %error, offset = message.offset(), "skipping an undecodable cancel event")
+                tracing::warn!(reason = %error, offset = record.offset, "skipping an undecodable cancel event")
             }
         }
+        source.done(&record);
     }
+    source.close().await;
+    Ok(())
 }

@@ -119,8 +119,8 @@ pub struct Config {
     pub worker_id: Option<String>,
 
     /// On SIGTERM, how long running jobs get to finish before the worker leaves anyway.
-    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
-    pub drain_timeout_ms: u64,
+    #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "30000", value_parser = sluice_common::settings::millis)]
+    pub drain_timeout: std::time::Duration,
 
     /// The in-process embedding model, `all-minilm-l6-v2`: a directory holding its
     /// `config.json`, `model.safetensors` and `tokenizer.json`. Unset: no in-process model.

@@ -125,6 +125,7 @@ mod tests {
             offset,
             key: Some(user.as_bytes().to_vec()),
             payload: Some(vec![0; 10]),
+            timestamp_ms: None,
         }
     }
 

@@ -7,10 +7,10 @@ use crate::coalesce::{self, Coalescer, Turn};
 use crate::limit::Sample;
 use crate::model::Failure;
 use crate::routing::Routes;
-use crate::status::{Abandoned, DeadLetter, StatusPublisher};
+use crate::status::{Abandoned, StatusPublisher};
 use chrono::{DateTime, Utc};
 use sluice_common::cache::{ResponseCache, cache_key};
-use sluice_common::propagation::TraceHeaders;
+pub use sluice_common::kafka::Record;
 use sluice_common::telemetry;
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
 use std::sync::Arc;
@@ -30,16 +30,29 @@ pub struct JobContext {
     pub coalescer: Coalescer,
 }
 
-/// A consumed record, detached from the consumer so a task can own it.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    /// The W3C trace context the record carried: the job's span continues that trace.
-    pub trace: TraceHeaders,
+impl JobContext {
+    /// Everything a job needs, from the worker's settings: the service and the tests build it
+    /// the same way. `give_up` is the drain deadline: status publishing stops retrying then.
+    pub async fn from_config(
+        config: &crate::Config,
+        producer: rdkafka::producer::FutureProducer,
+        give_up: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            routes: config.routes().await?,
+            publisher: StatusPublisher::new(
+                producer,
+                config.topics.status.clone(),
+                config.topics.requests_dlq.clone(),
+                give_up,
+            ),
+            worker_id: config.worker_id(),
+            retry: config.retry_policy(),
+            cancellations: Cancellations::default(),
+            cache: Arc::new(config.response_cache().await?),
+            coalescer: Coalescer::default(),
+        })
+    }
 }
 
 /// How a record ended; every variant but `Abandoned` lets its offset be stored.
@@ -74,19 +87,12 @@ pub async fn run(context: &JobContext, record: &Record) -> Outcome {
 }
 
 async fn run_in_span(context: &JobContext, record: &Record) -> Outcome {
-    let request = match RequestEvent::decode(record.payload.as_deref().unwrap_or_default()) {
+    let request = match RequestEvent::decode(record.payload()) {
         Ok(request) => request,
         Err(error) => {
             tracing::warn!(reason = %error, "dead-lettering an undecodable request event");
-            let letter = DeadLetter {
-                key: record.key.as_deref(),
-                payload: record.payload.as_deref(),
-                reason: format!("{}: {error}", error.kind()),
-                source_topic: &record.topic,
-                source_partition: record.partition,
-                source_offset: record.offset,
-            };
-            return match context.publisher.dead_letter(&letter).await {
+            let reason = format!("{}: {error}", error.kind());
+            return match context.publisher.dead_letter(record, &reason).await {
                 Ok(()) => Outcome::DeadLettered,
                 Err(abandoned) => abandoned.into(),
             };

@@ -2,7 +2,7 @@
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 pub(crate) use sluice_common::kafka::Abandoned;
-use sluice_common::kafka::{self, Rejection};
+use sluice_common::kafka::{self, Record};
 use sluice_schemas::StatusEvent;
 use tokio_util::sync::CancellationToken;
 
@@ -13,16 +13,6 @@ pub struct StatusPublisher {
     dlq_topic: String,
     /// Cancelled when the worker's drain deadline passes: retries stop then.
     give_up: CancellationToken,
-}
-
-/// Where a dead-lettered record came from and why it was rejected.
-pub struct DeadLetter<'a> {
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-    pub reason: String,
-    pub source_topic: &'a str,
-    pub source_partition: i32,
-    pub source_offset: i64,
 }
 
 impl StatusPublisher {
@@ -57,19 +47,12 @@ impl StatusPublisher {
     }
 
     /// Moves a rejected record to the dead-letter topic, as it was, with the reason in headers.
-    pub async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), Abandoned> {
-        let rejection = Rejection {
-            reason: &letter.reason,
-            source_topic: letter.source_topic,
-            source_partition: letter.source_partition,
-            source_offset: letter.source_offset,
-            rejected_by: "sluice-worker",
-        };
+    pub async fn dead_letter(&self, record: &Record, reason: &str) -> Result<(), Abandoned> {
+        let rejection = record.rejection(reason, "sluice-worker");
         kafka::dead_letter(
             &self.producer,
             &self.dlq_topic,
-            letter.key,
-            letter.payload,
+            record,
             &rejection,
             &self.give_up,
         )

@@ -1,19 +1,23 @@
-//! Kafka client settings shared by every service, and idempotent topic creation.
+//! Kafka, written once for every service: client settings and topic creation here; consuming at
+//! least once (`consume`), producing until acknowledged (`produce`), rebalances (`rebalance`).
+
+mod consume;
+mod offsets;
+mod produce;
+mod rebalance;
+
+pub use consume::{KafkaSource, Received, Record, SourceHealth};
+pub use offsets::OffsetTracker;
+pub use produce::{Abandoned, Rejection, dead_letter, event_headers, flush, send_until_acked};
+pub use rebalance::{RebalanceContext, RebalanceState, commit_stored};
 
 use anyhow::Context;
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders, ToBytes};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, ClientContext};
-use sluice_schemas::{SCHEMA_VERSION, headers, topics};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use sluice_schemas::topics;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Where the brokers are and how Sluice talks to them.
 #[derive(Debug, Clone, clap::Args)]
@@ -118,127 +122,6 @@ impl TopicArgs {
         };
         control.ensure_topics(&[&self.control]).await
     }
-}
-
-/// Headers on every event Sluice writes: content type, schema version, and the current span's
-/// W3C trace context (`traceparent`, `tracestate`).
-pub fn event_headers() -> OwnedHeaders {
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: headers::CONTENT_TYPE,
-            value: Some("application/json"),
-        })
-        .insert(Header {
-            key: headers::SCHEMA_VERSION,
-            value: Some(SCHEMA_VERSION.to_string().as_str()),
-        });
-    crate::propagation::with_current_trace(headers)
-}
-
-/// Where a rejected record came from, and why it was rejected.
-#[derive(Debug, Clone, Copy)]
-pub struct Rejection<'a> {
-    pub reason: &'a str,
-    pub source_topic: &'a str,
-    pub source_partition: i32,
-    pub source_offset: i64,
-    pub rejected_by: &'a str,
-}
-
-impl Rejection<'_> {
-    /// The headers of the record's copy on a dead-letter topic.
-    pub fn headers(&self) -> OwnedHeaders {
-        let partition = self.source_partition.to_string();
-        let offset = self.source_offset.to_string();
-        OwnedHeaders::new()
-            .insert(Header {
-                key: headers::DLQ_REASON,
-                value: Some(self.reason),
-            })
-            .insert(Header {
-                key: headers::DLQ_SOURCE_TOPIC,
-                value: Some(self.source_topic),
-            })
-            .insert(Header {
-                key: headers::DLQ_SOURCE_PARTITION,
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: headers::DLQ_SOURCE_OFFSET,
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: headers::DLQ_REJECTED_BY,
-                value: Some(self.rejected_by),
-            })
-    }
-}
-
-/// The service had to stop before the broker acknowledged a record; its offset must not be stored.
-#[derive(Debug, thiserror::Error)]
-#[error("stopped before the broker acknowledged the record")]
-pub struct Abandoned;
-
-/// Sends the record `make_record` builds until the broker acknowledges it, backing off between
-/// attempts, or until `give_up` is cancelled.
-pub async fn send_until_acked<'a, K, P>(
-    producer: &FutureProducer,
-    make_record: impl Fn() -> FutureRecord<'a, K, P>,
-    give_up: &CancellationToken,
-) -> Result<(), Abandoned>
-where
-    K: ToBytes + ?Sized + 'a,
-    P: ToBytes + ?Sized + 'a,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let error = tokio::select! {
-            biased;
-            _ = give_up.cancelled() => return Err(Abandoned),
-            delivery = producer.send(make_record(), Duration::from_secs(5)) => match delivery {
-                Ok(_) => return Ok(()),
-                Err((error, _)) => error,
-            },
-        };
-        tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "publishing failed, retrying");
-        tokio::select! {
-            _ = give_up.cancelled() => return Err(Abandoned),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Copies a rejected record, key and value unchanged, to `dlq_topic` with the reason in headers.
-pub async fn dead_letter(
-    producer: &FutureProducer,
-    dlq_topic: &str,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-    rejection: &Rejection<'_>,
-    give_up: &CancellationToken,
-) -> Result<(), Abandoned> {
-    // The reason's code: what comes before the first `:` (`invalid_field: ...`).
-    let code = rejection
-        .reason
-        .split(':')
-        .next()
-        .unwrap_or("unknown")
-        .to_owned();
-    metrics::counter!("sluice_dead_lettered_total", "topic" => rejection.source_topic.to_owned(), "reason" => code)
-        .increment(1);
-    let make_record = || {
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(dlq_topic).headers(rejection.headers());
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(payload) = payload {
-            record = record.payload(payload);
-        }
-        record
-    };
-    send_until_acked(producer, make_record, give_up).await
 }
 
 /// `key=value` pairs passed to librdkafka as they are.
@@ -356,105 +239,5 @@ impl KafkaArgs {
             }
         }
         Ok(())
-    }
-}
-
-/// Commits the stored offsets synchronously: on revoke and at shutdown, the last chance before
-/// another member starts from the committed offsets. Only "no offset to commit" is excused, as
-/// Vector's Kafka source does; any other failure is reported, because the records after the
-/// last committed offset will be processed again.
-pub fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C, when: &'static str) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!(when, "committed offsets"),
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-            tracing::debug!(when, "no new offsets to commit")
-        }
-        Err(error) => {
-            tracing::warn!(error = %error, when, "committing offsets failed; records after the last commit will be redelivered")
-        }
-    }
-}
-
-/// What the rebalance callbacks tell a consumer loop; they run inside `recv()`, on its task.
-#[derive(Debug, Default)]
-pub struct RebalanceState {
-    /// Set after the first assignment: the worker is in the group.
-    joined: AtomicBool,
-    /// Set by every assignment, so a paused loop also pauses the new partitions.
-    assigned_again: AtomicBool,
-    /// Partitions taken away since the loop last looked.
-    revoked: Mutex<Vec<(String, i32)>>,
-}
-
-impl RebalanceState {
-    pub fn is_joined(&self) -> bool {
-        self.joined.load(Ordering::SeqCst)
-    }
-
-    /// Partitions revoked since the last call.
-    pub fn take_revoked(&self) -> Vec<(String, i32)> {
-        std::mem::take(&mut *self.revoked.lock().expect("revoked list lock"))
-    }
-
-    /// Whether partitions were assigned since the last call.
-    pub fn take_assigned_again(&self) -> bool {
-        self.assigned_again.swap(false, Ordering::SeqCst)
-    }
-}
-
-#[derive(Clone, Default)]
-pub struct RebalanceContext {
-    pub state: Arc<RebalanceState>,
-}
-
-impl ClientContext for RebalanceContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, stats) in &statistics.topics {
-            for (partition, partition_stats) in &stats.partitions {
-                // Partition -1 is librdkafka's internal unassigned-partition bucket; a lag of -1
-                // means not known yet (no committed or fetched offset).
-                if *partition < 0 || partition_stats.consumer_lag < 0 {
-                    continue;
-                }
-                metrics::gauge!(
-                    "sluice_consumer_lag",
-                    "client" => statistics.client_id.clone(),
-                    "topic" => topic.clone(),
-                    "partition" => partition.to_string()
-                )
-                .set(partition_stats.consumer_lag as f64);
-            }
-        }
-    }
-}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(partitions) = rebalance {
-            // Why synchronously, here: once this returns the partitions belong to another
-            // worker, which starts from the last committed offset.
-            tracing::info!(partitions = partitions.count(), "partitions revoked");
-            commit_stored(consumer, "before revoke");
-            let mut revoked = self.state.revoked.lock().expect("revoked list lock");
-            revoked.extend(
-                partitions
-                    .elements()
-                    .iter()
-                    .map(|element| (element.topic().to_owned(), element.partition())),
-            );
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(partitions) = rebalance {
-            let list: Vec<String> = partitions
-                .elements()
-                .iter()
-                .map(|element| format!("{}:{}", element.topic(), element.partition()))
-                .collect();
-            tracing::info!(partitions = ?list, "partitions assigned");
-            self.state.joined.store(true, Ordering::SeqCst);
-            self.state.assigned_again.store(true, Ordering::SeqCst);
-        }
     }
 }
