@@ -5,7 +5,9 @@ use crate::notify::Wake;
 use crate::state::Job;
 use crate::store::JobEvent;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,18 +17,18 @@ use sluice_common::metrics::GaugeGuard;
 use sluice_common::propagation::TraceHeaders;
 use sluice_common::telemetry;
 use std::convert::Infallible;
-use uuid::Uuid;
+use sluice_schemas::JobId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("`{0}` is not a job id (a UUID)")]
+    #[error("the path's job id is not a job id (a UUIDv7): {0}")]
     InvalidJobId(String),
     #[error("no job with id {0}")]
-    NotFound(Uuid),
+    NotFound(JobId),
     #[error("Last-Event-ID must be a non-negative integer")]
     InvalidLastEventId,
     #[error("job {job_id} already {status}; nothing to cancel")]
-    AlreadyFinished { job_id: Uuid, status: &'static str },
+    AlreadyFinished { job_id: JobId, status: &'static str },
     #[error("cannot reach the broker to cancel: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -88,44 +90,56 @@ async fn caller_user(state: &AppState, headers: &HeaderMap) -> Result<Option<Str
 }
 
 /// The job, if it exists and the caller may see it; another user's job is as unknown.
-async fn visible_job(state: &AppState, job_id: Uuid, user: Option<&str>) -> Result<Job, ApiError> {
+async fn visible_job(state: &AppState, job_id: JobId, user: Option<&str>) -> Result<Job, ApiError> {
     let job = state
         .store
         .job(job_id)
         .await?
         .ok_or(ApiError::NotFound(job_id))?;
-    if user.is_some_and(|user| user != job.user_id) {
+    if user.is_some_and(|user| user != job.user_id.as_str()) {
         return Err(ApiError::NotFound(job_id));
     }
     Ok(job)
 }
 
-fn parse_job_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::InvalidJobId(text.chars().take(64).collect()))
+/// The `{id}` of the path, parsed once into a `JobId` at the edge; a bad one is our JSON 400.
+pub(crate) struct JobPath(JobId);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(job_id) = Path::<JobId>::from_request_parts(parts, state).await?;
+        Ok(Self(job_id))
+    }
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %id))]
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::InvalidJobId(rejection.body_text().chars().take(200).collect())
+    }
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %job_id))]
 pub(crate) async fn get_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    JobPath(job_id): JobPath,
     headers: HeaderMap,
 ) -> Result<Json<Job>, ApiError> {
     let user = caller_user(&state, &headers).await?;
-    let job_id = parse_job_id(&id)?;
     Ok(Json(visible_job(&state, job_id, user.as_deref()).await?))
 }
 
 /// One SSE event per recorded status change: `id` the change's sequence number, `event` the
 /// status, `data` the job. Opened before the job exists, it waits for it; it ends after a
 /// terminal status; `Last-Event-ID` resumes after the given change.
-#[tracing::instrument(skip_all, fields(job_id = %id))]
+#[tracing::instrument(skip_all, fields(job_id = %job_id))]
 pub(crate) async fn job_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    JobPath(job_id): JobPath,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let user = caller_user(&state, &headers).await?;
-    let job_id = parse_job_id(&id)?;
     let last_seen = match headers.get("last-event-id") {
         None => 0,
         Some(value) => value
@@ -208,14 +222,13 @@ fn visible_to(events: Vec<JobEvent>, user: Option<&str>) -> Vec<JobEvent> {
 /// `DELETE /v1/jobs/{id}`: asks the workers to stop the job. A job not started yet is skipped; a
 /// running one has its model call aborted. Either way it ends `cancelled` (SSE shows it). A job
 /// that already finished is left as it is: 409 `job_finished`.
-#[tracing::instrument(skip_all, fields(job_id = %id))]
+#[tracing::instrument(skip_all, fields(job_id = %job_id))]
 pub(crate) async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    JobPath(job_id): JobPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = caller_user(&state, &headers).await?;
-    let job_id = parse_job_id(&id)?;
     let job = visible_job(&state, job_id, user.as_deref()).await?;
     if job.status.is_terminal() {
         return Err(ApiError::AlreadyFinished {

@@ -12,14 +12,10 @@ pub struct Canceller {
 
 impl Canceller {
     pub async fn publish(&self, job: &Job) -> Result<(), String> {
-        let job_id =
-            sluice_schemas::JobId::try_from(job.job_id).map_err(|error| error.to_string())?;
-        let user_id = sluice_schemas::UserId::parse(job.user_id.clone())
-            .map_err(|error| error.to_string())?;
         let event = sluice_schemas::CancelEvent {
             schema_version: sluice_schemas::SCHEMA_VERSION,
-            job_id,
-            user_id,
+            job_id: job.job_id,
+            user_id: job.user_id.clone(),
             requested_at: chrono::Utc::now(),
             deadline: job.timings.deadline,
         };

@@ -129,7 +129,7 @@ impl EventLoop {
                     for job in &recorded {
                         self.changes.written(job);
                     }
-                    let changed: Vec<uuid::Uuid> = recorded.iter().map(|job| job.job_id).collect();
+                    let changed: Vec<sluice_schemas::JobId> = recorded.iter().map(|job| job.job_id).collect();
                     metrics::histogram!("sluice_results_write_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("sluice_results_batch_events").record(updates.len() as f64);
@@ -157,9 +157,9 @@ impl EventLoop {
 
 /// `sluice_job_end_to_end_seconds` for the jobs this batch made terminal (a replayed terminal
 /// event changes nothing and is not counted again).
-fn record_end_to_end(updates: &[Update], changed: &[uuid::Uuid]) {
+fn record_end_to_end(updates: &[Update], changed: &[sluice_schemas::JobId]) {
     let now = chrono::Utc::now();
-    let changed: HashSet<&uuid::Uuid> = changed.iter().collect();
+    let changed: HashSet<&sluice_schemas::JobId> = changed.iter().collect();
     for update in updates {
         if update.status.is_terminal() && changed.contains(&update.job_id) {
             let took = (now - update.queued_at).to_std().unwrap_or_default();

@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
+use sluice_schemas::JobId;
 
 /// The jobs some stream of this replica is watching, each with what is known of its changes.
 #[derive(Debug, Clone, Default)]
 pub struct JobChanges {
-    watched: Arc<Mutex<HashMap<Uuid, Watched>>>,
+    watched: Arc<Mutex<HashMap<JobId, Watched>>>,
 }
 
 #[derive(Debug)]
@@ -43,7 +43,7 @@ struct Known {
 #[derive(Debug)]
 pub struct Subscription {
     changes: JobChanges,
-    job_id: Uuid,
+    job_id: JobId,
     receiver: watch::Receiver<Known>,
     resync_seen: u64,
 }
@@ -58,7 +58,7 @@ pub enum Wake {
 
 impl JobChanges {
     /// Subscribe before reading the job, so a change committed in between is not missed.
-    pub fn subscribe(&self, job_id: Uuid) -> Subscription {
+    pub fn subscribe(&self, job_id: JobId) -> Subscription {
         let mut watched = self.watched.lock().expect("job changes");
         let entry = watched.entry(job_id).or_insert_with(|| Watched {
             known: watch::Sender::new(Known::default()),
@@ -76,7 +76,7 @@ impl JobChanges {
     }
 
     /// A `NOTIFY` said the job's latest change is `seq`: wakes its streams, if any.
-    pub fn announce(&self, job_id: Uuid, seq: i64) {
+    pub fn announce(&self, job_id: JobId, seq: i64) {
         if let Some(watched) = self.watched.lock().expect("job changes").get(&job_id) {
             watched
                 .known
@@ -192,7 +192,7 @@ mod tests {
     use super::*;
     use sluice_schemas::JobStatus;
 
-    fn written(job_id: Uuid, seqs: &[i64]) -> Recorded {
+    fn written(job_id: JobId, seqs: &[i64]) -> Recorded {
         Recorded {
             job_id,
             events: seqs
@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn a_stream_uses_what_this_replica_wrote_only_when_it_covers_every_new_change() {
         let changes = JobChanges::default();
-        let job_id = Uuid::now_v7();
+        let job_id = JobId::new();
         let mut subscription = changes.subscribe(job_id);
         assert_eq!(
             subscription.written_after(0).map(|events| events.len()),

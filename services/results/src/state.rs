@@ -3,15 +3,14 @@
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
-use sluice_schemas::{JobError, JobStatus, Output, RequestEvent, StatusEvent};
-use uuid::Uuid;
+use sluice_schemas::{JobError, JobId, JobStatus, ModelName, Output, RequestEvent, StatusEvent, UserId};
 
 /// One incoming fact about a job, from either topic.
 #[derive(Debug, Clone)]
 pub struct Update {
-    pub job_id: Uuid,
-    pub user_id: String,
-    pub model: String,
+    pub job_id: JobId,
+    pub user_id: UserId,
+    pub model: ModelName,
     pub status: JobStatus,
     pub attempt: i32,
     pub output: Option<Output>,
@@ -41,9 +40,9 @@ fn micros(time: DateTime<Utc>) -> DateTime<Utc> {
 impl From<RequestEvent> for Update {
     fn from(event: RequestEvent) -> Self {
         Update {
-            job_id: event.job_id.as_uuid(),
-            user_id: event.user_id.into(),
-            model: event.model.into(),
+            job_id: event.job_id,
+            user_id: event.user_id,
+            model: event.model,
             status: JobStatus::Queued,
             attempt: 0,
             output: None,
@@ -62,9 +61,9 @@ impl From<RequestEvent> for Update {
 impl From<StatusEvent> for Update {
     fn from(event: StatusEvent) -> Self {
         Update {
-            job_id: event.job_id.as_uuid(),
-            user_id: event.user_id.into(),
-            model: event.model.into(),
+            job_id: event.job_id,
+            user_id: event.user_id,
+            model: event.model,
             status: event.status,
             attempt: i32::try_from(event.attempt).unwrap_or(i32::MAX),
             output: event.output,
@@ -83,9 +82,9 @@ impl From<StatusEvent> for Update {
 /// A job as stored, and as `GET /v1/jobs/{id}` and every SSE event show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    pub job_id: Uuid,
-    pub user_id: String,
-    pub model: String,
+    pub job_id: JobId,
+    pub user_id: UserId,
+    pub model: ModelName,
     pub status: JobStatus,
     pub attempt: i32,
     /// Number of status changes so far; the SSE event id of the latest.
@@ -195,9 +194,9 @@ mod tests {
 
     fn update(status: JobStatus, attempt: i32) -> Update {
         Update {
-            job_id: Uuid::now_v7(),
-            user_id: "u".into(),
-            model: "m".into(),
+            job_id: JobId::new(),
+            user_id: UserId::parse("u").unwrap(),
+            model: ModelName::parse("m").unwrap(),
             status,
             attempt,
             output: (status == JobStatus::Succeeded).then(|| Output {

@@ -6,6 +6,7 @@ use sluice_schemas::JobStatus;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::BTreeMap;
+use sluice_schemas::{JobId, ModelName, UserId};
 use uuid::Uuid;
 
 /// The channel `NOTIFY` announces changed job ids on, comma separated.
@@ -19,7 +20,7 @@ pub struct Store {
 /// The status changes one transaction recorded for one job, oldest first.
 #[derive(Debug, Clone)]
 pub struct Recorded {
-    pub job_id: Uuid,
+    pub job_id: JobId,
     pub events: Vec<JobEvent>,
 }
 
@@ -72,13 +73,13 @@ impl Store {
     pub async fn apply(&self, updates: &[Update]) -> sqlx::Result<Vec<Recorded>> {
         // Sorted by job id so every writer takes row locks in the same order (no deadlocks
         // between results replicas that share jobs through the two topics).
-        let mut by_job: BTreeMap<Uuid, Vec<&Update>> = BTreeMap::new();
+        let mut by_job: BTreeMap<JobId, Vec<&Update>> = BTreeMap::new();
         for update in updates {
             by_job.entry(update.job_id).or_default().push(update);
         }
         let mut transaction = self.pool.begin().await?;
         insert_placeholders(&mut transaction, &by_job).await?;
-        let ids: Vec<Uuid> = by_job.keys().copied().collect();
+        let ids: Vec<Uuid> = by_job.keys().map(JobId::as_uuid).collect();
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE"
         ))
@@ -103,19 +104,19 @@ impl Store {
         Ok(recorded)
     }
 
-    pub async fn job(&self, job_id: Uuid) -> sqlx::Result<Option<Job>> {
+    pub async fn job(&self, job_id: JobId) -> sqlx::Result<Option<Job>> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1"))
-            .bind(job_id)
+            .bind(job_id.as_uuid())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
     /// The `traceparent` recorded with a job, for the spans of its SSE pushes.
-    pub async fn traceparent(&self, job_id: Uuid) -> sqlx::Result<Option<String>> {
+    pub async fn traceparent(&self, job_id: JobId) -> sqlx::Result<Option<String>> {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT traceparent FROM jobs WHERE job_id = $1")
-                .bind(job_id)
+                .bind(job_id.as_uuid())
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.and_then(|(traceparent,)| traceparent))
@@ -125,7 +126,7 @@ impl Store {
     /// With `user`, only if the job is that user's: another user's job looks like no job at all.
     pub async fn events_after(
         &self,
-        job_id: Uuid,
+        job_id: JobId,
         after_seq: i64,
         user: Option<&str>,
     ) -> sqlx::Result<Vec<JobEvent>> {
@@ -134,7 +135,7 @@ impl Store {
              WHERE job_id = $1 AND seq > $2 AND ($3::text IS NULL OR job->>'user_id' = $3)
              ORDER BY seq",
         )
-        .bind(job_id)
+        .bind(job_id.as_uuid())
         .bind(after_seq)
         .bind(user)
         .fetch_all(&self.pool)
@@ -172,9 +173,12 @@ fn job_from_row(row: &PgRow) -> sqlx::Result<Job> {
         .transpose()
         .map_err(|error| decode_error(error.to_string()))?;
     Ok(Job {
-        job_id: row.try_get("job_id")?,
-        user_id: row.try_get("user_id")?,
-        model: row.try_get("model")?,
+        job_id: JobId::try_from(row.try_get::<Uuid, _>("job_id")?)
+            .map_err(|error| decode_error(error.to_string()))?,
+        user_id: UserId::try_from(row.try_get::<String, _>("user_id")?)
+            .map_err(|error| decode_error(error.to_string()))?,
+        model: ModelName::try_from(row.try_get::<String, _>("model")?)
+            .map_err(|error| decode_error(error.to_string()))?,
         status: JobStatus::parse(&status)
             .ok_or_else(|| decode_error(format!("unknown status {status}")))?,
         attempt: row.try_get("attempt")?,
@@ -195,7 +199,7 @@ fn job_from_row(row: &PgRow) -> sqlx::Result<Job> {
 /// Makes sure a row exists for every job in the batch, so the next statement can lock them all.
 async fn insert_placeholders(
     transaction: &mut Transaction<'_, Postgres>,
-    by_job: &BTreeMap<Uuid, Vec<&Update>>,
+    by_job: &BTreeMap<JobId, Vec<&Update>>,
 ) -> sqlx::Result<()> {
     let placeholders: Vec<Job> = by_job
         .values()
@@ -214,9 +218,9 @@ async fn insert_placeholders(
              AS p(job_id, user_id, model, queued_at, traceparent)
          ON CONFLICT (job_id) DO NOTHING",
     )
-    .bind(placeholders.iter().map(|job| job.job_id).collect::<Vec<_>>())
-    .bind(placeholders.iter().map(|job| job.user_id.clone()).collect::<Vec<_>>())
-    .bind(placeholders.iter().map(|job| job.model.clone()).collect::<Vec<_>>())
+    .bind(placeholders.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
+    .bind(placeholders.iter().map(|job| job.user_id.as_str()).collect::<Vec<_>>())
+    .bind(placeholders.iter().map(|job| job.model.as_str()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.timings.queued_at).collect::<Vec<_>>())
     .bind(traceparents)
     .execute(&mut **transaction)
@@ -262,7 +266,7 @@ async fn record_changes(
          )
          SELECT pg_notify($17, payload) FROM UNNEST($18::text[]) AS payload",
     )
-    .bind(jobs.iter().map(|job| job.job_id).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|job| job.status.rank()).collect::<Vec<_>>())
     .bind(jobs.iter().map(|job| job.attempt).collect::<Vec<_>>())
@@ -274,7 +278,7 @@ async fn record_changes(
     .bind(column(|job| job.timings.deadline))
     .bind(column(|job| job.timings.started_at))
     .bind(column(|job| job.timings.finished_at))
-    .bind(events.iter().map(|job| job.job_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
     .bind(events.iter().map(|job| job.seq).collect::<Vec<_>>())
     .bind(events.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
     .bind(recorded.iter().flat_map(|job| job.events.iter().map(|event| event.job.to_string())).collect::<Vec<_>>())
@@ -304,10 +308,10 @@ pub(crate) fn notify_payloads(recorded: &[Recorded]) -> Vec<String> {
 }
 
 /// The `(job_id, seq)` pairs in one notification's payload; what does not parse is skipped.
-pub(crate) fn notified_changes(payload: &str) -> impl Iterator<Item = (Uuid, i64)> + '_ {
+pub(crate) fn notified_changes(payload: &str) -> impl Iterator<Item = (JobId, i64)> + '_ {
     payload.split(',').filter_map(|item| {
         let (id, seq) = item.trim().split_once(':')?;
-        Some((Uuid::parse_str(id).ok()?, seq.parse().ok()?))
+        Some((JobId::parse(id).ok()?, seq.parse().ok()?))
     })
 }
 
@@ -315,7 +319,7 @@ pub(crate) fn notified_changes(payload: &str) -> impl Iterator<Item = (Uuid, i64
 mod tests {
     use super::*;
 
-    fn recorded(job_id: Uuid, seq: i64) -> Recorded {
+    fn recorded(job_id: JobId, seq: i64) -> Recorded {
         Recorded {
             job_id,
             events: vec![JobEvent {
@@ -329,16 +333,16 @@ mod tests {
     #[test]
     fn notification_payloads_stay_under_the_limit_and_carry_every_change() {
         let changes: Vec<Recorded> = (0..300)
-            .map(|index| recorded(Uuid::now_v7(), i64::MAX - index))
+            .map(|index| recorded(JobId::new(), i64::MAX - index))
             .collect();
         let payloads = notify_payloads(&changes);
         assert_eq!(payloads.len(), 3, "130 + 130 + 40");
         assert!(payloads.iter().all(|payload| payload.len() < 8000));
-        let parsed: Vec<(Uuid, i64)> = payloads
+        let parsed: Vec<(JobId, i64)> = payloads
             .iter()
             .flat_map(|payload| notified_changes(payload))
             .collect();
-        let expected: Vec<(Uuid, i64)> = changes
+        let expected: Vec<(JobId, i64)> = changes
             .iter()
             .map(|change| (change.job_id, change.latest_seq()))
             .collect();

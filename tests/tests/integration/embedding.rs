@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The model `scripts/test` fetched; in CI a missing model fails, it never skips.
-pub fn model_dir() -> PathBuf {
+pub(crate) fn model_dir() -> PathBuf {
     let dir = std::env::var("SLUICE_TEST_EMBEDDING_MODEL_DIR")
         .or_else(|_| std::env::var("SLUICE_EMBEDDING_MODEL_DIR"))
         .expect("SLUICE_TEST_EMBEDDING_MODEL_DIR names the model (scripts/test fetches it)");

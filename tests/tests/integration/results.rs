@@ -7,18 +7,18 @@ use chrono::Utc;
 use serde_json::Value;
 use sluice_common::kafka::{KafkaSource, Received};
 use sluice_results::{AppState, Canceller, Store, Update, router};
-use sluice_schemas::{JobStatus, Output};
+use sluice_schemas::{JobId, JobStatus, ModelName, Output, UserId};
 use sluice_tests::{TestDatabase, TestTopics, kafka_args, read_sse, wait_until};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use uuid::Uuid;
 
-fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
+fn update(job_id: JobId, status: JobStatus, attempt: i32) -> Update {
     Update {
         job_id,
-        user_id: "u".into(),
-        model: "sim".into(),
+        user_id: UserId::parse("u").unwrap(),
+        model: ModelName::parse("sim").unwrap(),
         status,
         attempt,
         output: (status == JobStatus::Succeeded).then(|| Output {
@@ -36,7 +36,7 @@ fn update(job_id: Uuid, status: JobStatus, attempt: i32) -> Update {
     }
 }
 
-async fn statuses(store: &Store, job_id: Uuid) -> Vec<JobStatus> {
+async fn statuses(store: &Store, job_id: JobId) -> Vec<JobStatus> {
     store
         .events_after(job_id, 0, None)
         .await
@@ -91,7 +91,7 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
 async fn batches_are_idempotent_whatever_the_order_or_repetition() {
     let database = TestDatabase::migrated().await;
     let store = Store::new(database.pool.clone());
-    let job_id = Uuid::now_v7();
+    let job_id = JobId::new();
     let (queued, running, done) = (
         update(job_id, JobStatus::Queued, 0),
         update(job_id, JobStatus::Running, 1),
@@ -131,7 +131,7 @@ async fn batches_are_idempotent_whatever_the_order_or_repetition() {
 #[tokio::test]
 async fn concurrent_writers_of_the_same_jobs_agree() {
     let database = TestDatabase::migrated().await;
-    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    let ids: Vec<JobId> = (0..200).map(|_| JobId::new()).collect();
     let batch = |status, attempt| {
         ids.iter()
             .map(|id| update(*id, status, attempt))
@@ -187,7 +187,20 @@ async fn http_errors_are_json_with_stable_codes() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_job_id"))
     );
-    let unknown = Uuid::now_v7();
+    // A UUID that is not a v7 can never be a job id: the same 400, before any query.
+    let (status, body) = get(app.clone(), &format!("/v1/jobs/{}", Uuid::nil()), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_job_id"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("UUIDv7"),
+        "{body}"
+    );
+    let unknown = JobId::new();
     let (status, body) = get(app.clone(), &format!("/v1/jobs/{unknown}"), None).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -235,7 +248,7 @@ async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(axum::serve(listener, router(serving)).into_future());
 
-    let job_id = Uuid::now_v7();
+    let job_id = JobId::new();
     let response = reqwest::get(format!("{url}/v1/jobs/{job_id}/events"))
         .await
         .unwrap();
