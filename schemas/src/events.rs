@@ -1,9 +1,7 @@
 //! The two events on Sluice's topics: a request to run a job, and a change in a job's status.
 
-use crate::domain::{
-    FieldError, JobId, Message, ModelName, Params, UserId, check_input, check_messages,
-    deserialize_input,
-};
+use crate::domain::{FieldError, JobId, ModelName, UserId};
+use crate::request::RequestEvent;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -58,90 +56,11 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, 
     })
 }
 
-fn check_version(found: u32) -> Result<(), DecodeError> {
+pub(crate) fn check_version(found: u32) -> Result<(), DecodeError> {
     if found != SCHEMA_VERSION {
         return Err(DecodeError::UnsupportedVersion { found });
     }
     Ok(())
-}
-
-/// Published to the requests topic, keyed by `user_id`: "run this job".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RequestEvent {
-    pub schema_version: u32,
-    pub job_id: JobId,
-    pub user_id: UserId,
-    pub model: ModelName,
-    /// A chat job's conversation; empty for an embedding job.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub messages: Vec<Message>,
-    /// An embedding job's texts (OpenAI's embeddings `input`: a string or an array); none for a
-    /// chat job.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "deserialize_input"
-    )]
-    pub input: Option<Vec<String>>,
-    #[serde(default)]
-    pub params: Params,
-    pub submitted_at: DateTime<Utc>,
-    /// Absolute time after which the job is worthless to its caller.
-    pub deadline: DateTime<Utc>,
-    /// `false` asks for a fresh answer: no cached one, no sharing of an identical call in flight.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache: Option<bool>,
-}
-
-impl RequestEvent {
-    /// Parses and checks a record payload; any error is a reason to dead-letter it.
-    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
-        let event: RequestEvent = decode_json(payload)?;
-        event.validate()?;
-        Ok(event)
-    }
-
-    /// The rules beyond the JSON's shape that every consumer applies: ingest checks a new
-    /// event with them before publishing it, so it never publishes what a worker would
-    /// dead-letter.
-    pub fn validate(&self) -> Result<(), DecodeError> {
-        check_version(self.schema_version)?;
-        match (&self.input, self.messages.is_empty()) {
-            (None, _) => check_messages(&self.messages)?,
-            (Some(input), true) => check_input(input)?,
-            (Some(_), false) => {
-                return Err(FieldError::new(
-                    "input",
-                    "a job is a chat (messages) or an embedding (input), not both",
-                )
-                .into());
-            }
-        }
-        if self.deadline < self.submitted_at {
-            return Err(FieldError::new("deadline", "must not be before submitted_at").into());
-        }
-        Ok(())
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a request event always serializes")
-    }
-
-    pub fn task(&self) -> Task {
-        match self.input {
-            Some(_) => Task::Embedding,
-            None => Task::Chat,
-        }
-    }
-}
-
-/// What a job asks of its model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    /// `messages` in, a chat completion out (`output.content`).
-    Chat,
-    /// `input` in, one vector per text out (`output.embeddings`).
-    Embedding,
 }
 
 /// Where a job is in its life. The order of the variants is the order of progress.

@@ -5,15 +5,17 @@
 
 mod domain;
 mod events;
+mod request;
 
 pub use domain::{
     FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role,
     UserId, deserialize_input,
 };
 pub use events::{
-    CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, RequestEvent, SCHEMA_VERSION,
-    StatusEvent, Task, Timings, Usage, decode_json,
+    CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, SCHEMA_VERSION, StatusEvent,
+    Timings, Usage, decode_json,
 };
+pub use request::{RequestEvent, Task};
 
 /// Record header names used on every Sluice topic.
 pub mod headers {

@@ -107,7 +107,7 @@ impl Pipeline {
         results_config.group_id = format!("{}-results", topics.requests);
         results_config.database_max_connections = 8;
         results_config.auth = auth_mode(options.api_keys);
-        results_config.key_cache_secs = 1;
+        results_config.key_cache_ttl = Duration::from_secs(1);
         let results = sluice_results::Application::build(results_config)
             .await
             .expect("building results");
@@ -136,10 +136,10 @@ impl Pipeline {
         ingest_config.kafka = kafka.clone();
         ingest_config.topics = topics.args();
         ingest_config.results_url = results_url.clone();
-        ingest_config.publish_timeout_ms = options.publish_timeout_ms;
+        ingest_config.publish_timeout = Duration::from_millis(options.publish_timeout_ms);
         ingest_config.auth = auth_mode(options.api_keys);
         ingest_config.database_url = database.url.clone().into();
-        ingest_config.key_cache_secs = 1;
+        ingest_config.key_cache_ttl = Duration::from_secs(1);
         ingest_config.redis_url = redis_url.clone().map(Into::into);
         ingest_config.redis_prefix = redis_prefix.clone();
         // Pipeline tests are about the pipeline, not admission control: limits out of the way.

@@ -38,7 +38,7 @@ pub async fn key_store(
         .map_err(|error| {
             anyhow::anyhow!("connecting to Postgres for API keys (DATABASE_URL): {error}")
         })?;
-    MIGRATOR.run(&pool).await?;
+    wait_for_schema(&pool, SCHEMA_WAIT).await?;
     Ok(Some(KeyStore::new(pool, cache)))
 }
 
@@ -202,5 +202,27 @@ pub async fn revoke_key(pool: &PgPool, key_id: &str) -> sqlx::Result<bool> {
     Ok(result.rows_affected() == 1)
 }
 
-/// The migrations in the repository's `migrations/` folder, compiled in.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+/// How long a service waits at start-up for the migrations, which `sluice-results` owns.
+const SCHEMA_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until the `api_keys` table exists. The migrations have one owner, `sluice-results`
+/// (at its start-up, or `sluice-results migrate` as the Helm chart's init container); a
+/// service that reads keys and starts beside it waits for them rather than racing it.
+pub async fn wait_for_schema(pool: &PgPool, wait: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass('api_keys') IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+        if exists {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "Postgres has no api_keys table: apply the migrations first (`sluice-results \
+             migrate`, or start sluice-results, which applies them)"
+        );
+        tracing::info!("waiting for the migrations (sluice-results applies them)");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

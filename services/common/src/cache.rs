@@ -5,7 +5,7 @@
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sluice_schemas::{Output, RequestEvent};
+use sluice_schemas::{Output, RequestEvent, Task};
 use std::time::Duration;
 
 /// The cache key of a request: a SHA-256 over a canonical JSON form (object keys sorted), so
@@ -14,8 +14,11 @@ pub fn cache_key(request: &RequestEvent) -> String {
     let value = serde_json::json!({
         "scope": request.user_id.as_str(),
         "model": request.model.as_str(),
-        "messages": request.messages,
-        "input": request.input,
+        "messages": request.messages(),
+        "input": match &request.task {
+            Task::Embedding(input) => Some(input),
+            Task::Chat(_) => None,
+        },
         "params": request.params,
     });
     format!(

@@ -1,12 +1,11 @@
-//! Code that every Sluice service needs and that is not part of the event contract.
+//! Code that every Sluice service needs and that is not part of the event contract: Kafka,
+//! API keys, the response cache, trace propagation; and, re-exported, the runtime every Sluice
+//! process shares (`sluice-runtime`: telemetry, metrics, stop signals, lifecycle, settings).
 
 pub mod auth;
 pub mod cache;
 pub mod http;
 pub mod kafka;
-pub mod lifecycle;
-pub mod metrics;
 pub mod propagation;
-pub mod settings;
-pub mod shutdown;
-pub mod telemetry;
+
+pub use sluice_runtime::{lifecycle, metrics, settings, shutdown, telemetry};

@@ -27,16 +27,16 @@ pub struct Config {
     pub max_body_bytes: usize,
 
     /// Deadline given to a job that names no `timeout_ms`.
-    #[arg(long, env = "SLUICE_DEFAULT_TIMEOUT_MS", default_value_t = 60_000)]
-    pub default_timeout_ms: u64,
+    #[arg(long = "default-timeout-ms", env = "SLUICE_DEFAULT_TIMEOUT_MS", default_value = "60000", value_parser = sluice_common::settings::millis)]
+    pub default_timeout: std::time::Duration,
 
     /// Longest deadline a job may ask for; larger `timeout_ms` values are capped to it.
-    #[arg(long, env = "SLUICE_MAX_TIMEOUT_MS", default_value_t = 600_000)]
-    pub max_timeout_ms: u64,
+    #[arg(long = "max-timeout-ms", env = "SLUICE_MAX_TIMEOUT_MS", default_value = "600000", value_parser = sluice_common::settings::millis)]
+    pub max_timeout: std::time::Duration,
 
     /// Longest a submission waits for the broker's acknowledgement before answering 503.
-    #[arg(long, env = "SLUICE_PUBLISH_TIMEOUT_MS", default_value_t = 5_000)]
-    pub publish_timeout_ms: u64,
+    #[arg(long = "publish-timeout-ms", env = "SLUICE_PUBLISH_TIMEOUT_MS", default_value = "5000", value_parser = sluice_common::settings::millis)]
+    pub publish_timeout: std::time::Duration,
 
     /// After a stop signal, how long open requests get to finish, in ms.
     #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]
@@ -56,8 +56,8 @@ pub struct Config {
     pub database_url: secrecy::SecretString,
 
     /// How long a key look-up is cached; a revoked key stops working within this time.
-    #[arg(long, env = "SLUICE_KEY_CACHE_SECS", default_value_t = 30)]
-    pub key_cache_secs: u64,
+    #[arg(long = "key-cache-secs", env = "SLUICE_KEY_CACHE_SECS", default_value = "30", value_parser = sluice_common::settings::secs)]
+    pub key_cache_ttl: std::time::Duration,
 
     /// Per-user quotas by tier, JSON: `{"default": {"rate_per_sec": 10, "burst": 20}, "pro": ...}`.
     /// Without API keys every user is in `default`.
@@ -95,8 +95,8 @@ pub struct Config {
 
     /// With `REDIS_URL`, answer a request found in the shared response cache at submit time;
     /// 0 turns that off. (The workers keep the answers; this only reads them.)
-    #[arg(long, env = "SLUICE_CACHE_TTL_SECS", default_value_t = 300)]
-    pub cache_ttl_secs: u64,
+    #[arg(long = "cache-ttl-secs", env = "SLUICE_CACHE_TTL_SECS", default_value = "300", value_parser = sluice_common::settings::secs)]
+    pub cache_ttl: std::time::Duration,
 
     /// Submissions being handled at once, at most; beyond it ingest answers 503 `overloaded`.
     #[arg(
@@ -107,8 +107,8 @@ pub struct Config {
     pub max_concurrent_submissions: usize,
 
     /// How long an `Idempotency-Key` is remembered.
-    #[arg(long, env = "SLUICE_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
-    pub idempotency_ttl_secs: u64,
+    #[arg(long = "idempotency-ttl-secs", env = "SLUICE_IDEMPOTENCY_TTL_SECS", default_value = "86400", value_parser = sluice_common::settings::secs)]
+    pub idempotency_ttl: std::time::Duration,
 
     /// Public base URL of the results service, for the `Location` header and the links in a 202.
     #[arg(
@@ -132,15 +132,15 @@ impl Config {
             "SLUICE_MAX_BODY_BYTES must be 1 to {MAX_BODY_LIMIT} (below the broker's message size limit)"
         );
         anyhow::ensure!(
-            self.default_timeout_ms > 0,
+            !self.default_timeout.is_zero(),
             "SLUICE_DEFAULT_TIMEOUT_MS must be above 0"
         );
         anyhow::ensure!(
-            self.default_timeout_ms <= self.max_timeout_ms,
+            self.default_timeout <= self.max_timeout,
             "SLUICE_DEFAULT_TIMEOUT_MS must not exceed SLUICE_MAX_TIMEOUT_MS"
         );
         anyhow::ensure!(
-            self.publish_timeout_ms > 0,
+            !self.publish_timeout.is_zero(),
             "SLUICE_PUBLISH_TIMEOUT_MS must be above 0"
         );
         Ok(())

@@ -37,7 +37,7 @@ enum Action {
 impl KeysCommand {
     pub async fn run(self) -> anyhow::Result<()> {
         let pool = sqlx::PgPool::connect(self.database_url.expose_secret()).await?;
-        auth::MIGRATOR.run(&pool).await?;
+        auth::wait_for_schema(&pool, std::time::Duration::ZERO).await?;
         match self.action {
             Action::Create {
                 user_id,

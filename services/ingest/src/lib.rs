@@ -60,18 +60,18 @@ impl AppState {
                 .await?,
                 prefix: config.redis_prefix.clone(),
             },
-            None => IdempotencyStore::Local(Default::default()),
+            None => IdempotencyStore::local(config.idempotency_ttl),
         });
         let submissions = Arc::new(Semaphore::new(config.max_concurrent_submissions));
         // Only a shared cache can answer at submit time: a worker's own cache is not visible here.
         let cache_ttl = if config.redis_url.is_some() {
-            config.cache_ttl_secs
+            config.cache_ttl
         } else {
-            0
+            Duration::ZERO
         };
         let cache = Arc::new(
             sluice_common::cache::ResponseCache::new(
-                Duration::from_secs(cache_ttl),
+                cache_ttl,
                 0,
                 config
                     .redis_url
@@ -84,14 +84,15 @@ impl AppState {
         let keys = sluice_common::auth::key_store(
             config.auth,
             secrecy::ExposeSecret::expose_secret(&config.database_url),
-            Duration::from_secs(config.key_cache_secs),
+            config.key_cache_ttl,
         )
         .await?
         .map(Arc::new);
         let mut kafka = config.kafka.clone();
         // Why: a record the broker has not taken within the publish timeout is expired by
         // librdkafka too, so a client told 503 is not surprised by a late publish.
-        kafka.message_timeout_ms = u32::try_from(config.publish_timeout_ms).unwrap_or(u32::MAX);
+        kafka.message_timeout_ms =
+            u32::try_from(config.publish_timeout.as_millis()).unwrap_or(u32::MAX);
         let producer: FutureProducer = kafka
             .producer_config("sluice-ingest")
             .create()
@@ -99,7 +100,7 @@ impl AppState {
         let publisher = Publisher::new(
             producer,
             config.topics.requests.clone(),
-            Duration::from_millis(config.publish_timeout_ms),
+            config.publish_timeout,
         );
         Ok(Self {
             config: Arc::new(config),

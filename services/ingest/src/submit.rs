@@ -17,7 +17,7 @@ use sluice_common::cache::cache_key;
 use sluice_common::{propagation, telemetry};
 use sluice_schemas::{
     DecodeError, FieldError, JobId, JobStatus, Message, ModelName, Output, Params, RequestEvent,
-    SCHEMA_VERSION, StatusEvent, Timings, UserId,
+    SCHEMA_VERSION, StatusEvent, Task, Timings, UserId,
 };
 use std::time::Duration;
 use tracing::Instrument;
@@ -62,8 +62,8 @@ pub struct Accepted {
 /// Limits a submission is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub default_timeout_ms: u64,
-    pub max_timeout_ms: u64,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
 }
 
 /// Turns a sent body, for the user it was accepted from (parsed once, by the handler), into
@@ -75,7 +75,7 @@ pub fn to_request_event(
     now: DateTime<Utc>,
 ) -> Result<RequestEvent, FieldError> {
     let model = ModelName::parse(body.model)?;
-    let messages = match (body.messages, &body.input) {
+    let task = match (body.messages, body.input) {
         (Some(_), Some(_)) => {
             return Err(FieldError::new(
                 "input",
@@ -88,32 +88,25 @@ pub fn to_request_event(
                 "is required (or `input`, for an embedding job)",
             ));
         }
-        (Some(messages), None) if messages.is_empty() => {
-            return Err(FieldError::new(
-                "messages",
-                "must hold at least one message",
-            ));
-        }
-        (messages, _) => messages.unwrap_or_default(),
+        (Some(messages), None) => Task::Chat(messages),
+        (None, Some(input)) => Task::Embedding(input),
     };
-    let timeout_ms = match body.timeout_ms {
+    let timeout = match body.timeout_ms {
         Some(0) => return Err(FieldError::new("timeout_ms", "must be above 0")),
-        Some(asked) => asked.min(limits.max_timeout_ms),
-        None => limits.default_timeout_ms,
+        Some(asked) => Duration::from_millis(asked).min(limits.max_timeout),
+        None => limits.default_timeout,
     };
-    let deadline =
-        now + chrono::Duration::milliseconds(i64::try_from(timeout_ms).unwrap_or(i64::MAX));
+    let deadline = now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
     let event = RequestEvent {
         schema_version: SCHEMA_VERSION,
         job_id: JobId::new(),
         user_id,
         model,
-        messages,
-        input: body.input,
+        task,
         params: body.params.unwrap_or_default(),
         submitted_at: now,
         deadline,
-        cache: body.cache,
+        cache: body.cache.unwrap_or(true),
     };
     // The rules every consumer applies (message count, empty content, ...): ingest never
     // publishes what a worker would dead-letter.
@@ -254,10 +247,17 @@ async fn submit_in_span(
         .user_id
         .clone()
         .ok_or_else(|| FieldError::new("user_id", "is required"))?;
-    let user_id = UserId::parse(given)?;
+    let limits = Limits {
+        default_timeout: state.config.default_timeout,
+        max_timeout: state.config.max_timeout,
+    };
+    // The one conversion: from here on the job is a validated event, nothing is re-checked.
+    let event = to_request_event(body, UserId::parse(given)?, limits, Utc::now())?;
+    tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
+    let user_id = &event.user_id;
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
     let key = idempotency_key(&headers)?;
-    let retention = Duration::from_secs(state.config.idempotency_ttl_secs);
+    let retention = state.config.idempotency_ttl;
     let body_hash = idempotency::body_hash(&raw);
     let mut claimed = false;
     if let Some(key) = &key {
@@ -273,7 +273,7 @@ async fn submit_in_span(
             Err(error) => on_store_failure(&state, "idempotency", &error)?,
         }
     }
-    let result = admit_and_publish(&state, body, &user_id, &tier).await;
+    let result = admit_and_publish(&state, &event, &tier).await;
     if let (Some(key), true) = (&key, claimed) {
         match &result {
             Ok((accepted, _)) => {
@@ -325,10 +325,10 @@ fn replayed(accepted: serde_json::Value) -> Response {
 /// Rate limits, then the event, then the broker's acknowledgement.
 async fn admit_and_publish(
     state: &AppState,
-    body: SubmitBody,
-    user_id: &UserId,
+    event: &RequestEvent,
     tier: &str,
 ) -> Result<(Accepted, HeaderMap), ApiError> {
+    let user_id = &event.user_id;
     let (tier, quota) = state.tiers.quota(tier);
     let mut limit_headers = HeaderMap::new();
     match state.limiter.check(user_id.as_str(), &quota).await {
@@ -344,15 +344,9 @@ async fn admit_and_publish(
         }
         Err(error) => on_store_failure(state, "rate limit", &error)?,
     }
-    let limits = Limits {
-        default_timeout_ms: state.config.default_timeout_ms,
-        max_timeout_ms: state.config.max_timeout_ms,
-    };
-    let event = to_request_event(body, user_id.clone(), limits, Utc::now())?;
-    tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
-    let output = answer_from_cache(state, &event).await?;
+    let output = answer_from_cache(state, event).await?;
     if output.is_none() {
-        state.publisher.publish(&event).await?;
+        state.publisher.publish(event).await?;
         metrics::counter!("sluice_jobs_accepted_total").increment(1);
         tracing::debug!("job accepted");
     }
@@ -383,7 +377,7 @@ async fn answer_from_cache(
     state: &AppState,
     event: &RequestEvent,
 ) -> Result<Option<Output>, ApiError> {
-    if event.cache == Some(false) || !state.cache.is_shared() {
+    if !event.cache || !state.cache.is_shared() {
         return Ok(None);
     }
     let Some(output) = state.cache.get(&cache_key(event)).await else {

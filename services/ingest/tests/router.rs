@@ -12,7 +12,7 @@ async fn app() -> axum::Router {
     let mut config = Config::defaults();
     config.kafka.brokers = "127.0.0.1:1".into();
     config.auth = sluice_common::auth::AuthMode::Off;
-    config.publish_timeout_ms = 300;
+    config.publish_timeout = std::time::Duration::from_millis(300);
     config.max_body_bytes = 2_000;
     router(AppState::new(config).await.expect("state"))
 }
@@ -218,8 +218,8 @@ fn timeouts_default_and_are_capped() {
     use sluice_ingest::{Limits, SubmitBody, to_request_event};
     use sluice_schemas::UserId;
     let limits = Limits {
-        default_timeout_ms: 1_000,
-        max_timeout_ms: 5_000,
+        default_timeout: std::time::Duration::from_secs(1),
+        max_timeout: std::time::Duration::from_secs(5),
     };
     let body = |timeout_ms| -> SubmitBody {
         let mut value = valid();

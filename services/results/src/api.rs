@@ -16,8 +16,8 @@ use sluice_common::http::error_response;
 use sluice_common::metrics::GaugeGuard;
 use sluice_common::propagation::TraceHeaders;
 use sluice_common::telemetry;
-use std::convert::Infallible;
 use sluice_schemas::JobId;
+use std::convert::Infallible;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

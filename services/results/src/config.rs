@@ -27,8 +27,8 @@ pub struct Config {
     pub auth: sluice_common::auth::AuthMode,
 
     /// How long a key look-up is cached; a revoked key stops working within this time.
-    #[arg(long, env = "SLUICE_KEY_CACHE_SECS", default_value_t = 30)]
-    pub key_cache_secs: u64,
+    #[arg(long = "key-cache-secs", env = "SLUICE_KEY_CACHE_SECS", default_value = "30", value_parser = sluice_common::settings::secs)]
+    pub key_cache_ttl: std::time::Duration,
 
     /// Most Postgres connections this service opens.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
@@ -53,12 +53,12 @@ pub struct Config {
     pub max_batch: usize,
 
     /// Interval of SSE keep-alive comments, in seconds.
-    #[arg(long, env = "SLUICE_SSE_KEEPALIVE_SECS", default_value_t = 15)]
-    pub sse_keepalive_secs: u64,
+    #[arg(long = "sse-keepalive-secs", env = "SLUICE_SSE_KEEPALIVE_SECS", default_value = "15", value_parser = sluice_common::settings::secs)]
+    pub sse_keepalive: std::time::Duration,
 
     /// How often an open SSE stream re-reads its job even without a notification, in ms.
-    #[arg(long, env = "SLUICE_SSE_RECHECK_MS", default_value_t = 2_000)]
-    pub sse_recheck_ms: u64,
+    #[arg(long = "sse-recheck-ms", env = "SLUICE_SSE_RECHECK_MS", default_value = "2000", value_parser = sluice_common::settings::millis)]
+    pub sse_recheck: std::time::Duration,
 
     /// After a stop signal, how long the batch being written and open requests get before the
     /// service leaves anyway (what is not stored by then is redelivered), in ms.
@@ -82,7 +82,7 @@ impl Config {
             "DATABASE_MAX_CONNECTIONS must be at least 2"
         );
         anyhow::ensure!(
-            self.sse_keepalive_secs > 0,
+            !self.sse_keepalive.is_zero(),
             "SLUICE_SSE_KEEPALIVE_SECS must be above 0"
         );
         Ok(())

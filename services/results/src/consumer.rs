@@ -129,7 +129,8 @@ impl EventLoop {
                     for job in &recorded {
                         self.changes.written(job);
                     }
-                    let changed: Vec<sluice_schemas::JobId> = recorded.iter().map(|job| job.job_id).collect();
+                    let changed: Vec<sluice_schemas::JobId> =
+                        recorded.iter().map(|job| job.job_id).collect();
                     metrics::histogram!("sluice_results_write_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("sluice_results_batch_events").record(updates.len() as f64);

@@ -32,7 +32,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use sluice_common::auth::MIGRATOR;
+/// The Postgres schema, `services/results/migrations/`, compiled in. This service owns it: it
+/// applies it at start-up (`SLUICE_RUN_MIGRATIONS`) and with `sluice-results migrate`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone)]
 pub struct AppState {
@@ -118,13 +120,13 @@ impl Application {
         let state = AppState {
             store: store.clone(),
             changes,
-            keepalive: Duration::from_secs(config.sse_keepalive_secs),
-            sse_recheck: Duration::from_millis(config.sse_recheck_ms),
+            keepalive: config.sse_keepalive,
+            sse_recheck: config.sse_recheck,
             consumer: source.health(),
             keys: if config.auth == sluice_common::auth::AuthMode::ApiKeys {
                 Some(Arc::new(sluice_common::auth::KeyStore::new(
                     store.pool().clone(),
-                    Duration::from_secs(config.key_cache_secs),
+                    config.key_cache_ttl,
                 )))
             } else {
                 tracing::warn!(

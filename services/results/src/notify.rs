@@ -5,6 +5,7 @@
 //! of browsers waiting on slow models, a broadcast to all would cost streams x changes wake-ups).
 
 use crate::store::{JobEvent, NOTIFY_CHANNEL, Recorded};
+use sluice_schemas::JobId;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
@@ -12,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use sluice_schemas::JobId;
 
 /// The jobs some stream of this replica is watching, each with what is known of its changes.
 #[derive(Debug, Clone, Default)]

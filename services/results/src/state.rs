@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
-use sluice_schemas::{JobError, JobId, JobStatus, ModelName, Output, RequestEvent, StatusEvent, UserId};
+use sluice_schemas::{
+    JobError, JobId, JobStatus, ModelName, Output, RequestEvent, StatusEvent, UserId,
+};
 
 /// One incoming fact about a job, from either topic.
 #[derive(Debug, Clone)]

@@ -3,10 +3,10 @@
 use crate::state::{Job, JobTimings, Update};
 use chrono::{DateTime, Utc};
 use sluice_schemas::JobStatus;
+use sluice_schemas::{JobId, ModelName, UserId};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::BTreeMap;
-use sluice_schemas::{JobId, ModelName, UserId};
 use uuid::Uuid;
 
 /// The channel `NOTIFY` announces changed job ids on, comma separated.

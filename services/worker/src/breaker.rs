@@ -38,6 +38,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// Sets `sluice_circuit_state` for `backend`: 0 closed, 1 half-open, 2 open.
+    pub fn report(&self, backend: &str, now: Instant) {
+        let value = match self.state(now) {
+            CircuitState::Closed => 0.0,
+            CircuitState::HalfOpen => 1.0,
+            CircuitState::Open => 2.0,
+        };
+        metrics::gauge!("sluice_circuit_state", "backend" => backend.to_owned()).set(value);
+    }
+
     pub fn state(&self, now: Instant) -> CircuitState {
         let inner = self.inner.lock().expect("breaker lock");
         match inner.opened_at {

@@ -1,5 +1,6 @@
 //! Worker settings, read from flags or the environment; every default works on a laptop.
 
+use crate::routing::{ConcurrencySettings, ModelsFile, Routes, RoutingSettings, parse_models};
 use anyhow::Context;
 use secrecy::{ExposeSecret, SecretString};
 use sluice_common::kafka::{KafkaArgs, TopicArgs};
@@ -50,28 +51,28 @@ pub struct Config {
     pub model_api_key: Option<SecretString>,
 
     /// Longest one attempt at a model call may take, whatever the job's deadline.
-    #[arg(long, env = "MODEL_TIMEOUT_MS", default_value_t = 120_000)]
-    pub model_timeout_ms: u64,
+    #[arg(long = "model-timeout-ms", env = "MODEL_TIMEOUT_MS", default_value = "120000", value_parser = sluice_common::settings::millis)]
+    pub model_timeout: std::time::Duration,
 
     /// Attempts per model in the chain for retryable failures (unreachable, timeout, 408, 429, 5xx).
     #[arg(long, env = "MODEL_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
 
     /// First retry delay; it doubles per attempt, with jitter, up to `MODEL_RETRY_MAX_MS`.
-    #[arg(long, env = "MODEL_RETRY_BASE_MS", default_value_t = 200)]
-    pub retry_base_ms: u64,
+    #[arg(long = "retry-base-ms", env = "MODEL_RETRY_BASE_MS", default_value = "200", value_parser = sluice_common::settings::millis)]
+    pub retry_base: std::time::Duration,
 
     /// Longest delay between attempts, including one asked for by `Retry-After`.
-    #[arg(long, env = "MODEL_RETRY_MAX_MS", default_value_t = 10_000)]
-    pub retry_max_ms: u64,
+    #[arg(long = "retry-max-ms", env = "MODEL_RETRY_MAX_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]
+    pub retry_max: std::time::Duration,
 
     /// Backend failures in a row that open its circuit.
     #[arg(long, env = "MODEL_BREAKER_THRESHOLD", default_value_t = 5)]
     pub breaker_threshold: u32,
 
     /// How long an open circuit fails fast before letting one probe through.
-    #[arg(long, env = "MODEL_BREAKER_COOLDOWN_MS", default_value_t = 10_000)]
-    pub breaker_cooldown_ms: u64,
+    #[arg(long = "breaker-cooldown-ms", env = "MODEL_BREAKER_COOLDOWN_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]
+    pub breaker_cooldown: std::time::Duration,
 
     /// Learn each backend's capacity (a Vegas-style limit on calls in flight toward it); off,
     /// the limit is `MODEL_CONCURRENCY_MAX`.
@@ -91,16 +92,17 @@ pub struct Config {
     pub concurrency_max: usize,
 
     /// Backends, routes, fallback chains and static fallbacks: JSON, or `@path` to a JSON file.
-    #[arg(long, env = "SLUICE_MODELS")]
-    pub models: Option<String>,
+    /// Parsed (and the file read) when the settings are, so a mistake stops the worker first.
+    #[arg(long, env = "SLUICE_MODELS", default_value = "", value_parser = parse_models)]
+    pub models: ModelsFile,
 
     /// Longest a connection to the backend may take to open.
-    #[arg(long, env = "MODEL_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
-    pub model_connect_timeout_ms: u64,
+    #[arg(long = "model-connect-timeout-ms", env = "MODEL_CONNECT_TIMEOUT_MS", default_value = "2000", value_parser = sluice_common::settings::millis)]
+    pub model_connect_timeout: std::time::Duration,
 
     /// How long a `succeeded` answer is kept in the response cache; 0 turns the cache off.
-    #[arg(long, env = "SLUICE_CACHE_TTL_SECS", default_value_t = 300)]
-    pub cache_ttl_secs: u64,
+    #[arg(long = "cache-ttl-secs", env = "SLUICE_CACHE_TTL_SECS", default_value = "300", value_parser = sluice_common::settings::secs)]
+    pub cache_ttl: std::time::Duration,
 
     /// Answers kept in the in-process cache, at most (without Redis).
     #[arg(long, env = "SLUICE_CACHE_MAX_ENTRIES", default_value_t = 10_000)]
@@ -136,8 +138,8 @@ pub struct Config {
     pub embedding_max_batch: usize,
 
     /// Longest the first job of a batch waits for others to join it.
-    #[arg(long, env = "SLUICE_EMBEDDING_MAX_WAIT_MS", default_value_t = 5)]
-    pub embedding_max_wait_ms: u64,
+    #[arg(long = "embedding-max-wait-ms", env = "SLUICE_EMBEDDING_MAX_WAIT_MS", default_value = "5", value_parser = sluice_common::settings::millis)]
+    pub embedding_max_wait: std::time::Duration,
 }
 
 impl Config {
@@ -152,7 +154,7 @@ impl Config {
             "SLUICE_MAX_IN_FLIGHT must be above 0"
         );
         anyhow::ensure!(
-            self.model_timeout_ms > 0,
+            !self.model_timeout.is_zero(),
             "MODEL_TIMEOUT_MS must be above 0"
         );
         reqwest::Url::parse(&self.model_base_url).map_err(|error| {
@@ -164,20 +166,37 @@ impl Config {
         Ok(())
     }
 
-    pub fn retry_policy(&self) -> crate::job::RetryPolicy {
-        crate::job::RetryPolicy {
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
             max_attempts: self.max_attempts,
-            base_delay: std::time::Duration::from_millis(self.retry_base_ms),
-            max_delay: std::time::Duration::from_millis(self.retry_max_ms),
-            attempt_timeout: std::time::Duration::from_millis(self.model_timeout_ms),
+            base_delay: self.retry_base,
+            max_delay: self.retry_max,
+            attempt_timeout: self.model_timeout,
         }
     }
 
-    /// The response cache these settings describe (connects to Redis if `REDIS_URL` is set).
+    /// What the routes are built from.
+    pub fn routing(&self) -> RoutingSettings {
+        RoutingSettings {
+            models: self.models.clone(),
+            default_base_url: self.model_base_url.clone(),
+            default_api_key: self.model_api_key.clone(),
+            connect_timeout: self.model_connect_timeout,
+            breaker_threshold: self.breaker_threshold,
+            breaker_cooldown: self.breaker_cooldown,
+            concurrency: ConcurrencySettings {
+                initial: self.concurrency_initial,
+                min: self.concurrency_min,
+                max: self.concurrency_max,
+                adaptive: self.adaptive_concurrency,
+            },
+        }
+    }
+
     /// The routes, with the in-process embedding model loaded if one is configured: a missing
     /// or corrupt model file is an error naming it, before the worker joins its group.
-    pub async fn routes(&self) -> anyhow::Result<crate::routing::Routes> {
-        let routes = crate::routing::Routes::from_config(self)?;
+    pub async fn routes(&self) -> anyhow::Result<Routes> {
+        let routes = Routes::from_settings(&self.routing())?;
         let Some(dir) = &self.embedding_model_dir else {
             anyhow::ensure!(
                 !routes.uses_local(),
@@ -189,17 +208,17 @@ impl Config {
             model_dir: dir.clone(),
             threads: self.embedding_threads,
             max_batch: self.embedding_max_batch,
-            max_wait: std::time::Duration::from_millis(self.embedding_max_wait_ms),
+            max_wait: self.embedding_max_wait,
         })
         .await
         .context("loading the in-process embedding model (SLUICE_EMBEDDING_MODEL_DIR)")?;
         Ok(routes.with_local_embedder(embedder))
     }
 
+    /// The response cache these settings describe (connects to Redis if `REDIS_URL` is set).
     pub async fn response_cache(&self) -> anyhow::Result<sluice_common::cache::ResponseCache> {
-        let ttl = std::time::Duration::from_secs(self.cache_ttl_secs);
         sluice_common::cache::ResponseCache::new(
-            ttl,
+            self.cache_ttl,
             self.cache_max_entries,
             self.redis_url.as_ref().map(ExposeSecret::expose_secret),
             &self.redis_prefix,

@@ -1,11 +1,10 @@
 //! The worker's unit of work: one record in, one outcome out. The consumer loop around it only
 //! schedules; everything a job does is here and can be called directly.
 
-use crate::breaker::CircuitState;
+use crate::attempt::{self, Attempt};
 use crate::cancel::Cancellations;
 use crate::coalesce::{self, Coalescer, Turn};
-use crate::limit::Sample;
-use crate::model::Failure;
+use crate::retry::{Next, RetryPolicy};
 use crate::routing::Routes;
 use crate::status::{Abandoned, StatusPublisher};
 use chrono::{DateTime, Utc};
@@ -15,7 +14,7 @@ use sluice_common::telemetry;
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::Instrument;
 
 /// What a job needs besides its record.
@@ -217,7 +216,7 @@ async fn answer(
     started_at: DateTime<Utc>,
     attempts: &AtomicU32,
 ) -> Result<Result<Output, JobError>, Abandoned> {
-    if request.cache == Some(false) {
+    if !request.cache {
         return call_chain(context, request, started_at, attempts).await;
     }
     let key = cache_key(request);
@@ -247,11 +246,11 @@ async fn answer(
     Ok(result)
 }
 
-fn time_left(request: &RequestEvent) -> Duration {
+pub(crate) fn time_left(request: &RequestEvent) -> Duration {
     (request.deadline - Utc::now()).to_std().unwrap_or_default()
 }
 
-/// Tries each model of the chain; `attempts` counts calls across the whole chain.
+/// Tries each model of the chain, each up to the retry policy's attempts, within the deadline.
 async fn call_chain(
     context: &JobContext,
     request: &RequestEvent,
@@ -265,106 +264,28 @@ async fn call_chain(
     for model in context.routes.chain(request.model.as_str()) {
         let backend = context.routes.backend_for(&model);
         for try_number in 1..=context.retry.max_attempts {
-            let remaining = time_left(request);
-            if remaining.is_zero() {
+            if time_left(request).is_zero() {
                 return Ok(Err(deadline_passed(request, last_error)));
             }
-            let Ok(permit) = tokio::time::timeout(remaining, backend.limit.acquire()).await else {
-                let message = format!(
-                    "the deadline passed waiting for a slot toward backend {}",
-                    backend.name
-                );
-                return Ok(Err(JobError {
-                    code: ErrorCode::Timeout,
-                    message,
-                }));
-            };
-            if !backend.breaker.try_acquire(Instant::now()) {
-                metrics::gauge!("sluice_circuit_state", "backend" => backend.name.clone()).set(2.0);
-                last_error = JobError {
-                    code: ErrorCode::CircuitOpen,
-                    message: format!(
-                        "the circuit to backend {} is open after repeated failures",
-                        backend.name
-                    ),
-                };
-                break;
-            }
-            let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
-            // Why not wait for this acknowledgement first: the idempotent producer keeps
-            // per-partition order, so `running` lands before the terminal status anyway.
-            let running = status_event(context, request, JobStatus::Running, attempt, started_at);
-            let remaining = time_left(request);
-            let per_attempt = context.retry.attempt_timeout;
-            let call_started = Instant::now();
-            let attempt_span = tracing::info_span!(
-                "model attempt",
-                otel.kind = "client",
-                model = %model,
-                backend = %backend.name,
-                attempt,
-                outcome = tracing::field::Empty,
-            );
-            let call = backend
-                .client
-                .call(
-                    request,
-                    &model,
-                    remaining.min(per_attempt),
-                    remaining < per_attempt,
-                )
-                .instrument(attempt_span.clone());
-            let (published, result) = tokio::join!(context.publisher.publish(&running), call);
-            let answered_in = call_started.elapsed();
-            published?;
-            let now = Instant::now();
-            let (healthy, sample) = match &result {
-                Ok(_) => (true, Sample::Answered(answered_in)),
-                Err(error) => match error.failure {
-                    Failure::Fatal => (true, Sample::Answered(answered_in)),
-                    Failure::Retryable => (false, Sample::Overloaded),
-                    Failure::DeadlineCut => (false, Sample::Ignored),
-                },
-            };
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(error) => match error.failure {
-                    Failure::Fatal => "fatal",
-                    Failure::Retryable => "retryable",
-                    Failure::DeadlineCut => "deadline",
-                },
-            };
-            attempt_span.record("outcome", outcome);
-            metrics::histogram!("sluice_model_request_duration_seconds", "model" => model.clone(), "outcome" => outcome)
-                .record(answered_in.as_secs_f64());
-            backend.breaker.record(healthy, now);
-            permit.release(sample);
-            let circuit = match backend.breaker.state(now) {
-                CircuitState::Closed => 0.0,
-                CircuitState::HalfOpen => 1.0,
-                CircuitState::Open => 2.0,
-            };
-            metrics::gauge!("sluice_circuit_state", "backend" => backend.name.clone()).set(circuit);
-            metrics::gauge!("sluice_model_concurrency_limit", "backend" => backend.name.clone())
-                .set(backend.limit.limit());
-            let failure = match result {
-                Ok(output) => return Ok(Ok(output)),
-                Err(failure) => failure,
-            };
-            tracing::info!(model, attempt, code = ?failure.error.code, message = %failure.error.message, "model call failed");
-            last_error = failure.error;
-            match failure.failure {
-                Failure::Fatal | Failure::DeadlineCut => return Ok(Err(last_error)),
-                Failure::Retryable if try_number == context.retry.max_attempts => break,
-                Failure::Retryable => {
-                    metrics::counter!("sluice_model_retries_total", "model" => model.clone())
-                        .increment(1);
-                    let delay = context.retry.delay(try_number, failure.retry_after);
-                    if delay >= time_left(request) {
-                        // Waiting would spend the deadline: let the next model try now.
-                        break;
+            match attempt::run(context, request, &model, backend, attempts, started_at).await? {
+                Attempt::Answered(output) => return Ok(Ok(output)),
+                Attempt::NoSlot(error) => return Ok(Err(error)),
+                Attempt::CircuitOpen(error) => {
+                    last_error = error;
+                    break;
+                }
+                Attempt::Failed(failed) => {
+                    let next = context.retry.next(try_number, &failed, time_left(request));
+                    last_error = failed.error;
+                    match next {
+                        Next::Stop => return Ok(Err(last_error)),
+                        Next::OtherModel => break,
+                        Next::RetryAfter(delay) => {
+                            metrics::counter!("sluice_model_retries_total", "model" => model.clone())
+                                .increment(1);
+                            tokio::time::sleep(delay).await;
+                        }
                     }
-                    tokio::time::sleep(delay).await;
                 }
             }
         }
@@ -383,32 +304,7 @@ fn deadline_passed(request: &RequestEvent, last_error: JobError) -> JobError {
     }
 }
 
-/// Attempts per model and the delays between them.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-    pub attempt_timeout: Duration,
-}
-
-impl RetryPolicy {
-    /// Exponential backoff with jitter (half fixed, half random), or the backend's
-    /// `Retry-After` when it asked for longer; never more than `max_delay`.
-    pub fn delay(&self, try_number: u32, retry_after: Option<Duration>) -> Duration {
-        let exponential = self
-            .base_delay
-            .saturating_mul(1 << try_number.saturating_sub(1).min(16))
-            .min(self.max_delay);
-        let half = exponential / 2;
-        let jittered = half + half.mul_f64(fastrand::f64());
-        retry_after
-            .map_or(jittered, |asked| asked.max(jittered))
-            .min(self.max_delay)
-    }
-}
-
-fn status_event(
+pub(crate) fn status_event(
     context: &JobContext,
     request: &RequestEvent,
     status: JobStatus,

@@ -1,6 +1,7 @@
 //! Worker: a consumer group member that runs jobs from the requests topic against an
 //! OpenAI-compatible backend with a bounded window, and publishes each job's status.
 
+mod attempt;
 mod breaker;
 mod cancel;
 mod coalesce;
@@ -11,6 +12,7 @@ mod fair;
 mod job;
 mod limit;
 mod model;
+mod retry;
 mod routing;
 mod status;
 
@@ -19,10 +21,11 @@ pub use cancel::Cancellations;
 pub use coalesce::Coalescer;
 pub use config::Config;
 pub use consumer::LoopSettings;
-pub use job::{JobContext, Outcome, Record, RetryPolicy, run as run_job};
+pub use job::{JobContext, Outcome, Record, run as run_job};
 pub use limit::{AdaptiveLimit, Sample};
 pub use model::{CallError, Failure, ModelClient};
-pub use routing::{Backend, Routes};
+pub use retry::RetryPolicy;
+pub use routing::{Backend, ConcurrencySettings, ModelsFile, Routes, RoutingSettings};
 pub use sluice_common::cache::ResponseCache;
 pub use status::StatusPublisher;
 

@@ -78,6 +78,12 @@ impl AdaptiveLimit {
         }
     }
 
+    /// Sets `sluice_model_concurrency_limit` for `backend`.
+    pub fn report(&self, backend: &str) {
+        metrics::gauge!("sluice_model_concurrency_limit", "backend" => backend.to_owned())
+            .set(self.limit());
+    }
+
     pub fn limit(&self) -> f64 {
         self.state.lock().expect("limit lock").limit
     }

@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use sluice_schemas::{ErrorCode, JobError, Output, RequestEvent, Task, Usage};
+use sluice_schemas::{ErrorCode, JobError, Message, Output, RequestEvent, Task, Usage};
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -144,18 +144,16 @@ impl ModelClient {
         timeout: Duration,
         timeout_is_deadline: bool,
     ) -> Result<Output, CallError> {
-        let texts = || request.input.clone().unwrap_or_default();
-        match (request.task(), &self.local) {
-            (Task::Chat, None) => {
-                self.chat(request, model, timeout, timeout_is_deadline)
+        match (&request.task, &self.local) {
+            (Task::Chat(messages), None) => {
+                self.chat(request, messages, model, timeout, timeout_is_deadline)
                     .await
             }
-            (Task::Embedding, None) => {
+            (Task::Embedding(texts), None) => {
                 let mut body = request.params.clone();
                 body.insert("model".into(), model.into());
-                let texts = texts();
                 let expected = texts.len();
-                body.insert("input".into(), texts.into());
+                body.insert("input".into(), texts.clone().into());
                 let bytes = self
                     .post("/v1/embeddings", &body, timeout, timeout_is_deadline)
                     .await?;
@@ -176,8 +174,8 @@ impl ModelClient {
                     .map_or(0, |usage| usage.prompt_tokens.max(usage.total_tokens));
                 Ok(embedding_output(model, vectors, tokens))
             }
-            (Task::Embedding, Some(embedder)) => {
-                match tokio::time::timeout(timeout, embedder.embed(texts())).await {
+            (Task::Embedding(texts), Some(embedder)) => {
+                match tokio::time::timeout(timeout, embedder.embed(texts.clone())).await {
                     Ok(Ok(embedded)) => Ok(embedding_output(
                         model,
                         embedded.vectors,
@@ -191,7 +189,7 @@ impl ModelClient {
                     Err(_) => Err(timed_out(timeout, timeout_is_deadline)),
                 }
             }
-            (Task::Chat, Some(_)) => Err(CallError::new(
+            (Task::Chat(_), Some(_)) => Err(CallError::new(
                 ErrorCode::BackendError,
                 Failure::Fatal,
                 format!("{model} is the in-process embedding model: send `input`, not `messages`"),
@@ -202,6 +200,7 @@ impl ModelClient {
     async fn chat(
         &self,
         request: &RequestEvent,
+        messages: &[Message],
         model: &str,
         timeout: Duration,
         timeout_is_deadline: bool,
@@ -210,7 +209,7 @@ impl ModelClient {
         body.insert("model".into(), model.into());
         body.insert(
             "messages".into(),
-            serde_json::to_value(&request.messages).expect("messages serialize"),
+            serde_json::to_value(messages).expect("messages serialize"),
         );
         body.insert("stream".into(), false.into());
         let bytes = self

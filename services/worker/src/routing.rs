@@ -17,7 +17,6 @@
 //! listed models without a `backend`, go there.
 
 use crate::breaker::CircuitBreaker;
-use crate::config::Config;
 use crate::embed::{Embedder, LOCAL_MODEL};
 use crate::limit::AdaptiveLimit;
 use crate::model::ModelClient;
@@ -32,16 +31,24 @@ pub(crate) const DEFAULT_BACKEND: &str = "default";
 /// The in-process embedding model's backend, when one is loaded.
 pub(crate) const LOCAL_BACKEND: &str = "local";
 
-#[derive(Debug, Default, Deserialize)]
+/// `SLUICE_MODELS`, parsed.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ModelsFile {
+pub struct ModelsFile {
     #[serde(default)]
-    pub backends: HashMap<String, BackendSpec>,
+    pub(crate) backends: HashMap<String, BackendSpec>,
     #[serde(default)]
-    pub models: HashMap<String, ModelSpec>,
+    pub(crate) models: HashMap<String, ModelSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+impl ModelsFile {
+    /// `SLUICE_MODELS`: JSON, `@path` to a JSON file, or empty for none.
+    pub fn parse(setting: &str) -> Result<Self, String> {
+        parse_models(setting)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BackendSpec {
     pub base_url: String,
@@ -71,6 +78,28 @@ pub struct Backend {
     pub limit: AdaptiveLimit,
 }
 
+/// What the routes are built from: the models description, the default backend, and each
+/// backend's breaker and concurrency settings.
+#[derive(Debug, Clone)]
+pub struct RoutingSettings {
+    pub models: ModelsFile,
+    pub default_base_url: String,
+    pub default_api_key: Option<SecretString>,
+    pub connect_timeout: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+    pub concurrency: ConcurrencySettings,
+}
+
+/// Each backend's adaptive limit on calls in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct ConcurrencySettings {
+    pub initial: usize,
+    pub min: usize,
+    pub max: usize,
+    pub adaptive: bool,
+}
+
 #[derive(Clone)]
 pub struct Routes {
     backends: HashMap<String, Arc<Backend>>,
@@ -78,31 +107,32 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let file = parse_models(config.models.as_deref())?;
-        let connect_timeout = Duration::from_millis(config.model_connect_timeout_ms);
-        let cooldown = Duration::from_millis(config.breaker_cooldown_ms);
-        let make =
-            |name: &str, url: &str, key: Option<SecretString>| -> anyhow::Result<Arc<Backend>> {
-                Ok(Arc::new(Backend {
-                    name: name.to_owned(),
-                    client: ModelClient::new(url, key, connect_timeout)?,
-                    breaker: CircuitBreaker::new(config.breaker_threshold, cooldown),
-                    limit: AdaptiveLimit::new(
-                        config.concurrency_initial,
-                        config.concurrency_min,
-                        config.concurrency_max,
-                        config.adaptive_concurrency,
-                    ),
-                }))
-            };
+    pub fn from_settings(settings: &RoutingSettings) -> anyhow::Result<Self> {
+        let file = &settings.models;
+        let concurrency = settings.concurrency;
+        let make = |name: &str,
+                    url: &str,
+                    key: Option<SecretString>|
+         -> anyhow::Result<Arc<Backend>> {
+            Ok(Arc::new(Backend {
+                name: name.to_owned(),
+                client: ModelClient::new(url, key, settings.connect_timeout)?,
+                breaker: CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+                limit: AdaptiveLimit::new(
+                    concurrency.initial,
+                    concurrency.min,
+                    concurrency.max,
+                    concurrency.adaptive,
+                ),
+            }))
+        };
         let mut backends = HashMap::new();
         backends.insert(
             DEFAULT_BACKEND.to_owned(),
             make(
                 DEFAULT_BACKEND,
-                &config.model_base_url,
-                config.model_api_key.clone(),
+                &settings.default_base_url,
+                settings.default_api_key.clone(),
             )?,
         );
         for (name, spec) in &file.backends {
@@ -135,7 +165,7 @@ impl Routes {
         }
         Ok(Self {
             backends,
-            models: Arc::new(file.models),
+            models: Arc::new(file.models.clone()),
         })
     }
 
@@ -199,16 +229,19 @@ impl Routes {
     }
 }
 
-fn parse_models(setting: Option<&str>) -> anyhow::Result<ModelsFile> {
-    let Some(setting) = setting.map(str::trim).filter(|text| !text.is_empty()) else {
+/// `SLUICE_MODELS`: JSON, `@path` to a JSON file, or empty for none.
+pub(crate) fn parse_models(setting: &str) -> Result<ModelsFile, String> {
+    let setting = setting.trim();
+    if setting.is_empty() {
         return Ok(ModelsFile::default());
-    };
+    }
     let text = match setting.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("SLUICE_MODELS: reading {path}"))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|error| format!("reading {path}: {error}"))?
+        }
         None => setting.to_owned(),
     };
-    serde_json::from_str(&text).context("SLUICE_MODELS is not a valid models description")
+    serde_json::from_str(&text).map_err(|error| format!("not a valid models description: {error}"))
 }
 
 #[cfg(test)]
@@ -216,9 +249,9 @@ mod tests {
     use super::*;
 
     fn routes(models: &str) -> anyhow::Result<Routes> {
-        let mut config = Config::defaults();
-        config.models = Some(models.to_owned());
-        Routes::from_config(&config)
+        let mut settings = crate::Config::defaults().routing();
+        settings.models = parse_models(models).map_err(anyhow::Error::msg)?;
+        Routes::from_settings(&settings)
     }
 
     #[test]

@@ -257,7 +257,7 @@ async fn past_its_concurrency_ingest_sheds_load_fast() {
     config.kafka.brokers = format!("127.0.0.1:{}", free_port());
     config.topics = topics.args();
     config.topics.create = false;
-    config.publish_timeout_ms = 2_000;
+    config.publish_timeout = Duration::from_secs(2);
     config.max_concurrent_submissions = 1;
     config.auth = sluice_common::auth::AuthMode::Off;
     let app = sluice_ingest::Application::build(config).await.unwrap();

@@ -181,14 +181,19 @@ async fn a_revoked_key_stops_working_within_the_cache_time_and_tiers_set_limits(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keys_command_creates_lists_and_revokes() {
-    let database = sluice_tests::TestDatabase::create().await;
+    // The migrations belong to sluice-results: before they are applied, the command says so.
+    let bare = sluice_tests::TestDatabase::create().await;
+    let output = keys_command(&bare.url, &["list"]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("sluice-results migrate"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let database = sluice_tests::TestDatabase::migrated().await;
     let run = |args: &[&str]| {
-        let output = std::process::Command::new(binary("sluice-ingest"))
-            .arg("keys")
-            .args(args)
-            .env("DATABASE_URL", &database.url)
-            .output()
-            .expect("running sluice-ingest keys");
+        let output = keys_command(&database.url, args);
         assert!(
             output.status.success(),
             "{}",
@@ -227,4 +232,13 @@ async fn the_keys_command_creates_lists_and_revokes() {
     );
     let revoked: Value = serde_json::from_str(run(&["revoke", key_id]).trim()).unwrap();
     assert_eq!(revoked["revoked"], true);
+}
+
+fn keys_command(database_url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(binary("sluice-ingest"))
+        .arg("keys")
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .output()
+        .expect("running sluice-ingest keys")
 }

@@ -79,14 +79,13 @@ fn request_event(user: &str, content: &str) -> RequestEvent {
         job_id: sluice_schemas::JobId::new(),
         user_id: sluice_schemas::UserId::parse(user).unwrap(),
         model: sluice_schemas::ModelName::parse("sim").unwrap(),
-        messages: vec![sluice_schemas::Message {
+        task: sluice_schemas::Task::Chat(vec![sluice_schemas::Message {
             role: sluice_schemas::Role::User,
             content: content.into(),
-        }],
+        }]),
         params: Default::default(),
         submitted_at: now,
         deadline: now + chrono::Duration::minutes(5),
-        cache: None,
-        input: None,
+        cache: true,
     }
 }

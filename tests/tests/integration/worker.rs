@@ -52,9 +52,9 @@ impl Harness {
         topics.create(&kafka).await;
         let mut config = sluice_worker::Config::defaults();
         config.model_base_url = model_url.to_owned();
-        config.retry_base_ms = 10;
+        config.retry_base = Duration::from_millis(10);
         // Most tests here repeat one request; the cache tests turn it on.
-        config.cache_ttl_secs = 0;
+        config.cache_ttl = Duration::ZERO;
         configure(&mut config);
         let producer = kafka.producer_config("test-worker").create().unwrap();
         config.worker_id = Some("direct".into());
@@ -93,15 +93,14 @@ fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
         job_id: JobId::new(),
         user_id: UserId::parse("bob").unwrap(),
         model: ModelName::parse(model).unwrap(),
-        messages: vec![ChatMessage {
+        task: sluice_schemas::Task::Chat(vec![ChatMessage {
             role: Role::User,
             content: "direct".into(),
-        }],
+        }]),
         params: Default::default(),
         submitted_at: now,
         deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
-        cache: None,
-        input: None,
+        cache: true,
     }
 }
 
@@ -238,7 +237,7 @@ async fn the_fallback_chain_answers_when_the_primary_is_down_and_says_which_mode
         closed_port_url()
     );
     let harness = Harness::new(&url, |config| {
-        config.models = Some(models);
+        config.models = sluice_worker::ModelsFile::parse(&models).unwrap();
         config.max_attempts = 2;
     })
     .await;
@@ -268,7 +267,7 @@ async fn the_fallback_chain_answers_when_the_primary_is_down_and_says_which_mode
 async fn the_static_fallback_answers_degraded_when_every_model_fails() {
     let models = r#"{"models": {"sim": {"static_fallback": "We are busy; please retry."}}}"#;
     let harness = Harness::new(&closed_port_url(), |config| {
-        config.models = Some(models.to_owned());
+        config.models = sluice_worker::ModelsFile::parse(models).unwrap();
         config.max_attempts = 1;
     })
     .await;
@@ -288,7 +287,7 @@ async fn an_open_circuit_fails_fast_without_calling_the_backend() {
     let harness = Harness::new(&url, |config| {
         config.max_attempts = 1;
         config.breaker_threshold = 3;
-        config.breaker_cooldown_ms = 60_000;
+        config.breaker_cooldown = Duration::from_secs(60);
     })
     .await;
     for _ in 0..3 {
@@ -351,7 +350,10 @@ async fn the_adaptive_limit_settles_near_the_backends_capacity() {
                 while Instant::now() < stop_at {
                     // Distinct requests: identical ones in flight would share one call.
                     let mut job = request("sim", 60_000);
-                    job.messages[0].content = format!("adaptive {}", job.job_id);
+                    job.task = sluice_schemas::Task::Chat(vec![ChatMessage {
+                        role: Role::User,
+                        content: format!("adaptive {}", job.job_id),
+                    }]);
                     harness.run(job.encode()).await;
                 }
             })
@@ -395,7 +397,7 @@ async fn the_adaptive_limit_settles_near_the_backends_capacity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_answer_skips_the_model_until_it_expires_or_the_caller_opts_out() {
     let (stats, url) = sim(|_| {}).await;
-    let harness = Harness::new(&url, |config| config.cache_ttl_secs = 1).await;
+    let harness = Harness::new(&url, |config| config.cache_ttl = Duration::from_secs(1)).await;
     let ask = || request("sim", 10_000);
     assert_eq!(
         harness.run(ask().encode()).await,
@@ -411,7 +413,7 @@ async fn a_cached_answer_skips_the_model_until_it_expires_or_the_caller_opts_out
         "the second answer came from the cache"
     );
     let mut fresh = ask();
-    fresh.cache = Some(false);
+    fresh.cache = false;
     assert_eq!(
         harness.run(fresh.encode()).await,
         Outcome::Finished(JobStatus::Succeeded)
@@ -445,7 +447,8 @@ async fn a_cached_answer_skips_the_model_until_it_expires_or_the_caller_opts_out
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_identical_requests_in_flight_share_one_model_call() {
     let (stats, url) = sim(|sim| sim.service_time_ms = 300).await;
-    let harness = Arc::new(Harness::new(&url, |config| config.cache_ttl_secs = 60).await);
+    let harness =
+        Arc::new(Harness::new(&url, |config| config.cache_ttl = Duration::from_secs(60)).await);
     let runs = (0..50).map(|_| {
         let harness = harness.clone();
         tokio::spawn(async move { harness.run(request("sim", 10_000).encode()).await })

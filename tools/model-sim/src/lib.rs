@@ -158,7 +158,7 @@ impl SimModel {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .route("/stats", get(stats_handler))
-            .route("/healthz", get(sluice_common::http::healthz))
+            .route("/healthz", get(sluice_runtime::http::healthz))
             .with_state(state);
         Self { stats, router }
     }
@@ -169,7 +169,7 @@ impl SimModel {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        axum::serve(sluice_common::http::no_delay(listener), self.router)
+        axum::serve(sluice_runtime::http::no_delay(listener), self.router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
         Ok(())

@@ -5,9 +5,12 @@
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Keys kept in process, at most; past it the least used go first. Replicas that must agree,
+/// or more keys than this, call for Redis (`REDIS_URL`).
+const LOCAL_MAX_KEYS: u64 = 100_000;
 
 /// What a key remembers: the body it was first used with, and the job it made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,14 +40,14 @@ pub fn body_hash(body: &[u8]) -> String {
 /// A key as kept in process.
 #[derive(Debug)]
 pub struct LocalEntry {
-    expires: Instant,
     /// `None` while the first submission is being published.
     remembered: Option<Remembered>,
     body_hash: String,
 }
 
 pub enum IdempotencyStore {
-    Local(Mutex<HashMap<String, LocalEntry>>),
+    /// Bounded, expiring after the retention, and concurrent (no one lock for every request).
+    Local(moka::sync::Cache<String, Arc<LocalEntry>>),
     Redis {
         connection: ConnectionManager,
         prefix: String,
@@ -54,6 +57,20 @@ pub enum IdempotencyStore {
 const PENDING: &str = "pending:";
 
 impl IdempotencyStore {
+    /// An in-process store whose keys live for `retention`.
+    pub fn local(retention: Duration) -> Self {
+        Self::Local(
+            moka::sync::Cache::builder()
+                .max_capacity(LOCAL_MAX_KEYS)
+                .time_to_live(retention)
+                .build(),
+        )
+    }
+
+    fn local_key(user: &str, key: &str) -> String {
+        format!("{user}\u{0}{key}")
+    }
+
     fn redis_key(prefix: &str, user: &str, key: &str) -> String {
         format!("{prefix}idem:{user}:{key}")
     }
@@ -68,28 +85,24 @@ impl IdempotencyStore {
     ) -> Result<Claim, redis::RedisError> {
         match self {
             IdempotencyStore::Local(entries) => {
-                let mut entries = entries.lock().expect("idempotency lock");
-                let now = Instant::now();
-                if entries.len() > 100_000 {
-                    entries.retain(|_, entry| entry.expires > now);
-                }
-                let map_key = format!("{user}\u{0}{key}");
-                match entries.get(&map_key) {
-                    Some(entry) if entry.expires > now => Ok(judge(
-                        entry.remembered.as_ref(),
-                        &entry.body_hash,
-                        body_hash,
-                    )),
-                    _ => {
-                        let entry = LocalEntry {
-                            expires: now + retention,
+                // Why `entry`: the check and the reservation are one atomic step.
+                let entry = entries
+                    .entry(Self::local_key(user, key))
+                    .or_insert_with(|| {
+                        Arc::new(LocalEntry {
                             remembered: None,
                             body_hash: body_hash.to_owned(),
-                        };
-                        entries.insert(map_key, entry);
-                        Ok(Claim::New)
-                    }
+                        })
+                    });
+                if entry.is_fresh() {
+                    return Ok(Claim::New);
                 }
+                let stored = entry.into_value();
+                Ok(judge(
+                    stored.remembered.as_ref(),
+                    &stored.body_hash,
+                    body_hash,
+                ))
             }
             IdempotencyStore::Redis { connection, prefix } => {
                 let mut connection = connection.clone();
@@ -137,13 +150,11 @@ impl IdempotencyStore {
     ) -> Result<(), redis::RedisError> {
         match self {
             IdempotencyStore::Local(entries) => {
-                let mut entries = entries.lock().expect("idempotency lock");
                 let entry = LocalEntry {
-                    expires: Instant::now() + retention,
                     body_hash: remembered.body_hash.clone(),
                     remembered: Some(remembered),
                 };
-                entries.insert(format!("{user}\u{0}{key}"), entry);
+                entries.insert(Self::local_key(user, key), Arc::new(entry));
                 Ok(())
             }
             IdempotencyStore::Redis { connection, prefix } => {
@@ -164,10 +175,7 @@ impl IdempotencyStore {
     pub async fn release(&self, user: &str, key: &str) {
         match self {
             IdempotencyStore::Local(entries) => {
-                entries
-                    .lock()
-                    .expect("idempotency lock")
-                    .remove(&format!("{user}\u{0}{key}"));
+                entries.invalidate(&Self::local_key(user, key));
             }
             IdempotencyStore::Redis { connection, prefix } => {
                 let mut connection = connection.clone();
@@ -199,8 +207,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_same_key_replays_and_a_different_body_is_a_mismatch() {
-        let store = IdempotencyStore::Local(Mutex::new(HashMap::new()));
         let day = Duration::from_secs(86_400);
+        let store = IdempotencyStore::local(day);
         assert_eq!(store.claim("u", "k", "h1", day).await.unwrap(), Claim::New);
         assert_eq!(
             store.claim("u", "k", "h1", day).await.unwrap(),
@@ -231,6 +239,28 @@ mod tests {
             store.claim("other-user", "k", "h2", day).await.unwrap(),
             Claim::New,
             "keys are per user"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_is_new_again_after_its_retention_and_after_a_release() {
+        let retention = Duration::from_millis(50);
+        let store = IdempotencyStore::local(retention);
+        assert_eq!(
+            store.claim("u", "k", "h", retention).await.unwrap(),
+            Claim::New
+        );
+        store.release("u", "k").await;
+        assert_eq!(
+            store.claim("u", "k", "h", retention).await.unwrap(),
+            Claim::New,
+            "a failed submission's key is free again"
+        );
+        tokio::time::sleep(retention * 4).await;
+        assert_eq!(
+            store.claim("u", "k", "h2", retention).await.unwrap(),
+            Claim::New,
+            "an expired key is forgotten"
         );
     }
 }

@@ -1,0 +1,176 @@
+//! The request event: "run this job". What a job asks of its model is a `Task`, a chat or an
+//! embedding and never both, so an invalid combination cannot be held; the JSON on the wire
+//! keeps the schema file's shape (`messages` or `input` at the top level).
+
+use crate::domain::{
+    FieldError, JobId, Message, ModelName, Params, UserId, check_input, check_messages,
+    deserialize_input,
+};
+use crate::events::{DecodeError, check_version, decode_json};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Published to the requests topic, keyed by `user_id`: "run this job".
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "WireRequest")]
+pub struct RequestEvent {
+    pub schema_version: u32,
+    pub job_id: JobId,
+    pub user_id: UserId,
+    pub model: ModelName,
+    pub task: Task,
+    pub params: Params,
+    pub submitted_at: DateTime<Utc>,
+    /// Absolute time after which the job is worthless to its caller.
+    pub deadline: DateTime<Utc>,
+    /// `false` asks for a fresh answer: no cached one, no sharing of an identical call in
+    /// flight. Absent on the wire means `true`.
+    pub cache: bool,
+}
+
+/// What a job asks of its model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// A conversation in (`messages`), a chat completion out (`output.content`).
+    Chat(Vec<Message>),
+    /// Texts in (`input`: OpenAI's string or array), one vector per text out
+    /// (`output.embeddings`).
+    Embedding(Vec<String>),
+}
+
+impl Task {
+    pub fn is_embedding(&self) -> bool {
+        matches!(self, Task::Embedding(_))
+    }
+
+    fn check(&self) -> Result<(), FieldError> {
+        match self {
+            Task::Chat(messages) => check_messages(messages),
+            Task::Embedding(input) => check_input(input),
+        }
+    }
+}
+
+impl RequestEvent {
+    /// Parses and checks a record payload; any error is a reason to dead-letter it. Decoding
+    /// the wire form first keeps the failing field's path (`messages[1].role`) in the error.
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let wire: WireRequest = decode_json(payload)?;
+        Self::try_from(wire)
+    }
+
+    /// The rules beyond the JSON's shape that every consumer applies: ingest checks a new
+    /// event with them before publishing it, so it never publishes what a worker would
+    /// dead-letter.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        check_version(self.schema_version)?;
+        self.task.check()?;
+        if self.deadline < self.submitted_at {
+            return Err(FieldError::new("deadline", "must not be before submitted_at").into());
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a request event always serializes")
+    }
+
+    /// A chat job's conversation; empty for an embedding job.
+    pub fn messages(&self) -> &[Message] {
+        match &self.task {
+            Task::Chat(messages) => messages,
+            Task::Embedding(_) => &[],
+        }
+    }
+}
+
+/// The request event as the schema file has it: `messages` or `input`, side by side.
+#[derive(Deserialize)]
+struct WireRequest {
+    schema_version: u32,
+    job_id: JobId,
+    user_id: UserId,
+    model: ModelName,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default, deserialize_with = "deserialize_input")]
+    input: Option<Vec<String>>,
+    #[serde(default)]
+    params: Params,
+    submitted_at: DateTime<Utc>,
+    deadline: DateTime<Utc>,
+    #[serde(default)]
+    cache: Option<bool>,
+}
+
+impl TryFrom<WireRequest> for RequestEvent {
+    type Error = DecodeError;
+
+    fn try_from(wire: WireRequest) -> Result<Self, DecodeError> {
+        let task = match (wire.messages, wire.input) {
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new(
+                    "input",
+                    "a job is a chat (messages) or an embedding (input), not both",
+                )
+                .into());
+            }
+            (None, Some(input)) => Task::Embedding(input),
+            (messages, None) => Task::Chat(messages.unwrap_or_default()),
+        };
+        let event = RequestEvent {
+            schema_version: wire.schema_version,
+            job_id: wire.job_id,
+            user_id: wire.user_id,
+            model: wire.model,
+            task,
+            params: wire.params,
+            submitted_at: wire.submitted_at,
+            deadline: wire.deadline,
+            cache: wire.cache.unwrap_or(true),
+        };
+        event.validate()?;
+        Ok(event)
+    }
+}
+
+/// The wire form, borrowed: encoding copies nothing.
+#[derive(Serialize)]
+struct WireRequestRef<'a> {
+    schema_version: u32,
+    job_id: &'a JobId,
+    user_id: &'a UserId,
+    model: &'a ModelName,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<&'a [Message]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a [String]>,
+    params: &'a Params,
+    submitted_at: &'a DateTime<Utc>,
+    deadline: &'a DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<bool>,
+}
+
+impl Serialize for RequestEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (messages, input) = match &self.task {
+            Task::Chat(messages) => (Some(messages.as_slice()), None),
+            Task::Embedding(input) => (None, Some(input.as_slice())),
+        };
+        WireRequestRef {
+            schema_version: self.schema_version,
+            job_id: &self.job_id,
+            user_id: &self.user_id,
+            model: &self.model,
+            messages,
+            input,
+            params: &self.params,
+            submitted_at: &self.submitted_at,
+            deadline: &self.deadline,
+            // Only the exception is written; absent means "use the cache".
+            cache: (!self.cache).then_some(false),
+        }
+        .serialize(serializer)
+    }
+}

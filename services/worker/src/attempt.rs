@@ -1,0 +1,111 @@
+//! One model attempt: a slot toward the backend, its circuit, the `running` status published
+//! beside the call, and what the attempt teaches the breaker and the concurrency limit.
+
+use crate::job::{JobContext, status_event, time_left};
+use crate::model::{CallError, Failure};
+use crate::routing::Backend;
+use crate::status::Abandoned;
+use chrono::{DateTime, Utc};
+use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+use tracing::Instrument;
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    Answered(Output),
+    Failed(CallError),
+    /// The backend's circuit is open: no call was made; the next model may try.
+    CircuitOpen(JobError),
+    /// The deadline passed waiting for a slot toward the backend.
+    NoSlot(JobError),
+}
+
+/// Calls `model` on `backend` once. `attempts` counts the calls made for the job, across its
+/// whole chain; the `running` event carries the count.
+pub(crate) async fn run(
+    context: &JobContext,
+    request: &RequestEvent,
+    model: &str,
+    backend: &Backend,
+    attempts: &AtomicU32,
+    started_at: DateTime<Utc>,
+) -> Result<Attempt, Abandoned> {
+    let Ok(permit) = tokio::time::timeout(time_left(request), backend.limit.acquire()).await else {
+        return Ok(Attempt::NoSlot(JobError {
+            code: ErrorCode::Timeout,
+            message: format!(
+                "the deadline passed waiting for a slot toward backend {}",
+                backend.name
+            ),
+        }));
+    };
+    if !backend.breaker.try_acquire(Instant::now()) {
+        backend.breaker.report(&backend.name, Instant::now());
+        return Ok(Attempt::CircuitOpen(JobError {
+            code: ErrorCode::CircuitOpen,
+            message: format!(
+                "the circuit to backend {} is open after repeated failures",
+                backend.name
+            ),
+        }));
+    }
+    let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+    // Why not wait for this acknowledgement first: the idempotent producer keeps
+    // per-partition order, so `running` lands before the terminal status anyway.
+    let running = status_event(context, request, JobStatus::Running, attempt, started_at);
+    let remaining = time_left(request);
+    let per_attempt = context.retry.attempt_timeout;
+    let span = tracing::info_span!(
+        "model attempt",
+        otel.kind = "client",
+        model = %model,
+        backend = %backend.name,
+        attempt,
+        outcome = tracing::field::Empty,
+    );
+    let call = backend
+        .client
+        .call(
+            request,
+            model,
+            remaining.min(per_attempt),
+            remaining < per_attempt,
+        )
+        .instrument(span.clone());
+    let call_started = Instant::now();
+    let (published, result) = tokio::join!(context.publisher.publish(&running), call);
+    let answered_in = call_started.elapsed();
+    published?;
+
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(failed) => match failed.failure {
+            Failure::Fatal => "fatal",
+            Failure::Retryable => "retryable",
+            Failure::DeadlineCut => "deadline",
+        },
+    };
+    span.record("outcome", outcome);
+    metrics::histogram!("sluice_model_request_duration_seconds", "model" => model.to_owned(), "outcome" => outcome)
+        .record(answered_in.as_secs_f64());
+    let now = Instant::now();
+    // A 4xx about the request says nothing about the backend's health or capacity.
+    let (healthy, sample) = match result.as_ref().map_err(|failed| failed.failure) {
+        Ok(_) | Err(Failure::Fatal) => (true, crate::limit::Sample::Answered(answered_in)),
+        Err(Failure::Retryable) => (false, crate::limit::Sample::Overloaded),
+        Err(Failure::DeadlineCut) => (false, crate::limit::Sample::Ignored),
+    };
+    backend.breaker.record(healthy, now);
+    backend.breaker.report(&backend.name, now);
+    permit.release(sample);
+    backend.limit.report(&backend.name);
+    Ok(match result {
+        Ok(output) => Attempt::Answered(output),
+        Err(failed) => {
+            tracing::info!(model, attempt, code = ?failed.error.code, message = %failed.error.message, "model call failed");
+            Attempt::Failed(failed)
+        }
+    })
+}
