@@ -157,6 +157,20 @@ impl Cluster {
         }
     }
 
+    /// Waits until the load is well under way: the model has answered `calls` calls and is in
+    /// the middle of others, so a fault lands mid-flight.
+    async fn under_way(&self, calls: u64) {
+        wait_until(
+            "the load to be under way",
+            Duration::from_secs(60),
+            || async {
+                let seen = self.sim.snapshot();
+                (seen.calls >= calls && seen.open > 0).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Submits `JOBS` jobs at a steady pace in the background; yields the accepted ids.
     fn load(&self) -> JoinHandle<Vec<Uuid>> {
         let (http, url) = (self.http.clone(), format!("{}/v1/jobs", self.ingest_url));
@@ -262,8 +276,7 @@ async fn a_worker_killed_mid_flight_is_replaced_and_nothing_is_lost() {
     let _results = cluster.results("results").await;
     let first = cluster.worker("worker-a").await;
     let load = cluster.load();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(cluster.sim.snapshot().open > 0, "the worker was mid-flight");
+    cluster.under_way(JOBS_PER_SECOND).await;
     first.kill().await;
     tokio::time::sleep(RESTART_AFTER).await;
     let _second = cluster.worker("worker-b").await;
@@ -277,7 +290,7 @@ async fn the_results_service_killed_mid_write_and_restarted_loses_nothing() {
     let first = cluster.results("results-a").await;
     let _worker = cluster.worker("worker").await;
     let load = cluster.load();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.under_way(JOBS_PER_SECOND).await;
     first.kill().await;
     tokio::time::sleep(RESTART_AFTER).await;
     let _second = cluster.results("results-b").await;
@@ -294,7 +307,7 @@ async fn a_postgres_restart_under_load_loses_nothing() {
     let _results = cluster.results("results").await;
     let _worker = cluster.worker("worker").await;
     let load = cluster.load();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.under_way(JOBS_PER_SECOND).await;
     let status = tokio::process::Command::new("sh")
         .args(["-c", &restart])
         .status()
@@ -311,7 +324,7 @@ async fn a_worker_joining_under_load_rebalances_without_loss() {
     let _results = cluster.results("results").await;
     let _first = cluster.worker("worker-a").await;
     let load = cluster.load();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.under_way(JOBS_PER_SECOND).await;
     let _second = cluster.worker("worker-b").await;
     cluster.check(load).await;
 }
@@ -324,7 +337,7 @@ async fn sigterm_drains_commits_and_hands_over_to_another_worker() {
     let first = cluster.worker("worker-a").await;
     let _second = cluster.worker("worker-b").await;
     let load = cluster.load();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.under_way(JOBS_PER_SECOND).await;
     let log = first.log.clone();
     let clean = first.terminate(Duration::from_secs(30)).await;
     assert!(

@@ -23,6 +23,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use rdkafka::producer::FutureProducer;
+use sluice_common::http::{Document, with_operations};
 use sluice_common::lifecycle::Lifecycle;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,17 +118,17 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
-    Router::new()
+    let cors = sluice_common::http::cors(&state.config.cors_origins);
+    // Why axum's body limit rather than tower-http's: its rejection reaches the handler, which
+    // answers with the JSON 413 naming the limit.
+    let api = Router::new()
         .route("/v1/jobs", post(submit::submit))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .route("/healthz", get(sluice_common::http::healthz))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(sluice_common::http::openapi))
-        .route("/metrics", get(sluice_common::metrics::render))
-        .layer(axum::middleware::from_fn(
-            sluice_common::metrics::track_http,
-        ))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(body_limit));
+    let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -13,6 +13,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_RESULTS_ADDR", default_value = "127.0.0.1:8081")]
     pub addr: String,
 
+    /// Origins whose pages may call this API from a browser, comma separated, each
+    /// `scheme://host[:port]` (`*`: any). Unset: no CORS headers, same-origin pages only.
+    #[arg(long = "cors-origins", env = "SLUICE_CORS_ORIGINS", value_delimiter = ',', value_parser = sluice_common::http::parse_origin)]
+    pub cors_origins: Vec<String>,
+
     /// Postgres connection URL.
     #[arg(
         long,

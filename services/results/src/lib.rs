@@ -23,6 +23,7 @@ use axum::routing::get;
 use consumer::EventLoop;
 use rdkafka::producer::FutureProducer;
 use secrecy::ExposeSecret;
+use sluice_common::http::{Document, with_operations};
 use sluice_common::kafka::{KafkaSource, SourceHealth};
 use sluice_common::lifecycle::Lifecycle;
 use sqlx::postgres::PgPoolOptions;
@@ -51,22 +52,22 @@ pub struct AppState {
     pub canceller: Canceller,
     /// `None` when API keys are off.
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
+    /// Origins allowed to call from a browser (`SLUICE_CORS_ORIGINS`).
+    pub cors_origins: Vec<String>,
     /// Cancelled when the service stops: open SSE streams end then.
     pub stopping: CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = sluice_common::http::cors(&state.cors_origins);
+    let api = Router::new()
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::cancel_job))
-        .route("/v1/jobs/{id}/events", get(api::job_events))
-        .route("/healthz", get(sluice_common::http::healthz))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(sluice_common::http::openapi))
-        .route("/metrics", get(sluice_common::metrics::render))
-        .layer(axum::middleware::from_fn(
-            sluice_common::metrics::track_http,
-        ))
-        .with_state(state)
+        .route("/v1/jobs/{id}/events", get(api::job_events));
+    let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -135,6 +136,7 @@ impl Application {
                 None
             },
             stopping: lifecycle.stop().clone(),
+            cors_origins: config.cors_origins.clone(),
             canceller: Canceller {
                 producer: producer.clone(),
                 topic: config.topics.control.clone(),

@@ -1,7 +1,7 @@
 //! One model attempt: a slot toward the backend, its circuit, the `running` status published
 //! beside the call, and what the attempt teaches the breaker and the concurrency limit.
 
-use crate::job::{JobContext, status_event, time_left};
+use crate::context::{JobContext, status_event, time_left};
 use crate::model::{CallError, Failure};
 use crate::routing::Backend;
 use crate::status::Abandoned;

@@ -238,3 +238,28 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn bad_values_stop_the_parse_naming_the_setting() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("sluice-worker").chain(args.iter().copied()))
+        };
+        let error = parse(&["--models", "{not json"]).unwrap_err().to_string();
+        assert!(error.contains("--models"), "{error}");
+        let error = parse(&["--models", "@/nowhere/models.json"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nowhere/models.json"), "{error}");
+        let error = parse(&["--drain-timeout-ms", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--drain-timeout-ms"), "{error}");
+        let parsed = parse(&["--model-timeout-ms", "1500"]).unwrap();
+        assert_eq!(parsed.model_timeout, std::time::Duration::from_millis(1500));
+    }
+}

@@ -2,57 +2,18 @@
 //! schedules; everything a job does is here and can be called directly.
 
 use crate::attempt::{self, Attempt};
-use crate::cancel::Cancellations;
-use crate::coalesce::{self, Coalescer, Turn};
-use crate::retry::{Next, RetryPolicy};
-use crate::routing::Routes;
-use crate::status::{Abandoned, StatusPublisher};
+use crate::coalesce::{self, Turn};
+pub use crate::context::JobContext;
+use crate::context::{status_event, time_left};
+use crate::retry::Next;
+use crate::status::Abandoned;
 use chrono::{DateTime, Utc};
-use sluice_common::cache::{ResponseCache, cache_key};
+use sluice_common::cache::cache_key;
 pub use sluice_common::kafka::Record;
 use sluice_common::telemetry;
-use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent, StatusEvent, Timings};
-use std::sync::Arc;
+use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 use tracing::Instrument;
-
-/// What a job needs besides its record.
-#[derive(Clone)]
-pub struct JobContext {
-    pub routes: Routes,
-    pub publisher: StatusPublisher,
-    pub worker_id: String,
-    pub retry: RetryPolicy,
-    pub cancellations: Cancellations,
-    pub cache: Arc<ResponseCache>,
-    pub coalescer: Coalescer,
-}
-
-impl JobContext {
-    /// Everything a job needs, from the worker's settings: the service and the tests build it
-    /// the same way. `give_up` is the drain deadline: status publishing stops retrying then.
-    pub async fn from_config(
-        config: &crate::Config,
-        producer: rdkafka::producer::FutureProducer,
-        give_up: tokio_util::sync::CancellationToken,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            routes: config.routes().await?,
-            publisher: StatusPublisher::new(
-                producer,
-                config.topics.status.clone(),
-                config.topics.requests_dlq.clone(),
-                give_up,
-            ),
-            worker_id: config.worker_id(),
-            retry: config.retry_policy(),
-            cancellations: Cancellations::default(),
-            cache: Arc::new(config.response_cache().await?),
-            coalescer: Coalescer::default(),
-        })
-    }
-}
 
 /// How a record ended; every variant but `Abandoned` lets its offset be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,10 +207,6 @@ async fn answer(
     Ok(result)
 }
 
-pub(crate) fn time_left(request: &RequestEvent) -> Duration {
-    (request.deadline - Utc::now()).to_std().unwrap_or_default()
-}
-
 /// Tries each model of the chain, each up to the retry policy's attempts, within the deadline.
 async fn call_chain(
     context: &JobContext,
@@ -301,26 +258,5 @@ fn deadline_passed(request: &RequestEvent, last_error: JobError) -> JobError {
             request.deadline.to_rfc3339(),
             last_error.message
         ),
-    }
-}
-
-pub(crate) fn status_event(
-    context: &JobContext,
-    request: &RequestEvent,
-    status: JobStatus,
-    attempt: u32,
-    started_at: chrono::DateTime<Utc>,
-) -> StatusEvent {
-    StatusEvent {
-        status,
-        attempt,
-        timings: Timings {
-            queued_at: request.submitted_at,
-            started_at: Some(started_at),
-            finished_at: None,
-        },
-        worker_id: Some(context.worker_id.clone()),
-        emitted_at: Utc::now(),
-        ..StatusEvent::queued(request)
     }
 }

@@ -7,6 +7,7 @@ mod cancel;
 mod coalesce;
 mod config;
 mod consumer;
+mod context;
 pub mod embed;
 mod fair;
 mod job;
@@ -35,6 +36,7 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use rdkafka::producer::FutureProducer;
+use sluice_common::http::Document;
 use sluice_common::kafka::{KafkaArgs, KafkaSource, SourceHealth};
 use sluice_common::lifecycle::Lifecycle;
 use std::net::SocketAddr;
@@ -102,14 +104,9 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let lifecycle = self.lifecycle;
         let stop = lifecycle.stop().clone();
-        let router = Router::new()
-            .route("/healthz", get(sluice_common::http::healthz))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(sluice_common::metrics::render))
-            .layer(axum::middleware::from_fn(
-                sluice_common::metrics::track_http,
-            ))
-            .with_state(self.source.health());
+        let router =
+            sluice_common::http::with_operations(Router::new(), get(readyz), Document::None)
+                .with_state(self.source.health());
         lifecycle.spawn(
             "health endpoints",
             sluice_common::http::serve(self.listener, router, stop.clone()),

@@ -46,6 +46,9 @@ async fn statuses(store: &Store, job_id: JobId) -> Vec<JobStatus> {
         .collect()
 }
 
+/// A page origin the test state lets call from a browser.
+const ALLOWED_ORIGIN: &str = "https://app.example";
+
 /// The service's state with its real parts: a consumer on test topics (for `/readyz`) and a
 /// producer to the test broker (for cancellations).
 async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
@@ -84,6 +87,7 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
         },
         keys: None,
         stopping: CancellationToken::new(),
+        cors_origins: vec![ALLOWED_ORIGIN.to_owned()],
     }
 }
 
@@ -222,6 +226,62 @@ async fn http_errors_are_json_with_stable_codes() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_last_event_id"))
     );
+    // Every answer carries a request id, the caller's or a new one; a page from an allowed
+    // origin may call (and preflight), others get no CORS headers.
+    let answer = |request: Request<Body>| {
+        let app = app.clone();
+        async move { app.oneshot(request).await.unwrap() }
+    };
+    let response = answer(
+        Request::get(format!("/v1/jobs/{unknown}"))
+            .header("origin", ALLOWED_ORIGIN)
+            .header("x-request-id", "req-1")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.headers()["x-request-id"], "req-1");
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        ALLOWED_ORIGIN
+    );
+    let generated = answer(Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    let id = generated.headers()["x-request-id"].to_str().unwrap();
+    assert!(Uuid::parse_str(id).is_ok(), "a new id is a UUID: {id}");
+    let preflight = answer(
+        Request::options(format!("/v1/jobs/{unknown}/events"))
+            .header("origin", ALLOWED_ORIGIN)
+            .header("access-control-request-method", "GET")
+            .header(
+                "access-control-request-headers",
+                "authorization,last-event-id",
+            )
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let allowed_headers = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        allowed_headers.contains("last-event-id") && allowed_headers.contains("authorization"),
+        "{allowed_headers}"
+    );
+    let stranger = answer(
+        Request::get(format!("/v1/jobs/{unknown}"))
+            .header("origin", "https://elsewhere.example")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        !stranger
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+
     // Ready once the consumer has joined its group (the test's state keeps it polling).
     wait_until("/readyz to say ready", Duration::from_secs(30), || {
         let app = app.clone();
@@ -261,11 +321,14 @@ async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_
 
     // Another replica: its own store on the same database.
     let other_replica = Store::new(database.pool.clone());
+    // Why a sleep, not a condition: the scenario is time passing with no job, during which the
+    // stream must stay open and send keep-alives (every 200 ms here).
     tokio::time::sleep(Duration::from_millis(700)).await;
     other_replica
         .apply(&[update(job_id, JobStatus::Queued, 0)])
         .await
         .unwrap();
+    // Apart in time, so the stream hears `queued` alone before the rest arrive together.
     tokio::time::sleep(Duration::from_millis(300)).await;
     other_replica
         .apply(&[update(job_id, JobStatus::Running, 1)])

@@ -423,6 +423,7 @@ async fn a_cached_answer_skips_the_model_until_it_expires_or_the_caller_opts_out
     other_user.user_id = UserId::parse("not-bob").unwrap();
     harness.run(other_user.encode()).await;
     assert_eq!(stats.snapshot().calls, 3, "the cache is per user");
+    // Why a sleep: the cache's TTL (1 s) has to pass.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     harness.run(ask().encode()).await;
     assert_eq!(

@@ -1,6 +1,13 @@
 //! The generic cell rate algorithm (GCRA): a rate with a burst, decided from one stored time
 //! (the "theoretical arrival time", TAT) per key. The same arithmetic runs in process and, as a
 //! Lua script, in Redis.
+//!
+//! Why not `governor`, which implements GCRA: the in-process limiter must decide exactly as the
+//! Redis script does, from the same stored TAT, so that switching `REDIS_URL` on changes where
+//! the state lives and nothing else. Two things governor does not give: a user's quota and the
+//! global one decided together (a request refused by the global limit must not spend the
+//! user's burst, `limiter.rs`), and the remaining count and reset time for the `RateLimit`
+//! headers from the same numbers the script returns. These 40 lines are that shared rule.
 
 use serde::Deserialize;
 use std::time::Duration;
