@@ -250,10 +250,11 @@ start_redis() { # [port]
 
 # --- Python checkers (compose file) -----------------------------------------------------
 
-# Checkers from PyPI, pinned, in one virtualenv: check-jsonschema (compose file), Helm v4 as a
-# library (helm-python-sdk: lint and render, no cluster) and kubernetes-validate (manifests
-# against Kubernetes' own schemas).
-CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
+# Checkers and clients from PyPI, pinned, in one virtualenv: check-jsonschema (compose file),
+# Helm v4 as a library (helm-python-sdk: lint and render, no cluster), kubernetes-validate
+# (manifests against Kubernetes' own schemas) and the official OpenAI SDK (the tests drive the
+# OpenAI routes with it).
+CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 openai==3.51.0"
 ensure_checkers() {
   local venv="$SLUICE_TOOLS_DIR/venv"
   if [ ! -x "$venv/bin/python" ]; then

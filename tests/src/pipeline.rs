@@ -32,6 +32,8 @@ pub struct PipelineOptions {
     pub model_base_url: Option<String>,
     /// Loads the in-process embedding model from here in every worker.
     pub embedding_model_dir: Option<std::path::PathBuf>,
+    /// Ingest's `SLUICE_OPENAI_MODELS`.
+    pub openai_models: Vec<String>,
 }
 
 impl Default for PipelineOptions {
@@ -50,6 +52,7 @@ impl Default for PipelineOptions {
             sim,
             model_base_url: None,
             embedding_model_dir: None,
+            openai_models: Vec::new(),
         }
     }
 }
@@ -140,13 +143,15 @@ impl Pipeline {
         ingest_config.auth = auth_mode(options.api_keys);
         ingest_config.database_url = database.url.clone().into();
         ingest_config.key_cache_ttl = Duration::from_secs(1);
+        ingest_config.openai_models = options.openai_models.clone();
         ingest_config.redis_url = redis_url.clone().map(Into::into);
         ingest_config.redis_prefix = redis_prefix.clone();
         // Pipeline tests are about the pipeline, not admission control: limits out of the way.
-        ingest_config.tiers = options
+        let tiers = options
             .tiers
             .clone()
             .unwrap_or_else(|| r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into());
+        ingest_config.tiers = sluice_ingest::admission::Tiers::parse(&tiers).expect("test tiers");
         ingest_config.global_burst = 100_000;
         ingest_config.global_rate_per_sec = 100_000.0;
         let ingest = sluice_ingest::Application::build(ingest_config)

@@ -70,7 +70,10 @@ impl Cluster {
         ingest.kafka = kafka;
         ingest.topics = topics.args();
         ingest.auth = sluice_common::auth::AuthMode::Off;
-        ingest.tiers = r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into();
+        ingest.tiers = sluice_ingest::admission::Tiers::parse(
+            r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#,
+        )
+        .unwrap();
         let ingest = sluice_ingest::Application::build(ingest)
             .await
             .expect("ingest builds");

@@ -23,6 +23,10 @@ pub enum Document {
 /// What every service serves besides its API, the same way: `/healthz`, `/readyz` (the
 /// service's own check), `/metrics`, and `/openapi.json` where there is an API; and on every
 /// route, request metrics and an `x-request-id` (the caller's, or a new UUID) on the response.
+///
+/// Why no `tower_http::trace::TraceLayer`: a job's handler opens its own span as a child of
+/// the caller's `traceparent`, so that one job is one trace across the services; a generic
+/// layer span around it would start a trace of its own for every request.
 pub fn with_operations<S>(api: Router<S>, readyz: MethodRouter<S>, document: Document) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,

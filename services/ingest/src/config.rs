@@ -21,6 +21,15 @@ pub struct Config {
     #[arg(long = "cors-origins", env = "SLUICE_CORS_ORIGINS", value_delimiter = ',', value_parser = sluice_common::http::parse_origin)]
     pub cors_origins: Vec<String>,
 
+    /// The models the OpenAI routes accept and `GET /v1/models` lists, comma separated.
+    /// Unset: any model name is accepted (the workers' routes decide) and the list is empty.
+    #[arg(
+        long = "openai-models",
+        env = "SLUICE_OPENAI_MODELS",
+        value_delimiter = ','
+    )]
+    pub openai_models: Vec<String>,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -69,9 +78,10 @@ pub struct Config {
     #[arg(
         long,
         env = "SLUICE_TIERS",
-        default_value = r#"{"default": {"rate_per_sec": 10, "burst": 20}}"#
+        default_value = r#"{"default": {"rate_per_sec": 10, "burst": 20}}"#,
+        value_parser = crate::admission::Tiers::setting
     )]
-    pub tiers: String,
+    pub tiers: crate::admission::Tiers,
 
     /// Sustained submissions per second over all users together.
     #[arg(long, env = "SLUICE_GLOBAL_RATE_PER_SEC", default_value_t = 1000.0)]
@@ -149,5 +159,30 @@ impl Config {
             "SLUICE_PUBLISH_TIMEOUT_MS must be above 0"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_bad_tiers_setting_stops_the_parse_naming_it() {
+        let error = Config::try_parse_from([
+            "sluice-ingest",
+            "--tiers",
+            r#"{"gold": {"rate_per_sec": 1, "burst": 1}}"#,
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("--tiers") && error.contains("default"),
+            "{error}"
+        );
+        let error = Config::try_parse_from(["sluice-ingest", "--cors-origins", "app.example"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not an origin"), "{error}");
     }
 }

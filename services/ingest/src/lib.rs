@@ -1,10 +1,12 @@
 //! Ingest: validates a job, publishes a request event keyed by user id, and answers 202 with the
-//! job id as soon as the broker has acknowledged it. It never calls a model.
+//! job id as soon as the broker has acknowledged it. It never calls a model. Its OpenAI routes
+//! (`openai/`) make the same jobs and wait for their answers.
 
 pub mod admission;
 mod config;
 mod error;
 mod keys;
+mod openai;
 mod publisher;
 mod submit;
 
@@ -45,13 +47,15 @@ pub struct AppState {
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
     pub cache: Arc<sluice_common::cache::ResponseCache>,
+    /// Where the OpenAI routes wait for their jobs: the results service.
+    follower: openai::JobFollower,
 }
 
 impl AppState {
     /// Creates the producer (librdkafka connects in the background, so this needs no broker)
     /// and the admission stores (Redis, if `REDIS_URL` is set, is connected here).
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let tiers = Arc::new(Tiers::parse(&config.tiers)?);
+        let tiers = Arc::new(config.tiers.clone());
         let limiter = Arc::new(admission::build_limiter(&config).await?);
         let idempotency = Arc::new(match &config.redis_url {
             Some(url) => IdempotencyStore::Redis {
@@ -104,6 +108,7 @@ impl AppState {
             config.publish_timeout,
         );
         Ok(Self {
+            follower: openai::JobFollower::new(&config.results_url),
             config: Arc::new(config),
             publisher,
             limiter,
@@ -123,7 +128,10 @@ pub fn router(state: AppState) -> Router {
     // answers with the JSON 413 naming the limit.
     let api = Router::new()
         .route("/v1/jobs", post(submit::submit))
-        .layer(DefaultBodyLimit::max(body_limit));
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/v1/models", get(openai::models));
     let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
     match cors {
         Some(cors) => router.layer(cors),

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sluice_common::auth::Caller;
 use sluice_common::cache::cache_key;
 use sluice_common::{propagation, telemetry};
 use sluice_schemas::{
@@ -117,11 +118,13 @@ pub fn to_request_event(
     Ok(event)
 }
 
-fn parse_body(
+/// A JSON body of type `T`, with its bytes: the content type, the size limit and the JSON
+/// checked, a wrong field named by its path.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     max_body_bytes: usize,
-) -> Result<(SubmitBody, Bytes), ApiError> {
+) -> Result<(T, Bytes), ApiError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let is_json = content_type.to_str().is_ok_and(|value| {
             let essence = value.split(';').next().unwrap_or("").trim();
@@ -225,12 +228,55 @@ async fn submit_in_span(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded)?;
-    let caller = match &state.keys {
-        Some(keys) => Some(keys.authenticate(&headers).await?),
-        None => None,
+    let caller = authenticate(&state, &headers).await?;
+    let (body, raw) = parse_body(&headers, body, state.config.max_body_bytes)?;
+    let (accepted, limit_headers) = match accept(&state, &headers, caller, body, &raw).await? {
+        Admission::Replayed(accepted) => return Ok(replayed(accepted)),
+        Admission::Accepted(accepted, limit_headers) => (*accepted, limit_headers),
     };
-    let (mut body, raw) = parse_body(&headers, body, state.config.max_body_bytes)?;
-    if wants_fresh_answer(&headers) {
+    let location = HeaderValue::from_str(&accepted.status_url)
+        .expect("a URL made of a URL and a UUID is a header value");
+    // A cache hit is finished: 200 with the answer, rather than 202.
+    let status = if accepted.output.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = (status, [(header::LOCATION, location)], Json(accepted)).into_response();
+    response.headers_mut().extend(limit_headers);
+    Ok(response)
+}
+
+/// The caller, as their API key says; `None` when keys are off.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Caller>, ApiError> {
+    match &state.keys {
+        Some(keys) => Ok(Some(keys.authenticate(headers).await?)),
+        None => Ok(None),
+    }
+}
+
+/// What `accept` made of a submission.
+pub(crate) enum Admission {
+    /// A new job (or a cache hit answered now): the 202 body and the rate-limit headers.
+    Accepted(Box<Accepted>, HeaderMap),
+    /// An `Idempotency-Key` already used with the same body: the original 202 body.
+    Replayed(serde_json::Value),
+}
+
+/// Everything between a parsed body and a published job, the same for every front door
+/// (`/v1/jobs`, the OpenAI routes): the caller's user, the one conversion into a request
+/// event, the idempotency key, admission, the shared cache, publishing.
+pub(crate) async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: Option<Caller>,
+    mut body: SubmitBody,
+    raw: &[u8],
+) -> Result<Admission, ApiError> {
+    if wants_fresh_answer(headers) {
         body.cache = Some(false);
     }
     if let Some(caller) = &caller {
@@ -256,9 +302,9 @@ async fn submit_in_span(
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
     let user_id = &event.user_id;
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(headers)?;
     let retention = state.config.idempotency_ttl;
-    let body_hash = idempotency::body_hash(&raw);
+    let body_hash = idempotency::body_hash(raw);
     let mut claimed = false;
     if let Some(key) = &key {
         match state
@@ -267,13 +313,13 @@ async fn submit_in_span(
             .await
         {
             Ok(Claim::New) => claimed = true,
-            Ok(Claim::Replay(accepted)) => return Ok(replayed(accepted)),
+            Ok(Claim::Replay(accepted)) => return Ok(Admission::Replayed(accepted)),
             Ok(Claim::Mismatch) => return Err(ApiError::IdempotencyKeyReused),
             Ok(Claim::InProgress) => return Err(ApiError::IdempotencyKeyInProgress),
-            Err(error) => on_store_failure(&state, "idempotency", &error)?,
+            Err(error) => on_store_failure(state, "idempotency", &error)?,
         }
     }
-    let result = admit_and_publish(&state, &event, &tier).await;
+    let result = admit_and_publish(state, &event, &tier).await;
     if let (Some(key), true) = (&key, claimed) {
         match &result {
             Ok((accepted, _)) => {
@@ -294,17 +340,7 @@ async fn submit_in_span(
         }
     }
     let (accepted, limit_headers) = result?;
-    let location = HeaderValue::from_str(&accepted.status_url)
-        .expect("a URL made of a URL and a UUID is a header value");
-    // A cache hit is finished: 200 with the answer, rather than 202.
-    let status = if accepted.output.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    let mut response = (status, [(header::LOCATION, location)], Json(accepted)).into_response();
-    response.headers_mut().extend(limit_headers);
-    Ok(response)
+    Ok(Admission::Accepted(Box::new(accepted), limit_headers))
 }
 
 /// The original 202 of an `Idempotency-Key`, marked as a replay; nothing is published.

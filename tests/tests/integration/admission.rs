@@ -42,8 +42,9 @@ async fn ingest(topics: &TestTopics, configure: impl FnOnce(&mut sluice_ingest::
     }
 }
 
-fn tiers(rate: f64, burst: u32) -> String {
-    json!({"default": {"rate_per_sec": rate, "burst": burst}}).to_string()
+fn tiers(rate: f64, burst: u32) -> sluice_ingest::admission::Tiers {
+    let text = json!({"default": {"rate_per_sec": rate, "burst": burst}}).to_string();
+    sluice_ingest::admission::Tiers::parse(&text).unwrap()
 }
 
 fn unique_prefix() -> String {

@@ -11,6 +11,7 @@ mod cancel;
 mod embedding;
 mod fairness;
 mod ingest;
+mod openai;
 mod pipeline;
 mod results;
 mod telemetry;

@@ -32,6 +32,11 @@ impl Tiers {
         Ok(Self(tiers))
     }
 
+    /// `SLUICE_TIERS` as clap reads it: a bad value stops the process before anything starts.
+    pub fn setting(text: &str) -> Result<Self, String> {
+        Self::parse(text).map_err(|error| format!("{error:#}"))
+    }
+
     /// The quota of `tier`, or the default tier's for an unknown one.
     pub fn quota(&self, tier: &str) -> (&str, Quota) {
         match self.0.get_key_value(tier) {

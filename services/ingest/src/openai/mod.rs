@@ -1,0 +1,289 @@
+//! OpenAI's API as a front door to the queue: `POST /v1/chat/completions`, `POST
+//! /v1/embeddings` and `GET /v1/models`. A client changes only its `base_url` and API key;
+//! each request becomes a job exactly as `POST /v1/jobs` makes one (`submit::accept`: the
+//! same admission, rate limits, idempotency, cache, deadline), so it is durable, visible at
+//! `GET /v1/jobs/{id}` and cancellable; the connection waits for the job's end (`wait.rs`).
+//! Every answer carries `X-Sluice-Job-Id`.
+
+mod error;
+mod wait;
+mod wire;
+
+pub(crate) use wait::JobFollower;
+
+use crate::AppState;
+use crate::submit::{Admission, accept, authenticate, parse_body};
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use error::OpenAiError;
+use serde_json::{Value, json};
+use sluice_schemas::{FieldError, JobId, JobStatus, Output};
+use std::convert::Infallible;
+use wait::CancelOnDrop;
+use wire::{ChatRequest, EmbeddingsRequest, JobView};
+
+const JOB_ID_HEADER: &str = "x-sluice-job-id";
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    chat(state, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/embeddings`.
+pub(crate) async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    embed(state, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/models`: the models `SLUICE_OPENAI_MODELS` names.
+pub(crate) async fn models(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, OpenAiError> {
+    authenticate(&state, &headers).await?;
+    let data: Vec<Value> = state
+        .config
+        .openai_models
+        .iter()
+        .map(|model| json!({"id": model, "object": "model", "created": 0, "owned_by": "sluice"}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+/// A job accepted for an OpenAI request, and what waiting for it needs.
+struct Admitted {
+    job_id: JobId,
+    model: String,
+    deadline: DateTime<Utc>,
+    /// Answered at submit time from the shared cache.
+    output: Option<Output>,
+    headers: HeaderMap,
+}
+
+/// The steps every OpenAI route shares: shed, authenticate, parse (type `T`), the model
+/// check, the job (`to_job`), `accept`.
+async fn admit<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    to_job: impl FnOnce(T, Option<u64>) -> Result<crate::submit::SubmitBody, FieldError>,
+) -> Result<Admitted, OpenAiError> {
+    let _slot = state
+        .submissions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| crate::error::ApiError::Overloaded)?;
+    let caller = authenticate(state, headers).await?;
+    let (request, raw): (T, Bytes) = parse_body(headers, body, state.config.max_body_bytes)?;
+    let timeout_ms = headers
+        .get("x-sluice-timeout-ms")
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    sluice_schemas::FieldError::new(
+                        "X-Sluice-Timeout-Ms",
+                        "must be a whole number of milliseconds",
+                    )
+                })
+        })
+        .transpose()?;
+    let mut job = to_job(request, timeout_ms)?;
+    // With a key, the key's user owns the job; OpenAI's `user` is the caller's own end user
+    // (it still reaches the backend in the params).
+    if caller.is_some() {
+        job.user_id = None;
+    }
+    let known = &state.config.openai_models;
+    if !known.is_empty() && !known.contains(&job.model) {
+        return Err(OpenAiError::unknown_model(&job.model));
+    }
+    let model = job.model.clone();
+    let (accepted, limit_headers) = match accept(state, headers, caller, job, &raw).await? {
+        Admission::Accepted(accepted, limit_headers) => (*accepted, limit_headers),
+        Admission::Replayed(original) => {
+            let accepted: crate::submit::Accepted = serde_json::from_value(original)
+                .map_err(|error| OpenAiError::lost_track(JobId::new(), error.to_string()))?;
+            (accepted, HeaderMap::new())
+        }
+    };
+    Ok(Admitted {
+        job_id: accepted.job_id,
+        model,
+        deadline: accepted.deadline,
+        output: accepted.output,
+        headers: limit_headers,
+    })
+}
+
+/// The job's end: at once for a cache hit, else from the results service. A client that
+/// disconnects meanwhile cancels the job unless it said `X-Sluice-On-Disconnect: continue`.
+async fn finished(
+    state: &AppState,
+    headers: &HeaderMap,
+    admitted: &Admitted,
+) -> Result<(JobView, Output), OpenAiError> {
+    let job = match &admitted.output {
+        Some(output) => JobView {
+            job_id: admitted.job_id,
+            model: admitted.model.clone(),
+            status: JobStatus::Succeeded,
+            output: Some(output.clone()),
+            error: None,
+        },
+        None => {
+            let auth = headers.get(axum::http::header::AUTHORIZATION);
+            let keep_going = headers
+                .get("x-sluice-on-disconnect")
+                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"continue"));
+            let guard = CancelOnDrop::new(
+                state.follower.clone(),
+                admitted.job_id,
+                auth.cloned(),
+                !keep_going,
+            );
+            let job = state
+                .follower
+                .terminal(admitted.job_id, auth, admitted.deadline)
+                .await
+                .map_err(|why| OpenAiError::lost_track(admitted.job_id, why))?;
+            guard.finish();
+            job
+        }
+    };
+    match (&job.status, &job.output) {
+        (JobStatus::Succeeded, Some(output)) => {
+            let output = output.clone();
+            Ok((job, output))
+        }
+        (status, _) => Err(OpenAiError::from_job(
+            job.job_id,
+            job.error.as_ref(),
+            *status == JobStatus::Cancelled,
+        )),
+    }
+}
+
+fn with_job_headers(mut response: Response, admitted: &Admitted) -> Response {
+    response.headers_mut().extend(admitted.headers.clone());
+    if let Ok(value) = HeaderValue::from_str(&admitted.job_id.to_string()) {
+        response.headers_mut().insert(JOB_ID_HEADER, value);
+    }
+    response
+}
+
+async fn chat(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let mut stream = None;
+    let admitted = admit(
+        &state,
+        &headers,
+        body,
+        |request: ChatRequest, timeout_ms| {
+            if request.stream {
+                stream = Some(
+                    request
+                        .stream_options
+                        .as_ref()
+                        .is_some_and(|options| options.include_usage),
+                );
+            }
+            request.into_submission(timeout_ms)
+        },
+    )
+    .await?;
+    let created = Utc::now().timestamp();
+    if let Some(include_usage) = stream {
+        return Ok(stream_chat(
+            state,
+            headers,
+            admitted,
+            created,
+            include_usage,
+        ));
+    }
+    let result = finished(&state, &headers, &admitted).await;
+    let response = match result {
+        Ok((job, output)) => Json(wire::chat_completion(&job, &output, created)).into_response(),
+        Err(error) => error.into_response(),
+    };
+    Ok(with_job_headers(response, &admitted))
+}
+
+/// `"stream": true`: keep-alive comments while the job waits, then its answer as chunks and
+/// `[DONE]`. The answer arrives whole from the job and goes out as one content delta (token
+/// deltas through the pipeline are not built yet). A failure after the stream has started is
+/// a final `{"error": ...}` chunk, never a silently cut stream.
+fn stream_chat(
+    state: AppState,
+    headers: HeaderMap,
+    admitted: Admitted,
+    created: i64,
+    include_usage: bool,
+) -> Response {
+    let job_id = admitted.job_id;
+    let events = async_stream::stream! {
+        let data = |value: &Value| Ok::<_, Infallible>(Event::default().data(value.to_string()));
+        match finished(&state, &headers, &admitted).await {
+            Ok((job, output)) => {
+                for chunk in wire::chat_chunks(&job, &output, created, include_usage) {
+                    yield data(&chunk);
+                }
+            }
+            Err(error) => yield data(&error.body()),
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&job_id.to_string()) {
+        response.headers_mut().insert(JOB_ID_HEADER, value);
+    }
+    response
+}
+
+async fn embed(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let mut base64 = false;
+    let admitted = admit(
+        &state,
+        &headers,
+        body,
+        |request: EmbeddingsRequest, timeout_ms| {
+            base64 = request.encoding_format.as_deref() == Some("base64");
+            request.into_submission(timeout_ms)
+        },
+    )
+    .await?;
+    let response = match finished(&state, &headers, &admitted).await {
+        Ok((job, output)) => Json(wire::embedding_list(&job, &output, base64)).into_response(),
+        Err(error) => error.into_response(),
+    };
+    Ok(with_job_headers(response, &admitted))
+}

@@ -1,0 +1,360 @@
+//! OpenAI's request and response shapes, and how they map to a Sluice job and back. What
+//! Sluice reads of a request is named here; every other field (`temperature`, `tools`,
+//! `response_format`, `seed`, `stop`, `max_tokens`, ...) reaches the backend unchanged in the
+//! job's `params`.
+
+use crate::submit::SubmitBody;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sluice_schemas::{FieldError, JobError, JobId, JobStatus, Message, Output, Params, Role};
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(flatten)]
+    pub rest: Params,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbeddingsRequest {
+    pub model: String,
+    pub input: Value,
+    /// `float` (the default) or `base64` (little-endian f32s; what the Python SDK asks for).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<u64>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// Who a job is for when API keys are off: OpenAI's `user` field, or this.
+const ANONYMOUS: &str = "anonymous";
+
+impl ChatRequest {
+    /// The job this request asks for. Refused here, each naming its field: more than one
+    /// choice (`n`), and message shapes a job cannot carry yet (tool calls, images, audio).
+    pub(crate) fn into_submission(self, timeout_ms: Option<u64>) -> Result<SubmitBody, FieldError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(FieldError::new(
+                "n",
+                "only one choice per request is supported (n = 1)",
+            ));
+        }
+        let messages = self
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(index, message)| chat_message(index, message))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut params = self.rest;
+        // Sluice sends `stream` itself; the rest is the backend's business.
+        params.remove("stream_options");
+        let user = params
+            .get("user")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(SubmitBody {
+            user_id: Some(user.unwrap_or_else(|| ANONYMOUS.to_owned())),
+            model: self.model,
+            messages: Some(messages),
+            input: None,
+            params: Some(params),
+            timeout_ms,
+            cache: None,
+        })
+    }
+}
+
+fn chat_message(index: usize, message: &Value) -> Result<Message, FieldError> {
+    let field = |name: &str| format!("messages[{index}].{name}");
+    let object = message
+        .as_object()
+        .ok_or_else(|| FieldError::new(format!("messages[{index}]"), "must be an object"))?;
+    let role: Role = object
+        .get("role")
+        .cloned()
+        .ok_or_else(|| FieldError::new(field("role"), "is required"))
+        .and_then(|role| {
+            serde_json::from_value(role).map_err(|_| {
+                FieldError::new(
+                    field("role"),
+                    "must be system, developer, user, assistant or tool",
+                )
+            })
+        })?;
+    for unsupported in ["tool_calls", "function_call", "tool_call_id", "audio"] {
+        if object.contains_key(unsupported) {
+            return Err(FieldError::new(
+                field(unsupported),
+                "tool calls and audio in messages are not supported yet",
+            ));
+        }
+    }
+    let content = match object.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        // Content parts: text parts are joined; an image or audio part cannot be carried yet.
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (part_index, part) in parts.iter().enumerate() {
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(part_text))) => text.push_str(part_text),
+                    _ => {
+                        return Err(FieldError::new(
+                            format!("messages[{index}].content[{part_index}]"),
+                            "only text parts are supported",
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        _ => {
+            return Err(FieldError::new(
+                field("content"),
+                "must be a string or text parts",
+            ));
+        }
+    };
+    Ok(Message { role, content })
+}
+
+impl EmbeddingsRequest {
+    pub(crate) fn into_submission(self, timeout_ms: Option<u64>) -> Result<SubmitBody, FieldError> {
+        if self.dimensions.is_some() {
+            return Err(FieldError::new(
+                "dimensions",
+                "is not supported: the model's vectors have the length it gives",
+            ));
+        }
+        if !matches!(
+            self.encoding_format.as_deref(),
+            None | Some("float" | "base64")
+        ) {
+            return Err(FieldError::new(
+                "encoding_format",
+                "must be float or base64",
+            ));
+        }
+        let input = match self.input {
+            Value::String(text) => vec![text],
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(index, item)| match item {
+                    Value::String(text) => Ok(text),
+                    _ => Err(FieldError::new(
+                        format!("input[{index}]"),
+                        "must be text; token arrays are not supported",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(FieldError::new(
+                    "input",
+                    "must be a string or an array of strings",
+                ));
+            }
+        };
+        Ok(SubmitBody {
+            user_id: Some(self.user.unwrap_or_else(|| ANONYMOUS.to_owned())),
+            model: self.model,
+            messages: None,
+            input: Some(input),
+            params: None,
+            timeout_ms,
+            cache: None,
+        })
+    }
+}
+
+/// A job as the results service shows it, as far as an answer needs it.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct JobView {
+    pub job_id: JobId,
+    pub model: String,
+    pub status: JobStatus,
+    #[serde(default)]
+    pub output: Option<Output>,
+    #[serde(default)]
+    pub error: Option<JobError>,
+}
+
+fn usage(output: &Output) -> Value {
+    let usage = output.usage.unwrap_or_default();
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    })
+}
+
+fn answered_by<'a>(job: &'a JobView, output: &'a Output) -> &'a str {
+    output.model.as_deref().unwrap_or(&job.model)
+}
+
+/// A `chat.completion` from a succeeded job.
+pub(crate) fn chat_completion(job: &JobView, output: &Output, created: i64) -> Value {
+    json!({
+        "id": format!("chatcmpl-{}", job.job_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": answered_by(job, output),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": output.content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": output.finish_reason.as_deref().unwrap_or("stop"),
+        }],
+        "usage": usage(output),
+    })
+}
+
+/// The `chat.completion.chunk`s of a whole answer: the role, the content as one delta, the
+/// finish reason, and the usage when asked for (`stream_options.include_usage`).
+pub(crate) fn chat_chunks(
+    job: &JobView,
+    output: &Output,
+    created: i64,
+    include_usage: bool,
+) -> Vec<Value> {
+    let chunk = |choices: Value| {
+        let mut chunk = json!({
+            "id": format!("chatcmpl-{}", job.job_id),
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": answered_by(job, output),
+            "choices": choices,
+        });
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    };
+    let mut chunks = vec![
+        chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+        ),
+        chunk(
+            json!([{"index": 0, "delta": {"content": output.content}, "logprobs": null, "finish_reason": null}]),
+        ),
+        chunk(
+            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": output.finish_reason.as_deref().unwrap_or("stop")}]),
+        ),
+    ];
+    if include_usage {
+        let mut last = chunk(json!([]));
+        last["usage"] = usage(output);
+        chunks.push(last);
+    }
+    chunks
+}
+
+/// The embeddings `list` from a succeeded embedding job.
+pub(crate) fn embedding_list(job: &JobView, output: &Output, base64: bool) -> Value {
+    let vectors = output.embeddings.as_deref().unwrap_or_default();
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens = output.usage.as_ref().map_or(0, |usage| usage.prompt_tokens);
+    json!({
+        "object": "list",
+        "data": data,
+        "model": answered_by(job, output),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: Value) -> Result<SubmitBody, FieldError> {
+        serde_json::from_value::<ChatRequest>(body)
+            .unwrap()
+            .into_submission(None)
+    }
+
+    #[test]
+    fn unknown_fields_reach_the_backend_and_unsupported_ones_are_named() {
+        let submission = chat(json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "temperature": 0.2, "tools": [], "seed": 7, "user": "carol",
+        }))
+        .unwrap();
+        let params = submission.params.unwrap();
+        assert_eq!(params["temperature"], 0.2);
+        assert_eq!(params["seed"], 7);
+        assert!(params.contains_key("tools"));
+        assert_eq!(submission.messages.unwrap()[0].content, "ab");
+        assert_eq!(submission.user_id.as_deref(), Some("carol"));
+
+        let refused = chat(json!({"model": "m", "messages": [], "n": 2})).unwrap_err();
+        assert_eq!(refused.field, "n");
+        let refused = chat(json!({"model": "m", "messages": [{"role": "assistant", "content": null, "tool_calls": []}]}))
+            .unwrap_err();
+        assert_eq!(refused.field, "messages[0].tool_calls");
+        let refused = chat(json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}))
+            .unwrap_err();
+        assert_eq!(refused.field, "messages[0].role");
+    }
+
+    #[test]
+    fn base64_embeddings_are_little_endian_f32s() {
+        let job = JobView {
+            job_id: JobId::new(),
+            model: "e".into(),
+            status: JobStatus::Succeeded,
+            output: None,
+            error: None,
+        };
+        let output = Output {
+            embeddings: Some(vec![vec![1.0, -2.5]]),
+            ..Output::default()
+        };
+        let list = embedding_list(&job, &output, true);
+        let text = list["data"][0]["embedding"].as_str().unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap();
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, [1.0, -2.5]);
+        assert_eq!(
+            embedding_list(&job, &output, false)["data"][0]["embedding"],
+            json!([1.0, -2.5])
+        );
+    }
+}
