@@ -132,6 +132,12 @@ pub struct Config {
         default_value = "http://127.0.0.1:8081"
     )]
     pub results_url: String,
+
+    /// Where the OpenAI routes reach the results service to wait for a job (and cancel it);
+    /// unset: `SLUICE_RESULTS_URL`. Set it when that is a public URL and the services have a
+    /// shorter way between them.
+    #[arg(long, env = "SLUICE_RESULTS_INTERNAL_URL")]
+    pub results_internal_url: Option<String>,
 }
 
 impl Config {

@@ -108,7 +108,12 @@ impl AppState {
             config.publish_timeout,
         );
         Ok(Self {
-            follower: openai::JobFollower::new(&config.results_url),
+            follower: openai::JobFollower::new(
+                config
+                    .results_internal_url
+                    .as_deref()
+                    .unwrap_or(&config.results_url),
+            ),
             config: Arc::new(config),
             publisher,
             limiter,
