@@ -3,7 +3,8 @@ them. Run by `tests/tests/integration/openai.rs` against a pipeline it started; 
 prints one line and any failure exits non-zero with the reason.
 
 Environment: SLUICE_BASE_URL (ingest's `/v1`), SLUICE_API_KEY (a key on a roomy tier),
-SLUICE_TINY_KEY (a key on a tier of one request a second, a burst of 1).
+SLUICE_TINY_KEY (a key on a tier of one request a second, a burst of 1), SLUICE_SIM_URL (the
+simulated model, checked as a backend the SDK can read).
 """
 
 import math
@@ -116,5 +117,54 @@ check(
     retried.choices[0].message.content == "echo: third" and waited >= 0.5,
     f"waited {waited:.2f} s",
 )
+
+# The simulated model (the tests' stand-in backend) streams as OpenAI does, tool calls too:
+# the SDK's own stream parsing reads it.
+sim = OpenAI(base_url=os.environ["SLUICE_SIM_URL"] + "/v1", api_key="unused")
+sim_chunks = list(
+    sim.chat.completions.create(
+        model="sim",
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+)
+pieces = [c.choices[0].delta.content for c in sim_chunks if c.choices and c.choices[0].delta.content]
+check("sim streams tokens", pieces == ["echo:", " one", " two", " three"], pieces)
+check("sim stream usage", sim_chunks[-1].usage.completion_tokens == 4, sim_chunks[-1])
+tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+called = sim.chat.completions.create(
+    model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools
+)
+call = called.choices[0].message.tool_calls[0]
+check(
+    "sim tool call",
+    called.choices[0].finish_reason == "tool_calls"
+    and call.function.name == "lookup"
+    and call.function.arguments == '{"text":"find it"}',
+    called,
+)
+answered = sim.chat.completions.create(
+    model="sim",
+    messages=[
+        {"role": "user", "content": "find it"},
+        called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "found"},
+    ],
+    tools=tools,
+)
+check("sim tool result", answered.choices[0].message.content == "echo: found", answered)
+streamed_call = [
+    c
+    for c in sim.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools, stream=True
+    )
+]
+arguments = "".join(
+    c.choices[0].delta.tool_calls[0].function.arguments or ""
+    for c in streamed_call
+    if c.choices and c.choices[0].delta.tool_calls
+)
+check("sim streamed tool call", arguments == '{"text":"find it"}', arguments)
 
 print("all OpenAI SDK checks passed")

@@ -43,6 +43,7 @@ async fn the_official_openai_sdk_works_against_the_front_door() {
         .env("SLUICE_BASE_URL", format!("{}/v1", pipeline.ingest_url))
         .env("SLUICE_API_KEY", &key)
         .env("SLUICE_TINY_KEY", &tiny_key)
+        .env("SLUICE_SIM_URL", &pipeline.sim_url)
         .output()
         .await
         .expect("running the OpenAI SDK checks");

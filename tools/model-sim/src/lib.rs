@@ -2,7 +2,11 @@
 //! capacity beyond which calls queue (as vLLM's scheduler does), and a failure rate.
 //!
 //! It answers `echo: <last user message>`, so a test can check that the right output was stored,
-//! and reports what it saw at `GET /stats` (calls, open calls, peak open calls).
+//! and reports what it saw at `GET /stats` (calls, open calls, peak open calls). With
+//! `"stream": true` it streams the answer as OpenAI does (`stream.rs`); given `tools`, it calls
+//! the first one (`tool_call`), and answers a tool's result with `echo: <result>`.
+
+mod stream;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -51,6 +55,11 @@ pub struct Config {
     /// Seconds sent in `Retry-After` with each simulated failure; none if unset.
     #[arg(long, env = "SIM_RETRY_AFTER_SECS")]
     pub retry_after_secs: Option<u64>,
+
+    /// Streaming (`"stream": true`): the time between two content tokens, in milliseconds. The
+    /// service time is then the time to the first token.
+    #[arg(long, env = "SIM_TOKEN_TIME_MS", default_value_t = 0)]
+    pub token_time_ms: u64,
 }
 
 impl Config {
@@ -94,13 +103,13 @@ impl Stats {
 
 /// Counts a call as open from arrival until it is answered or the caller goes away (axum then
 /// drops the handler's future, and with it this guard, before `answered` is set).
-struct OpenCall<'a> {
-    stats: &'a Stats,
+struct OpenCall {
+    stats: Arc<Stats>,
     answered: bool,
 }
 
-impl<'a> OpenCall<'a> {
-    fn start(stats: &'a Stats) -> Self {
+impl OpenCall {
+    fn start(stats: Arc<Stats>) -> Self {
         stats.calls.fetch_add(1, Ordering::SeqCst);
         let open = stats.open.fetch_add(1, Ordering::SeqCst) + 1;
         stats.peak_open.fetch_max(open, Ordering::SeqCst);
@@ -111,7 +120,7 @@ impl<'a> OpenCall<'a> {
     }
 }
 
-impl Drop for OpenCall<'_> {
+impl Drop for OpenCall {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Ordering::SeqCst);
         if !self.answered {
@@ -131,12 +140,76 @@ struct AppState {
 struct ChatRequest {
     model: String,
     messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    tools: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
 struct ChatMessage {
     role: String,
-    content: String,
+    /// Null for an assistant message that only calls tools.
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// What the model says to a request.
+enum Answer {
+    Text(String),
+    /// A call of this function with these arguments (JSON text).
+    ToolCall {
+        name: String,
+        arguments: String,
+    },
+}
+
+impl ChatRequest {
+    fn answer(&self) -> Answer {
+        let last = self.messages.last();
+        // A tool's result comes back: answer with it. Tools offered otherwise: call the first.
+        if let Some(message) = last.filter(|message| message.role == "tool") {
+            return Answer::Text(format!(
+                "echo: {}",
+                message.content.as_deref().unwrap_or("")
+            ));
+        }
+        let prompt = self
+            .messages
+            .iter()
+            .rev()
+            .find(|message| message.role == "user")
+            .and_then(|message| message.content.as_deref())
+            .unwrap_or("");
+        let function = self
+            .tools
+            .first()
+            .and_then(|tool| tool.pointer("/function/name"))
+            .and_then(serde_json::Value::as_str);
+        match function {
+            Some(name) => Answer::ToolCall {
+                name: name.to_owned(),
+                arguments: serde_json::json!({"text": prompt}).to_string(),
+            },
+            None => Answer::Text(format!("echo: {prompt}")),
+        }
+    }
+
+    fn prompt_tokens(&self) -> usize {
+        self.messages
+            .iter()
+            .filter_map(|message| message.content.as_deref())
+            .map(|content| content.split_whitespace().count())
+            .sum()
+    }
 }
 
 /// A running simulated model.
@@ -178,8 +251,8 @@ impl SimModel {
 
 /// A call's turn at the model: counted, waiting for one of `capacity` slots, then the service
 /// time (plus jitter). Dropping the result before it returns counts a disconnect.
-async fn serve_turn(state: &AppState) -> OpenCall<'_> {
-    let mut open = OpenCall::start(&state.stats);
+async fn serve_turn(state: &AppState) -> OpenCall {
+    let mut open = OpenCall::start(state.stats.clone());
     let _slot = state
         .capacity
         .acquire()
@@ -200,7 +273,7 @@ async fn chat_completions(
     Json(request): Json<ChatRequest>,
 ) -> Response {
     let call_number = state.stats.calls.load(Ordering::SeqCst) + 1;
-    let _open = serve_turn(&state).await;
+    let open = serve_turn(&state).await;
 
     let fails = call_number <= state.config.fail_first
         || (state.config.failure_rate > 0.0 && fastrand::f64() < state.config.failure_rate);
@@ -219,28 +292,32 @@ async fn chat_completions(
         return response;
     }
 
-    let prompt = request
-        .messages
-        .iter()
-        .rev()
-        .find(|message| message.role == "user")
-        .map_or("", |message| message.content.as_str());
-    let content = format!("echo: {prompt}");
-    let prompt_tokens = request
-        .messages
-        .iter()
-        .map(|m| m.content.split_whitespace().count())
-        .sum::<usize>();
-    let completion_tokens = content.split_whitespace().count();
+    if request.stream {
+        return stream::chat(&state, &request, open).into_response();
+    }
+    drop(open);
+    let answer = request.answer();
+    let prompt_tokens = request.prompt_tokens();
+    let (message, finish_reason, completion_tokens) = match &answer {
+        Answer::Text(content) => (
+            serde_json::json!({"role": "assistant", "content": content}),
+            "stop",
+            content.split_whitespace().count(),
+        ),
+        Answer::ToolCall { name, arguments } => (
+            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{
+                "id": "call_sim_0", "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }]}),
+            "tool_calls",
+            1,
+        ),
+    };
     Json(serde_json::json!({
         "id": format!("chatcmpl-sim-{}", fastrand::u64(..)),
         "object": "chat.completion",
         "model": request.model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop"
-        }],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
