@@ -9,6 +9,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::future::Future;
 use std::time::{Duration, Instant};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 
 const HOW_TO_START: &str = "run the tests with scripts/test, which starts Postgres and the broker";
@@ -76,14 +77,36 @@ impl TestTopics {
     }
 }
 
+/// The machine the tests share. The fault tests restart Postgres and load the machine with
+/// services as processes: each holds the stage alone (`exclusive_stage`), while every test with
+/// a database holds it shared for as long as its database lives. The tests are one binary and
+/// run side by side; this keeps a Postgres restart away from everyone else's queries.
+static STAGE: RwLock<()> = RwLock::const_new(());
+
+/// The stage to oneself, until the guard is dropped: for a test that restarts shared servers.
+pub async fn exclusive_stage() -> RwLockWriteGuard<'static, ()> {
+    STAGE.write().await
+}
+
 /// A database made for one test, on the server at `SLUICE_TEST_DATABASE_URL`.
 pub struct TestDatabase {
     pub url: String,
     pub pool: PgPool,
+    /// The shared hold on the stage; `None` for a test that holds it exclusively.
+    _stage: Option<RwLockReadGuard<'static, ()>>,
 }
 
 impl TestDatabase {
+    /// A new database, holding the stage shared: it waits while a fault test runs.
     pub async fn create() -> Self {
+        let stage = STAGE.read().await;
+        let mut database = Self::create_on_exclusive_stage().await;
+        database._stage = Some(stage);
+        database
+    }
+
+    /// A new database for a test that already holds the stage (`exclusive_stage`).
+    pub async fn create_on_exclusive_stage() -> Self {
         let admin_url = std::env::var("SLUICE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".to_owned());
         let mut admin = PgConnection::connect(&admin_url)
@@ -105,7 +128,11 @@ impl TestDatabase {
             .connect(&url)
             .await
             .expect("connecting to the test database");
-        Self { url, pool }
+        Self {
+            url,
+            pool,
+            _stage: None,
+        }
     }
 
     pub async fn migrated() -> Self {

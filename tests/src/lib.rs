@@ -7,6 +7,6 @@ pub mod pipeline;
 pub mod process;
 pub mod sse;
 
-pub use infra::{TestDatabase, TestTopics, kafka_args, wait_until};
+pub use infra::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
 pub use pipeline::{Pipeline, PipelineOptions};
 pub use sse::{SseEvent, read_sse};

@@ -1,7 +1,7 @@
 //! The integration tests, one binary (each module a former test file): the services in-process
 //! and as processes, against the real broker, Postgres and Redis. The fault tests, which restart
-//! Postgres and kill processes, are a binary of their own (`tests/faults.rs`) so that they never
-//! run beside these.
+//! Postgres and kill processes, each hold the machine alone (`sluice_tests::exclusive_stage`);
+//! every test with a database waits for them.
 
 mod admission;
 mod auth;
@@ -10,6 +10,7 @@ mod cache;
 mod cancel;
 mod embedding;
 mod fairness;
+mod faults;
 mod ingest;
 mod openai;
 mod pipeline;

@@ -4,20 +4,18 @@
 //! stopped with SIGTERM. Each time every accepted job must end in exactly one terminal status;
 //! duplicate model calls are counted and printed.
 //!
-//! The tests run one at a time: restarting Postgres would disturb any other test.
+//! Each test holds the machine alone (`exclusive_stage`): restarting Postgres would disturb any
+//! other test, so those with a database wait until it is done.
 
 use sluice_model_sim::Stats;
 use sluice_tests::process::{ServiceProcess, free_port};
-use sluice_tests::{TestDatabase, TestTopics, kafka_args, wait_until};
+use sluice_tests::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 const JOBS: usize = 300;
 
@@ -48,7 +46,7 @@ impl Cluster {
         let kafka = kafka_args(6);
         let topics = TestTopics::unique();
         topics.create(&kafka).await;
-        let database = TestDatabase::create().await;
+        let database = TestDatabase::create_on_exclusive_stage().await;
         println!(
             "{name}: topics {}.*, database {}",
             topics.requests.trim_end_matches(".requests"),
@@ -274,7 +272,8 @@ impl Drop for Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_flight_is_replaced_and_nothing_is_lost() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+    // Alone on the machine: it restarts shared servers and loads the cores.
+    let _stage = exclusive_stage().await;
     let cluster = Cluster::start("worker SIGKILL").await;
     let _results = cluster.results("results").await;
     let first = cluster.worker("worker-a").await;
@@ -288,7 +287,8 @@ async fn a_worker_killed_mid_flight_is_replaced_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_results_service_killed_mid_write_and_restarted_loses_nothing() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+    // Alone on the machine: it restarts shared servers and loads the cores.
+    let _stage = exclusive_stage().await;
     let cluster = Cluster::start("results SIGKILL").await;
     let first = cluster.results("results-a").await;
     let _worker = cluster.worker("worker").await;
@@ -302,7 +302,8 @@ async fn the_results_service_killed_mid_write_and_restarted_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_under_load_loses_nothing() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+    // Alone on the machine: it restarts shared servers and loads the cores.
+    let _stage = exclusive_stage().await;
     let restart = std::env::var("SLUICE_TEST_PG_RESTART").expect(
         "SLUICE_TEST_PG_RESTART (a command that restarts the test Postgres) is set by scripts/test",
     );
@@ -322,7 +323,8 @@ async fn a_postgres_restart_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_joining_under_load_rebalances_without_loss() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+    // Alone on the machine: it restarts shared servers and loads the cores.
+    let _stage = exclusive_stage().await;
     let cluster = Cluster::start("worker joins").await;
     let _results = cluster.results("results").await;
     let _first = cluster.worker("worker-a").await;
@@ -334,7 +336,8 @@ async fn a_worker_joining_under_load_rebalances_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_commits_and_hands_over_to_another_worker() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+    // Alone on the machine: it restarts shared servers and loads the cores.
+    let _stage = exclusive_stage().await;
     let cluster = Cluster::start("worker SIGTERM").await;
     let _results = cluster.results("results").await;
     let first = cluster.worker("worker-a").await;
@@ -353,7 +356,8 @@ async fn sigterm_drains_commits_and_hands_over_to_another_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_stop_signal_exits_at_once_without_draining() {
-    let _serial = ONE_AT_A_TIME.lock().await;
+    // Alone on the machine: it restarts shared servers and loads the cores.
+    let _stage = exclusive_stage().await;
     // Model calls of 30 s: the first SIGTERM starts a drain (15 s) that cannot finish soon.
     let cluster = Cluster::with_model_time("second signal", 30_000).await;
     let mut worker = cluster.worker("worker").await;
