@@ -3,10 +3,12 @@
 //! `request.schema.json` and `status.schema.json` beside this crate are the public form of the
 //! same contract; `tests/schemas.rs` proves that the two agree.
 
+mod delta;
 mod domain;
 mod events;
 mod request;
 
+pub use delta::DeltaEvent;
 pub use domain::{
     FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role,
     UserId, deserialize_input,
@@ -42,4 +44,5 @@ pub mod topics {
     pub const REQUESTS_DLQ: &str = "sluice.requests.dlq";
     pub const STATUS_DLQ: &str = "sluice.status.dlq";
     pub const CONTROL: &str = "sluice.control";
+    pub const DELTAS: &str = "sluice.deltas";
 }

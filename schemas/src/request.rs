@@ -26,6 +26,9 @@ pub struct RequestEvent {
     /// `false` asks for a fresh answer: no cached one, no sharing of an identical call in
     /// flight. Absent on the wire means `true`.
     pub cache: bool,
+    /// Stream a chat answer: the worker publishes its pieces as delta events while the model
+    /// generates. Absent on the wire means `false`.
+    pub stream: bool,
 }
 
 /// What a job asks of its model.
@@ -101,6 +104,8 @@ struct WireRequest {
     deadline: DateTime<Utc>,
     #[serde(default)]
     cache: Option<bool>,
+    #[serde(default)]
+    stream: bool,
 }
 
 impl TryFrom<WireRequest> for RequestEvent {
@@ -128,6 +133,7 @@ impl TryFrom<WireRequest> for RequestEvent {
             submitted_at: wire.submitted_at,
             deadline: wire.deadline,
             cache: wire.cache.unwrap_or(true),
+            stream: wire.stream,
         };
         event.validate()?;
         Ok(event)
@@ -150,6 +156,8 @@ struct WireRequestRef<'a> {
     deadline: &'a DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cache: Option<bool>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
 }
 
 impl Serialize for RequestEvent {
@@ -170,6 +178,7 @@ impl Serialize for RequestEvent {
             deadline: &self.deadline,
             // Only the exception is written; absent means "use the cache".
             cache: (!self.cache).then_some(false),
+            stream: self.stream,
         }
         .serialize(serializer)
     }

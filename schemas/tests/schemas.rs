@@ -50,6 +50,7 @@ fn sample_request() -> RequestEvent {
         submitted_at: now,
         deadline: now + chrono::Duration::seconds(30),
         cache: true,
+        stream: false,
     }
 }
 
@@ -69,6 +70,16 @@ fn examples_validate_against_the_schema_files_and_decode_in_rust() {
         );
         assert_eq!(RequestEvent::decode(&encoded).expect(name), decoded);
     }
+
+    let delta_validator = validator("delta.schema.json");
+    let example = read_json("examples/delta.json");
+    assert_valid(&delta_validator, &example);
+    let delta = sluice_schemas::DeltaEvent::decode(example.to_string().as_bytes())
+        .expect("delta example decodes");
+    assert_valid(
+        &delta_validator,
+        &serde_json::from_slice(&delta.encode()).unwrap(),
+    );
 
     let cancel_validator = validator("cancel.schema.json");
     let example = read_json("examples/cancel.json");

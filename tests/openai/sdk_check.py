@@ -40,16 +40,28 @@ check("finish_reason", completion.choices[0].finish_reason == "stop", completion
 job_id = raw.headers.get("x-sluice-job-id")
 check("x-sluice-job-id", job_id is not None and completion.id == f"chatcmpl-{job_id}", raw.headers)
 
-# Streaming chat: the chunks join into the answer; the last one carries the usage.
+# Streaming chat: the model takes 100 ms a token here, and its tokens reach the client while
+# it is still generating, in order; they join into the answer; the last chunk has the usage.
 stream = client.chat.completions.create(
     model="sim",
-    messages=[{"role": "user", "content": "stream me"}],
+    messages=[{"role": "user", "content": "stream me these six words"}],
     stream=True,
     stream_options={"include_usage": True},
 )
-chunks = list(stream)
-text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-check("streamed text", text == "echo: stream me", text)
+arrivals = []
+chunks = []
+for chunk in stream:
+    chunks.append(chunk)
+    if chunk.choices and chunk.choices[0].delta.content:
+        arrivals.append((time.monotonic(), chunk.choices[0].delta.content))
+text = "".join(piece for _, piece in arrivals)
+check("streamed text", text == "echo: stream me these six words", text)
+check(
+    "tokens arrive as generated",
+    len(arrivals) >= 4 and arrivals[-1][0] - arrivals[0][0] >= 0.3,
+    [(round(at - arrivals[0][0], 3), piece) for at, piece in arrivals],
+)
+print("  token arrivals, s after the first:", [(round(at - arrivals[0][0], 3), piece) for at, piece in arrivals])
 check("stream usage", chunks[-1].usage is not None and chunks[-1].choices == [], chunks[-1])
 
 # Embeddings with the in-process MiniLM: the SDK asks for base64 by default.

@@ -39,6 +39,7 @@ pub struct TestTopics {
     pub requests_dlq: String,
     pub status_dlq: String,
     pub control: String,
+    pub deltas: String,
 }
 
 impl TestTopics {
@@ -50,6 +51,7 @@ impl TestTopics {
             requests_dlq: format!("{prefix}.requests.dlq"),
             status_dlq: format!("{prefix}.status.dlq"),
             control: format!("{prefix}.control"),
+            deltas: format!("{prefix}.deltas"),
         }
     }
 
@@ -61,6 +63,8 @@ impl TestTopics {
             requests_dlq: self.requests_dlq.clone(),
             status_dlq: self.status_dlq.clone(),
             control: self.control.clone(),
+            deltas: self.deltas.clone(),
+            deltas_retention_ms: 3_600_000,
             create: true,
         }
     }

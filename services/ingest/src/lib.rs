@@ -49,6 +49,8 @@ pub struct AppState {
     pub cache: Arc<sluice_common::cache::ResponseCache>,
     /// Where the OpenAI routes wait for their jobs: the results service.
     follower: openai::JobFollower,
+    /// Streamed answers' pieces, for the OpenAI streams this replica serves.
+    deltas: openai::DeltaRoutes,
 }
 
 impl AppState {
@@ -108,6 +110,7 @@ impl AppState {
             config.publish_timeout,
         );
         Ok(Self {
+            deltas: openai::DeltaRoutes::default(),
             follower: openai::JobFollower::new(
                 config
                     .results_internal_url
@@ -184,6 +187,15 @@ impl Application {
         let drain_timeout = self.state.config.drain_timeout;
         let producer = self.state.publisher.producer().clone();
         let stop = lifecycle.stop().clone();
+        lifecycle.spawn(
+            "deltas follower",
+            openai::follow_deltas(
+                self.state.config.kafka.clone(),
+                self.state.config.topics.deltas.clone(),
+                self.state.deltas.clone(),
+                stop.clone(),
+            ),
+        );
         lifecycle.spawn("HTTP server", async move {
             sluice_common::http::serve(self.listener, router(self.state), stop).await?;
             sluice_common::kafka::flush(producer).await

@@ -44,6 +44,14 @@ pub struct SubmitBody {
     /// `false` (or `Cache-Control: no-cache`) asks for a fresh answer.
     #[serde(default)]
     pub cache: Option<bool>,
+    /// Set by the OpenAI route for `"stream": true` (not a field of `/v1/jobs`): the worker
+    /// publishes the answer's pieces as delta events.
+    #[serde(skip)]
+    pub stream: bool,
+    /// Set by a front door that must know the job's id before it is published (to listen for
+    /// its deltas first); otherwise a new one.
+    #[serde(skip)]
+    pub job_id: Option<JobId>,
 }
 
 /// The 202 answer.
@@ -100,7 +108,7 @@ pub fn to_request_event(
     let deadline = now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
     let event = RequestEvent {
         schema_version: SCHEMA_VERSION,
-        job_id: JobId::new(),
+        job_id: body.job_id.unwrap_or_default(),
         user_id,
         model,
         task,
@@ -108,6 +116,7 @@ pub fn to_request_event(
         submitted_at: now,
         deadline,
         cache: body.cache.unwrap_or(true),
+        stream: body.stream,
     };
     // The rules every consumer applies (message count, empty content, ...): ingest never
     // publishes what a worker would dead-letter.

@@ -5,6 +5,7 @@ use crate::context::{JobContext, status_event, time_left};
 use crate::model::{CallError, Failure};
 use crate::routing::Backend;
 use crate::status::Abandoned;
+use crate::streaming::DeltaSink;
 use chrono::{DateTime, Utc};
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,6 +66,15 @@ pub(crate) async fn run(
         attempt,
         outcome = tracing::field::Empty,
     );
+    // A job asked to be streamed has its answer's pieces published as they come.
+    let mut sink = (request.stream && !request.task.is_embedding()).then(|| {
+        DeltaSink::new(
+            context.deltas.clone(),
+            request.job_id,
+            request.user_id.clone(),
+            attempt,
+        )
+    });
     let call = backend
         .client
         .call(
@@ -72,6 +82,7 @@ pub(crate) async fn run(
             model,
             remaining.min(per_attempt),
             remaining < per_attempt,
+            sink.as_mut(),
         )
         .instrument(span.clone());
     let call_started = Instant::now();
@@ -103,7 +114,16 @@ pub(crate) async fn run(
     backend.limit.report(&backend.name);
     Ok(match result {
         Ok(output) => Attempt::Answered(output),
-        Err(failed) => {
+        Err(mut failed) => {
+            // Part of the answer is out: another attempt or model would start it again and
+            // garble what the reader has. The job fails with what went wrong.
+            if sink.as_ref().is_some_and(DeltaSink::sent_any) {
+                failed.failure = Failure::Fatal;
+                failed.error.message = format!(
+                    "{} (after part of the answer was streamed, so not retried)",
+                    failed.error.message
+                );
+            }
             tracing::info!(model, attempt, code = ?failed.error.code, message = %failed.error.message, "model call failed");
             Attempt::Failed(failed)
         }

@@ -124,6 +124,11 @@ pub struct Config {
     #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "30000", value_parser = sluice_common::settings::millis)]
     pub drain_timeout: std::time::Duration,
 
+    /// A streamed answer's pieces are published at most once per this many ms per job (the
+    /// first at once), so a fast model does not flood the broker with one event per token.
+    #[arg(long = "delta-flush-ms", env = "SLUICE_DELTA_FLUSH_MS", default_value = "50", value_parser = sluice_common::settings::millis)]
+    pub delta_flush: std::time::Duration,
+
     /// The in-process embedding model, `all-minilm-l6-v2`: a directory holding its
     /// `config.json`, `model.safetensors` and `tokenizer.json`. Unset: no in-process model.
     #[arg(long, env = "SLUICE_EMBEDDING_MODEL_DIR")]

@@ -7,6 +7,7 @@ use crate::coalesce::Coalescer;
 use crate::retry::RetryPolicy;
 use crate::routing::Routes;
 use crate::status::StatusPublisher;
+use crate::streaming::DeltaTopic;
 use chrono::Utc;
 use sluice_common::cache::ResponseCache;
 use sluice_schemas::{JobStatus, RequestEvent, StatusEvent, Timings};
@@ -23,6 +24,8 @@ pub struct JobContext {
     pub cancellations: Cancellations,
     pub cache: Arc<ResponseCache>,
     pub coalescer: Coalescer,
+    /// Where streamed answers' pieces go.
+    pub deltas: DeltaTopic,
 }
 
 impl JobContext {
@@ -35,6 +38,11 @@ impl JobContext {
     ) -> anyhow::Result<Self> {
         Ok(Self {
             routes: config.routes().await?,
+            deltas: DeltaTopic {
+                producer: producer.clone(),
+                topic: config.topics.deltas.clone(),
+                flush: config.delta_flush,
+            },
             publisher: StatusPublisher::new(
                 producer,
                 config.topics.status.clone(),

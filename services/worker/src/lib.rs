@@ -16,6 +16,7 @@ mod model;
 mod retry;
 mod routing;
 mod status;
+mod streaming;
 
 pub use breaker::{CircuitBreaker, CircuitState};
 pub use cancel::Cancellations;
@@ -29,6 +30,7 @@ pub use retry::RetryPolicy;
 pub use routing::{Backend, ConcurrencySettings, ModelsFile, Routes, RoutingSettings};
 pub use sluice_common::cache::ResponseCache;
 pub use status::StatusPublisher;
+pub use streaming::DeltaTopic;
 
 use anyhow::Context;
 use axum::Router;

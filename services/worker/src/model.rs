@@ -2,6 +2,7 @@
 //! connection set per backend), or the in-process embedding model.
 
 use crate::embed::Embedder;
+use crate::streaming::{self, DeltaSink};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
@@ -137,17 +138,21 @@ impl ModelClient {
     /// One call to the backend for `model`, given at most `timeout`: a chat completion or
     /// embeddings, as the job asks. `timeout_is_deadline` says whether the job's deadline (not
     /// the per-attempt limit) is what bounds it.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         request: &RequestEvent,
         model: &str,
         timeout: Duration,
         timeout_is_deadline: bool,
+        sink: Option<&mut DeltaSink>,
     ) -> Result<Output, CallError> {
         match (&request.task, &self.local) {
             (Task::Chat(messages), None) => {
-                self.chat(request, messages, model, timeout, timeout_is_deadline)
-                    .await
+                let limit = Limit {
+                    timeout,
+                    timeout_is_deadline,
+                };
+                self.chat(request, messages, model, limit, sink).await
             }
             (Task::Embedding(texts), None) => {
                 let mut body = request.params.clone();
@@ -202,8 +207,8 @@ impl ModelClient {
         request: &RequestEvent,
         messages: &[Message],
         model: &str,
-        timeout: Duration,
-        timeout_is_deadline: bool,
+        limit: Limit,
+        sink: Option<&mut DeltaSink>,
     ) -> Result<Output, CallError> {
         let mut body = request.params.clone();
         body.insert("model".into(), model.into());
@@ -211,9 +216,25 @@ impl ModelClient {
             "messages".into(),
             serde_json::to_value(messages).expect("messages serialize"),
         );
-        body.insert("stream".into(), false.into());
+        body.insert("stream".into(), sink.is_some().into());
+        if let Some(sink) = sink {
+            body.insert(
+                "stream_options".into(),
+                serde_json::json!({"include_usage": true}),
+            );
+            let response = self.send("/v1/chat/completions", &body, limit).await?;
+            return streaming::read_chat_stream(response, model, sink, |error| {
+                limit.broken(&error)
+            })
+            .await;
+        }
         let bytes = self
-            .post("/v1/chat/completions", &body, timeout, timeout_is_deadline)
+            .post(
+                "/v1/chat/completions",
+                &body,
+                limit.timeout,
+                limit.timeout_is_deadline,
+            )
             .await?;
         let completion: Completion = serde_json::from_slice(&bytes)
             .map_err(|error| invalid(format!("model answer is not a chat completion: {error}")))?;
@@ -240,47 +261,78 @@ impl ModelClient {
         timeout: Duration,
         timeout_is_deadline: bool,
     ) -> Result<bytes::Bytes, CallError> {
+        let limit = Limit {
+            timeout,
+            timeout_is_deadline,
+        };
+        let response = self.send(path, body, limit).await?;
+        response.bytes().await.map_err(|error| limit.broken(&error))
+    }
+
+    /// POSTs `body` to `path` and returns the answer once its status says success; the body
+    /// is the caller's to read (whole, or as a stream). `limit` bounds the whole exchange.
+    async fn send(
+        &self,
+        path: &str,
+        body: &serde_json::Map<String, serde_json::Value>,
+        limit: Limit,
+    ) -> Result<reqwest::Response, CallError> {
         let mut call = self
             .http
             .post(format!("{}{path}", self.base_url))
-            .timeout(timeout)
+            .timeout(limit.timeout)
             .json(body);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key.expose_secret());
         }
-        let unreachable = |error: reqwest::Error| {
-            if error.is_timeout() {
-                timed_out(timeout, timeout_is_deadline)
-            } else {
-                CallError::new(
-                    ErrorCode::BackendUnreachable,
-                    Failure::Retryable,
-                    format!("model backend unreachable: {}", error_chain(&error)),
-                )
-            }
-        };
-        let response = call.send().await.map_err(unreachable)?;
+        let response = call.send().await.map_err(|error| limit.broken(&error))?;
         let status = response.status();
-        let retry_after = retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(unreachable)?;
-        if !status.is_success() {
-            let retryable = status == StatusCode::REQUEST_TIMEOUT
-                || status == StatusCode::TOO_MANY_REQUESTS
-                || status.is_server_error();
-            let failure = if retryable {
-                Failure::Retryable
-            } else {
-                Failure::Fatal
-            };
-            let mut error = CallError::new(
-                ErrorCode::BackendError,
-                failure,
-                backend_error_message(status, &bytes),
-            );
-            error.retry_after = retry_after;
-            return Err(error);
+        if status.is_success() {
+            return Ok(response);
         }
-        Ok(bytes)
+        let retry_after = retry_after(response.headers());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|error| limit.broken(&error))?;
+        let retryable = status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error();
+        let failure = if retryable {
+            Failure::Retryable
+        } else {
+            Failure::Fatal
+        };
+        let mut error = CallError::new(
+            ErrorCode::BackendError,
+            failure,
+            backend_error_message(status, &bytes),
+        );
+        error.retry_after = retry_after;
+        Err(error)
+    }
+}
+
+/// How long a call may take, and whether the job's deadline (not the per-attempt limit) is
+/// what bounds it.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    timeout: Duration,
+    timeout_is_deadline: bool,
+}
+
+impl Limit {
+    /// A transport failure: a timeout against this limit, or an unreachable backend.
+    fn broken(&self, error: &reqwest::Error) -> CallError {
+        if error.is_timeout() {
+            timed_out(self.timeout, self.timeout_is_deadline)
+        } else {
+            CallError::new(
+                ErrorCode::BackendUnreachable,
+                Failure::Retryable,
+                format!("model backend unreachable: {}", error_chain(error)),
+            )
+        }
     }
 }
 

@@ -87,5 +87,6 @@ fn request_event(user: &str, content: &str) -> RequestEvent {
         submitted_at: now,
         deadline: now + chrono::Duration::minutes(5),
         cache: true,
+        stream: false,
     }
 }

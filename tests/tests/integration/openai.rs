@@ -19,7 +19,11 @@ async fn the_official_openai_sdk_works_against_the_front_door() {
     // In CI a missing SDK is a failure like a missing broker: scripts/test provides it.
     let python = std::env::var("SLUICE_TEST_PYTHON")
         .expect("SLUICE_TEST_PYTHON: a python with the openai package (scripts/test sets it)");
+    let mut sim = options().sim;
+    // A token every 100 ms when streaming: the SDK checks see tokens arrive one by one.
+    sim.token_time_ms = 100;
     let pipeline = Pipeline::start(PipelineOptions {
+        sim,
         api_keys: true,
         embedding_model_dir: Some(model_dir()),
         tiers: Some(

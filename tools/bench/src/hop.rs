@@ -42,7 +42,7 @@ impl HopProbe {
             topic_partitions: 1,
             ..self.kafka.clone()
         };
-        kafka.ensure_topics(&[&self.topic]).await?;
+        kafka.ensure_topics(&[&self.topic], &[]).await?;
         let consumer: StreamConsumer = kafka
             .consumer_config("sluice-bench-hop", "sluice-bench-hop")
             .create()

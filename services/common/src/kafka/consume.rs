@@ -108,6 +108,25 @@ impl KafkaSource {
         client_id: &str,
         topic: &str,
     ) -> anyhow::Result<Self> {
+        Self::follow(kafka, client_id, topic, Offset::Beginning).await
+    }
+
+    /// Reads every partition of `topic` from now on, outside any group and without committing:
+    /// for events a member only wants while it waits for them (streamed answers).
+    pub async fn follow_from_end(
+        kafka: &KafkaArgs,
+        client_id: &str,
+        topic: &str,
+    ) -> anyhow::Result<Self> {
+        Self::follow(kafka, client_id, topic, Offset::End).await
+    }
+
+    async fn follow(
+        kafka: &KafkaArgs,
+        client_id: &str,
+        topic: &str,
+        from: Offset,
+    ) -> anyhow::Result<Self> {
         let mut config = kafka.consumer_config(client_id, client_id);
         config.set("enable.auto.commit", "false");
         let consumer: GroupConsumer = config
@@ -129,7 +148,7 @@ impl KafkaSource {
         anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
-            assignment.add_partition_offset(topic, i32::try_from(partition)?, Offset::Beginning)?;
+            assignment.add_partition_offset(topic, i32::try_from(partition)?, from)?;
         }
         consumer.assign(&assignment)?;
         let consumer = Arc::into_inner(consumer).expect("the metadata task has ended");

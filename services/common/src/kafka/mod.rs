@@ -95,6 +95,19 @@ pub struct TopicArgs {
     #[arg(long = "control-topic", env = "SLUICE_CONTROL_TOPIC", default_value = topics::CONTROL)]
     pub control: String,
 
+    /// Pieces of streamed answers, keyed by job id, kept for `SLUICE_DELTAS_RETENTION_MS`.
+    #[arg(long = "deltas-topic", env = "SLUICE_DELTAS_TOPIC", default_value = topics::DELTAS)]
+    pub deltas: String,
+
+    /// How long the deltas topic keeps a piece: long enough for a reader to catch up, no more
+    /// (the terminal status keeps the whole answer).
+    #[arg(
+        long = "deltas-retention-ms",
+        env = "SLUICE_DELTAS_RETENTION_MS",
+        default_value_t = 3_600_000
+    )]
+    pub deltas_retention_ms: u64,
+
     /// Create missing topics at start-up with the admin API.
     #[arg(long = "create-topics", env = "SLUICE_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create: bool,
@@ -107,12 +120,19 @@ impl TopicArgs {
             return Ok(());
         }
         kafka
-            .ensure_topics(&[
-                &self.requests,
-                &self.status,
-                &self.requests_dlq,
-                &self.status_dlq,
-            ])
+            .ensure_topics(
+                &[
+                    &self.requests,
+                    &self.status,
+                    &self.requests_dlq,
+                    &self.status_dlq,
+                ],
+                &[],
+            )
+            .await?;
+        let retention = self.deltas_retention_ms.to_string();
+        kafka
+            .ensure_topics(&[&self.deltas], &[("retention.ms", &retention)])
             .await?;
         // Every worker reads every partition of the control topic, and cancellations are few:
         // one partition keeps that reading cheap.
@@ -120,7 +140,7 @@ impl TopicArgs {
             topic_partitions: 1,
             ..kafka.clone()
         };
-        control.ensure_topics(&[&self.control]).await
+        control.ensure_topics(&[&self.control], &[]).await
     }
 }
 
@@ -206,8 +226,13 @@ impl KafkaArgs {
         self.with_extras(config)
     }
 
-    /// Creates the topics that do not exist yet; existing ones are left as they are.
-    pub async fn ensure_topics(&self, names: &[&str]) -> anyhow::Result<()> {
+    /// Creates the topics that do not exist yet, with the topic `configs` given; existing ones
+    /// are left as they are.
+    pub async fn ensure_topics(
+        &self,
+        names: &[&str],
+        configs: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = self
             .with_extras(self.base())
             .create()
@@ -215,10 +240,13 @@ impl KafkaArgs {
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|name| {
-                NewTopic::new(
-                    name,
-                    self.topic_partitions,
-                    TopicReplication::Fixed(self.topic_replication),
+                configs.iter().fold(
+                    NewTopic::new(
+                        name,
+                        self.topic_partitions,
+                        TopicReplication::Fixed(self.topic_replication),
+                    ),
+                    |topic, (key, value)| topic.set(key, value),
                 )
             })
             .collect();

@@ -88,6 +88,21 @@ impl OpenAiError {
         error
     }
 
+    /// A streamed answer whose end does not continue what was relayed (a fallback answered
+    /// after the first pieces): the client is told rather than given a garbled text.
+    pub(crate) fn diverged(job_id: JobId) -> Self {
+        let mut error = Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "stream_diverged",
+            format!(
+                "job {job_id}: the final answer does not continue the streamed part; GET /v1/jobs/{job_id} has it whole"
+            ),
+        );
+        error.no_retry();
+        error
+    }
+
     fn no_retry(&mut self) {
         self.headers
             .insert("x-should-retry", HeaderValue::from_static("false"));

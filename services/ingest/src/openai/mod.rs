@@ -5,10 +5,12 @@
 //! `GET /v1/jobs/{id}` and cancellable; the connection waits for the job's end (`wait.rs`).
 //! Every answer carries `X-Sluice-Job-Id`.
 
+mod deltas;
 mod error;
 mod wait;
 mod wire;
 
+pub(crate) use deltas::{DeltaRoutes, follow as follow_deltas};
 pub(crate) use wait::JobFollower;
 
 use crate::AppState;
@@ -21,9 +23,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use deltas::Subscription;
 use error::OpenAiError;
 use serde_json::{Value, json};
-use sluice_schemas::{FieldError, JobId, JobStatus, Output};
+use sluice_schemas::{DeltaEvent, FieldError, JobId, JobStatus, Output};
 use std::convert::Infallible;
 use wait::CancelOnDrop;
 use wire::{ChatRequest, EmbeddingsRequest, JobView};
@@ -197,33 +200,36 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
     let mut stream = None;
-    let admitted = admit(
-        &state,
-        &headers,
-        body,
-        |request: ChatRequest, timeout_ms| {
-            if request.stream {
-                stream = Some(
-                    request
-                        .stream_options
-                        .as_ref()
-                        .is_some_and(|options| options.include_usage),
-                );
-            }
-            request.into_submission(timeout_ms)
-        },
-    )
-    .await?;
+    // Subscribed to the job's pieces before the job is published, so none is missed.
+    let job_id = JobId::new();
+    let subscription = state.deltas.subscribe(job_id);
+    let to_job = |request: ChatRequest, timeout_ms| {
+        if request.stream {
+            stream = Some(
+                request
+                    .stream_options
+                    .as_ref()
+                    .is_some_and(|options| options.include_usage),
+            );
+        }
+        let mut job = request.into_submission(timeout_ms)?;
+        job.job_id = Some(job_id);
+        Ok(job)
+    };
+    let admitted = admit(&state, &headers, body, to_job).await?;
     let created = Utc::now().timestamp();
     if let Some(include_usage) = stream {
-        return Ok(stream_chat(
+        let response = stream_chat(
             state,
             headers,
             admitted,
+            subscription,
             created,
             include_usage,
-        ));
+        );
+        return Ok(response);
     }
+    drop(subscription);
     let result = finished(&state, &headers, &admitted).await;
     let response = match result {
         Ok((job, output)) => Json(wire::chat_completion(&job, &output, created)).into_response(),
@@ -232,27 +238,86 @@ async fn chat(
     Ok(with_job_headers(response, &admitted))
 }
 
-/// `"stream": true`: keep-alive comments while the job waits, then its answer as chunks and
-/// `[DONE]`. The answer arrives whole from the job and goes out as one content delta (token
-/// deltas through the pipeline are not built yet). A failure after the stream has started is
-/// a final `{"error": ...}` chunk, never a silently cut stream.
+/// What moves a stream on: a piece of the answer, or the job's end.
+enum Step {
+    Piece(Option<DeltaEvent>),
+    Ended(Box<Result<(JobView, Output), OpenAiError>>),
+}
+
+/// `"stream": true`: keep-alive comments while the job waits, then the answer's pieces as the
+/// model generates them (the worker's delta events, relayed in order from the first for as long
+/// as none is missing), then whatever the terminal status adds to them, the finish reason, the
+/// usage when asked, and `[DONE]`. A cache hit or a shared answer arrives as one piece. An error
+/// after the stream has started is a final `{"error": ...}` chunk, never a silently cut stream.
 fn stream_chat(
     state: AppState,
     headers: HeaderMap,
     admitted: Admitted,
+    mut subscription: Subscription,
     created: i64,
     include_usage: bool,
 ) -> Response {
     let job_id = admitted.job_id;
+    let model = admitted.model.clone();
     let events = async_stream::stream! {
         let data = |value: &Value| Ok::<_, Infallible>(Event::default().data(value.to_string()));
-        match finished(&state, &headers, &admitted).await {
-            Ok((job, output)) => {
-                for chunk in wire::chat_chunks(&job, &output, created, include_usage) {
-                    yield data(&chunk);
+        let chunk = |delta: Value, finish_reason: Option<&str>| {
+            wire::chunk(job_id, &model, created, delta, finish_reason, include_usage)
+        };
+        yield data(&chunk(json!({"role": "assistant", "content": ""}), None));
+        let ended = finished(&state, &headers, &admitted);
+        tokio::pin!(ended);
+        let mut relayed = String::new();
+        // The attempt and index of the next piece to relay; `None` before the first.
+        let mut next: Option<(u32, u32)> = None;
+        let mut relaying = true;
+        loop {
+            let step = tokio::select! {
+                // Why biased: pieces already here go out before the end is looked at.
+                biased;
+                piece = subscription.pieces.recv(), if relaying => Step::Piece(piece),
+                result = &mut ended => Step::Ended(Box::new(result)),
+            };
+            match step {
+                Step::Piece(Some(piece)) => {
+                    let in_order = match next {
+                        None => piece.index == 0,
+                        Some((attempt, index)) => piece.attempt == attempt && piece.index == index,
+                    };
+                    if !in_order {
+                        // A piece went missing: the rest comes from the terminal status.
+                        relaying = false;
+                        continue;
+                    }
+                    next = Some((piece.attempt, piece.index + 1));
+                    relayed.push_str(&piece.text);
+                    yield data(&chunk(json!({"content": piece.text}), None));
                 }
+                Step::Piece(None) => relaying = false,
+                Step::Ended(ended_with) => match *ended_with {
+                    Ok((job, output)) => {
+                        match output.content.strip_prefix(relayed.as_str()) {
+                            Some(rest) => {
+                                if !rest.is_empty() {
+                                    yield data(&chunk(json!({"content": rest}), None));
+                                }
+                                let finish = output.finish_reason.as_deref().unwrap_or("stop");
+                                yield data(&chunk(json!({}), Some(finish)));
+                                if include_usage {
+                                    let answered_by = wire::answered_by(&job, &output);
+                                    yield data(&wire::usage_chunk(job_id, answered_by, created, &output));
+                                }
+                            }
+                            None => yield data(&OpenAiError::diverged(job_id).body()),
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        yield data(&error.body());
+                        break;
+                    }
+                },
             }
-            Err(error) => yield data(&error.body()),
         }
         yield Ok(Event::default().data("[DONE]"));
     };

@@ -78,6 +78,8 @@ impl ChatRequest {
             params: Some(params),
             timeout_ms,
             cache: None,
+            stream: self.stream,
+            job_id: None,
         })
     }
 }
@@ -180,6 +182,8 @@ impl EmbeddingsRequest {
             params: None,
             timeout_ms,
             cache: None,
+            stream: false,
+            job_id: None,
         })
     }
 }
@@ -205,7 +209,7 @@ fn usage(output: &Output) -> Value {
     })
 }
 
-fn answered_by<'a>(job: &'a JobView, output: &'a Output) -> &'a str {
+pub(crate) fn answered_by<'a>(job: &'a JobView, output: &'a Output) -> &'a str {
     output.model.as_deref().unwrap_or(&job.model)
 }
 
@@ -226,44 +230,35 @@ pub(crate) fn chat_completion(job: &JobView, output: &Output, created: i64) -> V
     })
 }
 
-/// The `chat.completion.chunk`s of a whole answer: the role, the content as one delta, the
-/// finish reason, and the usage when asked for (`stream_options.include_usage`).
-pub(crate) fn chat_chunks(
-    job: &JobView,
-    output: &Output,
+/// One `chat.completion.chunk` of job `job_id`'s answer: `delta` and, on the last, the finish
+/// reason. With `include_usage` every chunk says `"usage": null`, as OpenAI's do.
+pub(crate) fn chunk(
+    job_id: JobId,
+    model: &str,
     created: i64,
+    delta: Value,
+    finish_reason: Option<&str>,
     include_usage: bool,
-) -> Vec<Value> {
-    let chunk = |choices: Value| {
-        let mut chunk = json!({
-            "id": format!("chatcmpl-{}", job.job_id),
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": answered_by(job, output),
-            "choices": choices,
-        });
-        if include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
-    };
-    let mut chunks = vec![
-        chunk(
-            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-        ),
-        chunk(
-            json!([{"index": 0, "delta": {"content": output.content}, "logprobs": null, "finish_reason": null}]),
-        ),
-        chunk(
-            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": output.finish_reason.as_deref().unwrap_or("stop")}]),
-        ),
-    ];
+) -> Value {
+    let mut chunk = json!({
+        "id": format!("chatcmpl-{job_id}"),
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+    });
     if include_usage {
-        let mut last = chunk(json!([]));
-        last["usage"] = usage(output);
-        chunks.push(last);
+        chunk["usage"] = Value::Null;
     }
-    chunks
+    chunk
+}
+
+/// The last chunk when `stream_options.include_usage` asks: no choices, the usage.
+pub(crate) fn usage_chunk(job_id: JobId, model: &str, created: i64, output: &Output) -> Value {
+    let mut last = chunk(job_id, model, created, json!({}), None, true);
+    last["choices"] = json!([]);
+    last["usage"] = usage(output);
+    last
 }
 
 /// The embeddings `list` from a succeeded embedding job.
