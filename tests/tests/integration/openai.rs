@@ -106,3 +106,51 @@ async fn a_client_that_goes_away_cancels_its_job_unless_it_says_continue() {
     );
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_streams_over_twenty_users_each_get_their_exact_answer() {
+    let mut options = options();
+    // A few tokens each, 5 ms apart: every stream is relayed in pieces, all at once.
+    options.sim.token_time_ms = 5;
+    let pipeline = Pipeline::start(options).await;
+    let url = format!("{}/v1/chat/completions", pipeline.ingest_url);
+    let streams: Vec<_> = (0..200)
+        .map(|index| {
+            let (http, url) = (pipeline.http.clone(), url.clone());
+            tokio::spawn(async move {
+                let prompt = format!("stream number {index} for user {}", index % 20);
+                let body = json!({
+                    "model": "sim",
+                    "user": format!("user-{}", index % 20),
+                    "stream": true,
+                    "messages": [{"role": "user", "content": prompt}],
+                });
+                let response = http.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                let (events, _) = sluice_tests::read_sse(response, Duration::from_secs(60)).await;
+                let mut text = String::new();
+                let mut done = false;
+                for event in &events {
+                    if event.data == "[DONE]" {
+                        done = true;
+                        continue;
+                    }
+                    let chunk: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+                    assert!(chunk.get("error").is_none(), "{chunk}");
+                    if let Some(piece) = chunk
+                        .pointer("/choices/0/delta/content")
+                        .and_then(|c| c.as_str())
+                    {
+                        text.push_str(piece);
+                    }
+                }
+                assert!(done, "stream {index} ended with [DONE]");
+                assert_eq!(text, format!("echo: {prompt}"), "stream {index}");
+            })
+        })
+        .collect();
+    for stream in streams {
+        stream.await.unwrap();
+    }
+    pipeline.stop().await;
+}
