@@ -15,5 +15,6 @@ mod ingest;
 mod openai;
 mod pipeline;
 mod results;
+mod streaming;
 mod telemetry;
 mod worker;

@@ -9,14 +9,14 @@ use sluice_schemas::{
     SCHEMA_VERSION, StatusEvent, UserId,
 };
 use sluice_tests::infra::read_topic;
-use sluice_tests::{TestTopics, kafka_args, wait_until};
+use sluice_tests::{TestTopics, kafka_args};
 use sluice_worker::{JobContext, Outcome, Record, run_job};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// A simulated model on port 0; its stats, and its URL.
-async fn sim(
+pub(crate) async fn sim(
     configure: impl FnOnce(&mut sluice_model_sim::Config),
 ) -> (Arc<sluice_model_sim::Stats>, String) {
     let mut config = sluice_model_sim::Config::defaults();
@@ -40,13 +40,16 @@ fn closed_port_url() -> String {
     )
 }
 
-struct Harness {
-    topics: TestTopics,
+pub(crate) struct Harness {
+    pub(crate) topics: TestTopics,
     context: JobContext,
 }
 
 impl Harness {
-    async fn new(model_url: &str, configure: impl FnOnce(&mut sluice_worker::Config)) -> Self {
+    pub(crate) async fn new(
+        model_url: &str,
+        configure: impl FnOnce(&mut sluice_worker::Config),
+    ) -> Self {
         let kafka = kafka_args(1);
         let topics = TestTopics::unique();
         topics.create(&kafka).await;
@@ -65,7 +68,7 @@ impl Harness {
         Self { topics, context }
     }
 
-    async fn run(&self, payload: Vec<u8>) -> Outcome {
+    pub(crate) async fn run(&self, payload: Vec<u8>) -> Outcome {
         let record = Record {
             topic: self.topics.requests.clone(),
             partition: 0,
@@ -78,7 +81,7 @@ impl Harness {
         run_job(&self.context, &record).await
     }
 
-    fn statuses(&self, expected: usize) -> Vec<StatusEvent> {
+    pub(crate) fn statuses(&self, expected: usize) -> Vec<StatusEvent> {
         read_topic(&self.topics.status, 1, expected, Duration::from_secs(10))
             .iter()
             .map(|record| StatusEvent::decode(record.payload().unwrap()).unwrap())
@@ -86,7 +89,7 @@ impl Harness {
     }
 }
 
-fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
+pub(crate) fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
     let now = Utc::now();
     RequestEvent {
         schema_version: SCHEMA_VERSION,
@@ -459,57 +462,4 @@ async fn fifty_identical_requests_in_flight_share_one_model_call() {
         assert_eq!(outcome.unwrap(), Outcome::Finished(JobStatus::Succeeded));
     }
     assert_eq!(stats.snapshot().calls, 1, "one call answered all fifty");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_job_publishes_its_answer_in_coalesced_ordered_pieces() {
-    // Tokens every 30 ms, pieces at most every 100 ms: fewer pieces than tokens, in order.
-    let (_, url) = sim(|sim| sim.token_time_ms = 30).await;
-    let harness = Harness::new(&url, |config| {
-        config.delta_flush = Duration::from_millis(100);
-    })
-    .await;
-    let mut job = request("sim", 30_000);
-    job.stream = true;
-    job.task = sluice_schemas::Task::Chat(vec![ChatMessage {
-        role: Role::User,
-        content: "one two three four five six seven eight nine ten".into(),
-    }]);
-    assert_eq!(
-        harness.run(job.encode()).await,
-        Outcome::Finished(JobStatus::Succeeded)
-    );
-    let statuses = harness.statuses(2);
-    let answer = statuses[1].output.as_ref().unwrap().content.clone();
-    assert_eq!(
-        answer,
-        "echo: one two three four five six seven eight nine ten"
-    );
-    let pieces: Vec<sluice_schemas::DeltaEvent> = wait_until(
-        "the pieces to join into the answer",
-        Duration::from_secs(10),
-        || async {
-            let pieces: Vec<_> = read_topic(&harness.topics.deltas, 1, 100, Duration::from_secs(2))
-                .iter()
-                .map(|record| {
-                    sluice_schemas::DeltaEvent::decode(record.payload().unwrap()).unwrap()
-                })
-                .collect();
-            let joined: String = pieces.iter().map(|piece| piece.text.as_str()).collect();
-            (joined == answer).then_some(pieces)
-        },
-    )
-    .await;
-    let indexes: Vec<u32> = pieces.iter().map(|piece| piece.index).collect();
-    assert_eq!(indexes, (0..pieces.len() as u32).collect::<Vec<_>>());
-    assert!(
-        pieces.len() >= 2 && pieces.len() < 11,
-        "11 tokens in {} pieces: coalesced, yet streamed",
-        pieces.len()
-    );
-    assert!(
-        pieces
-            .iter()
-            .all(|piece| piece.job_id == job.job_id && piece.attempt == 1)
-    );
 }
