@@ -270,6 +270,8 @@ async fn past_its_concurrency_ingest_sheds_load_fast() {
         let (client, url) = (client.clone(), url.clone());
         async move { post(&client, &url, "a", None, "slow").await.status() }
     });
+    // Why a sleep: the slot is taken inside ingest, where nothing can be asked; 200 ms is ample
+    // for a local request to reach the publish, which then waits its full 2 s.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
     let shed = post(&client, &url, "b", None, "fast").await;
