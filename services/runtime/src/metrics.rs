@@ -78,6 +78,10 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "Events moved to a dead-letter topic, by source topic and reason code",
     ),
     (
+        "sluice_deltas_published_total",
+        "Pieces of streamed answers published to the deltas topic",
+    ),
+    (
         "sluice_job_queue_wait_seconds",
         "Accepted until a worker started the job",
     ),
