@@ -2,7 +2,7 @@
 //! cancelled (until their deadline); a running job's task is told through its token.
 
 use chrono::{DateTime, Utc};
-use sluice_common::kafka::{KafkaArgs, KafkaSource, Received};
+use sluice_common::kafka::{self, KafkaArgs, Record, Start};
 use sluice_schemas::{CancelEvent, JobId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,7 +71,8 @@ impl Cancellations {
 }
 
 /// Reads every partition of the control topic from the beginning until `stop`, starting again
-/// after a broker failure.
+/// after a broker failure. Its own client and no commits: every worker must see every
+/// cancellation.
 pub(crate) async fn follow(
     kafka: KafkaArgs,
     topic: String,
@@ -79,46 +80,28 @@ pub(crate) async fn follow(
     cancellations: Cancellations,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    sluice_common::shutdown::retry_until_stopped("reading the control topic", &stop, || {
-        follow_once(&kafka, &topic, &worker_id, &cancellations, &stop)
-    })
-    .await;
-    Ok(())
-}
-
-async fn follow_once(
-    kafka: &KafkaArgs,
-    topic: &str,
-    worker_id: &str,
-    cancellations: &Cancellations,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    // Its own group id and no commits: every worker must see every cancellation.
-    let mut source =
-        KafkaSource::follow_from_beginning(kafka, &format!("{worker_id}-control"), topic).await?;
-    loop {
-        let record = tokio::select! {
-            _ = stop.cancelled() => break,
-            received = source.recv() => match received {
-                Received::Record(record) => record,
-                Received::Revoked(_) => continue,
-            },
-        };
-        match CancelEvent::decode(record.payload()) {
-            Ok(cancel) => {
-                let forget_after = cancel
-                    .deadline
-                    .unwrap_or(cancel.requested_at + REMEMBER_WITHOUT_DEADLINE);
-                if forget_after > Utc::now() {
-                    cancellations.cancel(cancel.job_id, forget_after);
-                }
-            }
-            Err(error) => {
-                tracing::warn!(reason = %error, offset = record.offset, "skipping an undecodable cancel event")
+    let client_id = format!("{worker_id}-control");
+    let remember = |record: &Record| match CancelEvent::decode(record.payload()) {
+        Ok(cancel) => {
+            let forget_after = cancel
+                .deadline
+                .unwrap_or(cancel.requested_at + REMEMBER_WITHOUT_DEADLINE);
+            if forget_after > Utc::now() {
+                cancellations.cancel(cancel.job_id, forget_after);
             }
         }
-        source.done(&record);
-    }
-    source.close().await;
+        Err(error) => {
+            tracing::warn!(reason = %error, offset = record.offset, "skipping an undecodable cancel event")
+        }
+    };
+    kafka::follow(
+        &kafka,
+        &client_id,
+        &topic,
+        Start::Beginning,
+        &stop,
+        remember,
+    )
+    .await;
     Ok(())
 }

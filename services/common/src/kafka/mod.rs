@@ -2,11 +2,13 @@
 //! least once (`consume`), producing until acknowledged (`produce`), rebalances (`rebalance`).
 
 mod consume;
+mod follow;
 mod offsets;
 mod produce;
 mod rebalance;
 
 pub use consume::{KafkaSource, Received, Record, SourceHealth};
+pub use follow::{Start, follow};
 pub use offsets::OffsetTracker;
 pub use produce::{Abandoned, Rejection, dead_letter, event_headers, flush, send_until_acked};
 pub use rebalance::{RebalanceContext, RebalanceState, commit_stored};

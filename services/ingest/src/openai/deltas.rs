@@ -3,7 +3,7 @@
 //! job may be on any partition, and only the replica holding the client wants it) and hands
 //! each piece to the stream waiting for its job, if one is here.
 
-use sluice_common::kafka::{KafkaArgs, KafkaSource, Received};
+use sluice_common::kafka::{self, KafkaArgs, Record, Start};
 use sluice_schemas::{DeltaEvent, JobId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -69,37 +69,12 @@ pub(crate) async fn follow(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let client_id = format!("sluice-ingest-deltas-{}", uuid::Uuid::new_v4().simple());
-    sluice_common::shutdown::retry_until_stopped("reading the deltas topic", &stop, || {
-        follow_once(&kafka, &client_id, &topic, &routes, &stop)
-    })
-    .await;
-    Ok(())
-}
-
-async fn follow_once(
-    kafka: &KafkaArgs,
-    client_id: &str,
-    topic: &str,
-    routes: &DeltaRoutes,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let mut source = KafkaSource::follow_from_end(kafka, client_id, topic).await?;
-    loop {
-        let record = tokio::select! {
-            _ = stop.cancelled() => break,
-            received = source.recv() => match received {
-                Received::Record(record) => record,
-                Received::Revoked(_) => continue,
-            },
-        };
-        match DeltaEvent::decode(record.payload()) {
-            Ok(piece) => routes.deliver(piece),
-            Err(error) => {
-                tracing::debug!(reason = %error, offset = record.offset, "skipping an undecodable delta")
-            }
+    let relay = |record: &Record| match DeltaEvent::decode(record.payload()) {
+        Ok(piece) => routes.deliver(piece),
+        Err(error) => {
+            tracing::debug!(reason = %error, offset = record.offset, "skipping an undecodable delta")
         }
-        source.done(&record);
-    }
-    source.close().await;
+    };
+    kafka::follow(&kafka, &client_id, &topic, Start::End, &stop, relay).await;
     Ok(())
 }
