@@ -76,6 +76,17 @@ impl OpenAiError {
         error
     }
 
+    /// Sluice itself failed: logged here, opaque to the caller.
+    pub(crate) fn internal(detail: String) -> Self {
+        tracing::error!(detail = %detail, "internal error on an OpenAI route");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal",
+            "internal error".to_owned(),
+        )
+    }
+
     /// Waiting for the job failed or outlasted its deadline; the job may still finish.
     pub(crate) fn lost_track(job_id: JobId, why: String) -> Self {
         let mut error = Self::new(

@@ -33,28 +33,6 @@ use wire::{ChatRequest, EmbeddingsRequest, JobView};
 
 const JOB_ID_HEADER: &str = "x-sluice-job-id";
 
-/// `POST /v1/chat/completions`.
-pub(crate) async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    chat(state, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-/// `POST /v1/embeddings`.
-pub(crate) async fn embeddings(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    embed(state, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
 /// `GET /v1/models`: the models `SLUICE_OPENAI_MODELS` names.
 pub(crate) async fn models(
     State(state): State<AppState>,
@@ -124,8 +102,12 @@ async fn admit<T: serde::de::DeserializeOwned>(
     let (accepted, limit_headers) = match accept(state, headers, caller, job, &raw).await? {
         Admission::Accepted(accepted, limit_headers) => (*accepted, limit_headers),
         Admission::Replayed(original) => {
-            let accepted: crate::submit::Accepted = serde_json::from_value(original)
-                .map_err(|error| OpenAiError::lost_track(JobId::new(), error.to_string()))?;
+            let accepted: crate::submit::Accepted =
+                serde_json::from_value(original).map_err(|error| {
+                    OpenAiError::internal(format!(
+                        "a remembered answer does not read back: {error}"
+                    ))
+                })?;
             (accepted, HeaderMap::new())
         }
     };
@@ -194,23 +176,23 @@ fn with_job_headers(mut response: Response, admitted: &Admitted) -> Response {
     response
 }
 
-async fn chat(
-    state: AppState,
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
+    // A stream's subscription to its job's pieces, and whether it wants the usage chunk.
     let mut stream = None;
-    // Subscribed to the job's pieces before the job is published, so none is missed.
     let job_id = JobId::new();
-    let subscription = state.deltas.subscribe(job_id);
     let to_job = |request: ChatRequest, timeout_ms| {
         if request.stream {
-            stream = Some(
-                request
-                    .stream_options
-                    .as_ref()
-                    .is_some_and(|options| options.include_usage),
-            );
+            let include_usage = request
+                .stream_options
+                .as_ref()
+                .is_some_and(|options| options.include_usage);
+            // Subscribed before the job is published, so no piece is missed.
+            stream = Some((state.deltas.subscribe(job_id), include_usage));
         }
         let mut job = request.into_submission(timeout_ms)?;
         job.job_id = Some(job_id);
@@ -218,7 +200,7 @@ async fn chat(
     };
     let admitted = admit(&state, &headers, body, to_job).await?;
     let created = Utc::now().timestamp();
-    if let Some(include_usage) = stream {
+    if let Some((subscription, include_usage)) = stream {
         let response = stream_chat(
             state,
             headers,
@@ -229,7 +211,6 @@ async fn chat(
         );
         return Ok(response);
     }
-    drop(subscription);
     let result = finished(&state, &headers, &admitted).await;
     let response = match result {
         Ok((job, output)) => Json(wire::chat_completion(&job, &output, created)).into_response(),
@@ -330,8 +311,9 @@ fn stream_chat(
     response
 }
 
-async fn embed(
-    state: AppState,
+/// `POST /v1/embeddings`.
+pub(crate) async fn embeddings(
+    State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
