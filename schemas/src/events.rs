@@ -172,6 +172,11 @@ pub struct Output {
     /// not from a model call made for this job.
     #[serde(default)]
     pub cached: bool,
+    /// True when the job asked for its answer streamed: `delta` events carried it as it was
+    /// generated (or, for a cache hit or a shared answer, carry it whole before the terminal
+    /// status).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streamed: bool,
     #[serde(default)]
     pub finish_reason: Option<String>,
     #[serde(default)]

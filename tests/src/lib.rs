@@ -9,4 +9,4 @@ pub mod sse;
 
 pub use infra::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
 pub use pipeline::{Pipeline, PipelineOptions};
-pub use sse::{SseEvent, read_sse};
+pub use sse::{SseEvent, read_sse, read_sse_until};

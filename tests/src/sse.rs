@@ -13,6 +13,16 @@ pub struct SseEvent {
 /// Reads events until the server ends the stream or `timeout` passes; keep-alive comments are
 /// counted in the second value.
 pub async fn read_sse(response: reqwest::Response, timeout: Duration) -> (Vec<SseEvent>, usize) {
+    read_sse_until(response, timeout, |_| false).await
+}
+
+/// Reads events until the server ends the stream, or until `enough` says so of the events so
+/// far (then the connection is dropped, as a browser tab closing drops it).
+pub async fn read_sse_until(
+    response: reqwest::Response,
+    timeout: Duration,
+    enough: impl Fn(&[SseEvent]) -> bool,
+) -> (Vec<SseEvent>, usize) {
     let mut body = response.bytes_stream();
     let mut buffer = String::new();
     let mut events = Vec::new();
@@ -52,6 +62,9 @@ pub async fn read_sse(response: reqwest::Response, timeout: Duration) -> (Vec<Ss
                 }
                 if is_event {
                     events.push(event);
+                    if enough(&events) {
+                        return;
+                    }
                 }
             }
         }

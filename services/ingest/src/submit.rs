@@ -44,9 +44,9 @@ pub struct SubmitBody {
     /// `false` (or `Cache-Control: no-cache`) asks for a fresh answer.
     #[serde(default)]
     pub cache: Option<bool>,
-    /// Set by the OpenAI route for `"stream": true` (not a field of `/v1/jobs`): the worker
-    /// publishes the answer's pieces as delta events.
-    #[serde(skip)]
+    /// A chat job's answer streamed as the model generates it: `delta` events on the job's
+    /// events stream between `running` and the terminal status.
+    #[serde(default)]
     pub stream: bool,
     /// Set by a front door that must know the job's id before it is published (to listen for
     /// its deltas first); otherwise a new one.
@@ -98,6 +98,12 @@ pub fn to_request_event(
             ));
         }
         (Some(messages), None) => Task::Chat(messages),
+        (None, Some(_)) if body.stream => {
+            return Err(FieldError::new(
+                "stream",
+                "only a chat job's answer is streamed; an embedding arrives whole",
+            ));
+        }
         (None, Some(input)) => Task::Embedding(input),
     };
     let timeout = match body.timeout_ms {
@@ -425,9 +431,11 @@ async fn answer_from_cache(
     if !event.cache || !state.cache.is_shared() {
         return Ok(None);
     }
-    let Some(output) = state.cache.get(&cache_key(event)).await else {
+    let Some(mut output) = state.cache.get(&cache_key(event)).await else {
         return Ok(None);
     };
+    // A streamed job's readers take the whole answer as one delta from this output.
+    output.streamed = event.stream;
     let now = Utc::now();
     let mut status = StatusEvent::queued(event);
     status.status = JobStatus::Succeeded;

@@ -65,6 +65,21 @@ pub struct Config {
     #[arg(long = "sse-recheck-ms", env = "SLUICE_SSE_RECHECK_MS", default_value = "2000", value_parser = sluice_common::settings::millis)]
     pub sse_recheck: std::time::Duration,
 
+    /// How long a streamed answer's pieces are kept in memory after the last one, for readers
+    /// that resume mid-answer, in seconds. Past it, a resumed reader gets the rest of the answer
+    /// with the terminal status.
+    #[arg(long = "deltas-keep-secs", env = "SLUICE_DELTAS_KEEP_SECS", default_value = "600", value_parser = sluice_common::settings::secs)]
+    pub deltas_keep: std::time::Duration,
+
+    /// Most streamed answers kept in memory at once (each at most 1 MiB); the least recently
+    /// grown go first.
+    #[arg(
+        long = "deltas-max-jobs",
+        env = "SLUICE_DELTAS_MAX_JOBS",
+        default_value_t = 10_000
+    )]
+    pub deltas_max_jobs: u64,
+
     /// After a stop signal, how long the batch being written and open requests get before the
     /// service leaves anyway (what is not stored by then is redelivered), in ms.
     #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]

@@ -5,6 +5,8 @@ mod api;
 mod cancel;
 mod config;
 mod consumer;
+pub mod deltas;
+mod events;
 pub mod notify;
 pub mod state;
 pub mod store;
@@ -42,6 +44,8 @@ pub struct AppState {
     pub store: Store,
     /// Job ids announced by Postgres `NOTIFY`.
     pub changes: notify::JobChanges,
+    /// Streamed answers so far, from the deltas topic.
+    pub answers: deltas::Answers,
     pub keepalive: Duration,
     /// How often an open SSE stream re-reads its job without a notification (a safety net
     /// for notifications lost while the listener reconnects).
@@ -62,7 +66,7 @@ pub fn router(state: AppState) -> Router {
     let cors = sluice_common::http::cors(&state.cors_origins);
     let api = Router::new()
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::cancel_job))
-        .route("/v1/jobs/{id}/events", get(api::job_events));
+        .route("/v1/jobs/{id}/events", get(events::job_events));
     let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
@@ -86,6 +90,8 @@ pub struct Application {
     event_loop: EventLoop,
     lifecycle: Lifecycle,
     drain_timeout: Duration,
+    kafka: sluice_common::kafka::KafkaArgs,
+    deltas_topic: String,
 }
 
 impl Application {
@@ -121,6 +127,7 @@ impl Application {
         let state = AppState {
             store: store.clone(),
             changes,
+            answers: deltas::Answers::new(config.deltas_keep, config.deltas_max_jobs),
             keepalive: config.sse_keepalive,
             sse_recheck: config.sse_recheck,
             consumer: source.health(),
@@ -157,6 +164,8 @@ impl Application {
             event_loop,
             lifecycle,
             drain_timeout: config.drain_timeout,
+            kafka: config.kafka,
+            deltas_topic: config.topics.deltas,
         })
     }
 
@@ -178,6 +187,15 @@ impl Application {
                 Ok(())
             }
         });
+        lifecycle.spawn(
+            "deltas follower",
+            deltas::follow(
+                self.kafka,
+                self.deltas_topic,
+                self.state.answers.clone(),
+                stop.clone(),
+            ),
+        );
         let producer = self.event_loop.producer.clone();
         let give_up = lifecycle.give_up().clone();
         lifecycle.spawn("consumer", {

@@ -54,6 +54,8 @@ pub enum Wake {
     Changed,
     /// The recheck interval passed with no announcement: read Postgres, in case one was lost.
     Recheck,
+    /// The job's streamed answer grew (see `deltas`); its status did not change.
+    Grown,
 }
 
 impl JobChanges {

@@ -8,7 +8,7 @@ use crate::status::Abandoned;
 use crate::streaming::DeltaSink;
 use chrono::{DateTime, Utc};
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
 use tracing::Instrument;
 
@@ -23,14 +23,22 @@ pub(crate) enum Attempt {
     NoSlot(JobError),
 }
 
-/// Calls `model` on `backend` once. `attempts` counts the calls made for the job, across its
-/// whole chain; the `running` event carries the count.
+/// What a job's attempts have done so far, across its whole chain.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Calls made to a model; the `running` event carries the count.
+    pub(crate) attempts: AtomicU32,
+    /// Part of an answer went out as delta events: nothing else may answer the job after it.
+    pub(crate) streamed: AtomicBool,
+}
+
+/// Calls `model` on `backend` once, counting it in `progress`.
 pub(crate) async fn run(
     context: &JobContext,
     request: &RequestEvent,
     model: &str,
     backend: &Backend,
-    attempts: &AtomicU32,
+    progress: &Progress,
     started_at: DateTime<Utc>,
 ) -> Result<Attempt, Abandoned> {
     let Ok(permit) = tokio::time::timeout(time_left(request), backend.limit.acquire()).await else {
@@ -52,7 +60,7 @@ pub(crate) async fn run(
             ),
         }));
     }
-    let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+    let attempt = progress.attempts.fetch_add(1, Ordering::SeqCst) + 1;
     // Why not wait for this acknowledgement first: the idempotent producer keeps
     // per-partition order, so `running` lands before the terminal status anyway.
     let running = status_event(context, request, JobStatus::Running, attempt, started_at);
@@ -118,6 +126,7 @@ pub(crate) async fn run(
             // Part of the answer is out: another attempt or model would start it again and
             // garble what the reader has. The job fails with what went wrong.
             if sink.as_ref().is_some_and(DeltaSink::sent_any) {
+                progress.streamed.store(true, Ordering::SeqCst);
                 failed.failure = Failure::Fatal;
                 failed.error.message = format!(
                     "{} (after part of the answer was streamed, so not retried)",

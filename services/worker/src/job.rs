@@ -1,7 +1,7 @@
 //! The worker's unit of work: one record in, one outcome out. The consumer loop around it only
 //! schedules; everything a job does is here and can be called directly.
 
-use crate::attempt::{self, Attempt};
+use crate::attempt::{self, Attempt, Progress};
 use crate::coalesce::{self, Turn};
 pub use crate::context::JobContext;
 use crate::context::{status_event, time_left};
@@ -12,7 +12,7 @@ use sluice_common::cache::cache_key;
 pub use sluice_common::kafka::Record;
 use sluice_common::telemetry;
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use tracing::Instrument;
 
 /// How a record ended; every variant but `Abandoned` lets its offset be stored.
@@ -62,16 +62,16 @@ async fn run_in_span(context: &JobContext, record: &Record) -> Outcome {
     let Some(running) = context.cancellations.start(request.job_id) else {
         return finished(cancel(context, &request, 0, "cancelled before it started").await);
     };
-    let attempts = AtomicU32::new(0);
+    let progress = Progress::default();
     let result = tokio::select! {
         // Why biased: once cancelled, the job must not go on to publish another status.
         biased;
         _ = running.token.cancelled() => {
             // Dropping `execute` here drops the model call and closes its connection.
-            let made = attempts.load(Ordering::SeqCst);
+            let made = progress.attempts.load(Ordering::SeqCst);
             cancel(context, &request, made, "cancelled while running; the model call was aborted").await
         }
-        result = execute(context, &request, &attempts) => result,
+        result = execute(context, &request, &progress) => result,
     };
     finished(result)
 }
@@ -106,7 +106,7 @@ async fn cancel(
 async fn execute(
     context: &JobContext,
     request: &RequestEvent,
-    attempts: &AtomicU32,
+    progress: &Progress,
 ) -> Result<JobStatus, Abandoned> {
     let started_at = Utc::now();
     let waited = (started_at - request.submitted_at)
@@ -127,8 +127,8 @@ async fn execute(
         return Ok(JobStatus::Expired);
     }
 
-    let answer = answer(context, request, started_at, attempts).await?;
-    let attempt = attempts.load(Ordering::SeqCst);
+    let answer = answer(context, request, started_at, progress).await?;
+    let attempt = progress.attempts.load(Ordering::SeqCst);
     let mut terminal = status_event(context, request, JobStatus::Succeeded, attempt, started_at);
     terminal.timings.finished_at = Some(Utc::now());
     match answer {
@@ -143,7 +143,12 @@ async fn execute(
             }
             terminal.output = Some(output);
         }
-        Err(error) => match context.routes.static_fallback(request.model.as_str()) {
+        // Part of an answer already went out: a fallback text after it would garble it.
+        Err(error) => match context
+            .routes
+            .static_fallback(request.model.as_str())
+            .filter(|_| !progress.streamed.load(Ordering::SeqCst))
+        {
             Some(text) => {
                 metrics::counter!("sluice_model_fallbacks_total", "model" => request.model.as_str().to_owned(), "to" => "static")
                     .increment(1);
@@ -161,6 +166,11 @@ async fn execute(
             }
         },
     }
+    if let Some(output) = &mut terminal.output {
+        // Readers of the job's deltas take what the pieces did not carry (all of it, for a
+        // cache hit or a shared answer) from this output.
+        output.streamed = request.stream && !request.task.is_embedding();
+    }
     context.publisher.publish(&terminal).await?;
     let ran = (Utc::now() - started_at).to_std().unwrap_or_default();
     metrics::histogram!("sluice_job_run_seconds").record(ran.as_secs_f64());
@@ -175,10 +185,10 @@ async fn answer(
     context: &JobContext,
     request: &RequestEvent,
     started_at: DateTime<Utc>,
-    attempts: &AtomicU32,
+    progress: &Progress,
 ) -> Result<Result<Output, JobError>, Abandoned> {
     if !request.cache {
-        return call_chain(context, request, started_at, attempts).await;
+        return call_chain(context, request, started_at, progress).await;
     }
     let key = cache_key(request);
     if let Some(output) = context.cache.get(&key).await {
@@ -193,10 +203,10 @@ async fn answer(
                 return Ok(Ok(output));
             }
             // The leader failed or went away: this job makes its own call.
-            return call_chain(context, request, started_at, attempts).await;
+            return call_chain(context, request, started_at, progress).await;
         }
     };
-    let result = call_chain(context, request, started_at, attempts).await?;
+    let result = call_chain(context, request, started_at, progress).await?;
     match &result {
         Ok(output) => {
             context.cache.put(&key, output).await;
@@ -212,7 +222,7 @@ async fn call_chain(
     context: &JobContext,
     request: &RequestEvent,
     started_at: DateTime<Utc>,
-    attempts: &AtomicU32,
+    progress: &Progress,
 ) -> Result<Result<Output, JobError>, Abandoned> {
     let mut last_error = JobError {
         code: ErrorCode::Internal,
@@ -224,7 +234,7 @@ async fn call_chain(
             if time_left(request).is_zero() {
                 return Ok(Err(deadline_passed(request, last_error)));
             }
-            match attempt::run(context, request, &model, backend, attempts, started_at).await? {
+            match attempt::run(context, request, &model, backend, progress, started_at).await? {
                 Attempt::Answered(output) => return Ok(Ok(output)),
                 Attempt::NoSlot(error) => return Ok(Err(error)),
                 Attempt::CircuitOpen(error) => {

@@ -75,6 +75,7 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
     AppState {
         store: Store::new(database.pool.clone()),
         changes: sluice_results::notify::JobChanges::default(),
+        answers: sluice_results::deltas::Answers::new(Duration::from_secs(60), 100),
         keepalive: Duration::from_millis(200),
         sse_recheck: recheck,
         consumer: health,

@@ -1,0 +1,252 @@
+//! `GET /v1/jobs/{id}/events`: the job's status changes, and the pieces of a streamed answer
+//! between `running` and the terminal status, as Server-Sent Events a browser's `EventSource`
+//! follows and resumes with `Last-Event-ID`.
+
+use crate::AppState;
+use crate::api::{ApiError, JobPath, caller_user};
+use crate::deltas::Answer;
+use crate::notify::Wake;
+use crate::store::JobEvent;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde_json::json;
+use sluice_common::metrics::GaugeGuard;
+use sluice_common::propagation::TraceHeaders;
+use sluice_common::telemetry;
+use sluice_schemas::{JobId, JobStatus};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+/// Where a reader stands: the last status change it has and how many bytes (UTF-8) of the
+/// streamed answer. It is every event's `id`: `<seq>`, or `<seq>.<bytes>` once part of the answer
+/// went out, so `Last-Event-ID` resumes mid-answer on any replica without a lost or repeated
+/// character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    seq: i64,
+    answer_bytes: usize,
+}
+
+impl Position {
+    fn parse(text: &str) -> Option<Self> {
+        let (seq, bytes) = match text.trim().split_once('.') {
+            Some((seq, bytes)) => (seq, bytes.parse().ok()?),
+            None => (text.trim(), 0),
+        };
+        let seq = seq.parse::<i64>().ok().filter(|seq| *seq >= 0)?;
+        Some(Self {
+            seq,
+            answer_bytes: bytes,
+        })
+    }
+
+    fn id(self) -> String {
+        match self.answer_bytes {
+            0 => self.seq.to_string(),
+            bytes => format!("{}.{bytes}", self.seq),
+        }
+    }
+}
+
+/// What to push next.
+enum Push {
+    Status(JobEvent),
+    Delta(String),
+}
+
+/// One SSE event per recorded status change (`id` as [`Position`], `event` the status, `data`
+/// the job), and for a streamed job `delta` events (`data`: `{"job_id", "text"}`) with the
+/// answer's new text, after `running`; just before the terminal status, whatever of its output
+/// the deltas did not carry yet, so the deltas joined are the whole answer. Opened before the
+/// job exists, it waits for it; it ends after a terminal status.
+#[tracing::instrument(skip_all, fields(job_id = %job_id))]
+pub(crate) async fn job_events(
+    State(state): State<AppState>,
+    JobPath(job_id): JobPath,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let user = caller_user(&state, &headers).await?;
+    let resume_from = match headers.get("last-event-id") {
+        None => Position {
+            seq: 0,
+            answer_bytes: 0,
+        },
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(Position::parse)
+            .ok_or(ApiError::InvalidLastEventId)?,
+    };
+    // Subscribed before the first read, so a change committed in between is not missed.
+    let mut changes = state.changes.subscribe(job_id);
+    let answers = state.answers.clone();
+    let store = state.store.clone();
+    let recheck = state.sse_recheck;
+    let stopping = state.stopping.clone();
+    let stream = async_stream::stream! {
+        let _open = GaugeGuard::new(metrics::gauge!("sluice_sse_connections"));
+        let mut position = resume_from;
+        let mut answer: Arc<Answer> = answers.answer(job_id);
+        let mut grown = answer.watch();
+        // Pieces go out once the reader has seen `running` (a resumed reader with part of the
+        // answer has), and stop if the answer starts over under them.
+        let mut relaying = position.answer_bytes > 0;
+        let mut restarts_seen: Option<u32> = None;
+        let mut diverged = false;
+        // The job's trace, read once there is something to push.
+        let mut trace: Option<TraceHeaders> = None;
+        // The first read is always from Postgres: it holds what happened before subscribing.
+        let mut wake = Wake::Recheck;
+        loop {
+            let written = match wake {
+                Wake::Changed => changes.written_after(position.seq),
+                Wake::Recheck => None,
+                Wake::Grown => Some(Vec::new()),
+            };
+            let read = match written {
+                Some(events) => Ok(visible_to(events, user.as_deref())),
+                None => store.events_after(job_id, position.seq, user.as_deref()).await,
+            };
+            let mut pushes = Vec::new();
+            match read {
+                Ok(events) => {
+                    for event in events {
+                        if event.status.is_terminal()
+                            && !diverged
+                            && let Some(rest) = rest_of_answer(&event, &answer, position.answer_bytes)
+                        {
+                            pushes.push(Push::Delta(rest));
+                        }
+                        relaying |= event.status == JobStatus::Running;
+                        pushes.push(Push::Status(event));
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "reading job events failed; retrying"),
+            }
+            let ends = pushes.iter().any(|push| matches!(push, Push::Status(event) if event.status.is_terminal()));
+            if relaying && !ends && let Some(growth) = answer.after(position.answer_bytes) {
+                if *restarts_seen.get_or_insert(growth.restarts) == growth.restarts {
+                    pushes.push(Push::Delta(growth.text));
+                } else {
+                    // The job ran again from the start: its terminal status has the answer.
+                    relaying = false;
+                    diverged = true;
+                }
+            }
+            for push in pushes {
+                match push {
+                    Push::Delta(text) => {
+                        position.answer_bytes += text.len();
+                        let data = json!({"job_id": job_id, "text": text});
+                        yield Ok(Event::default().id(position.id()).event("delta").data(data.to_string()));
+                    }
+                    Push::Status(event) => {
+                        position.seq = event.seq;
+                        if trace.is_none() {
+                            trace = Some(TraceHeaders::from_traceparent(store.traceparent(job_id).await.ok().flatten()));
+                        }
+                        let terminal = event.status.is_terminal();
+                        yield Ok(status_event(job_id, position, event, trace.as_ref()));
+                        if terminal {
+                            return;
+                        }
+                    }
+                }
+            }
+            // An answer evicted and kept anew (a job idle for longer than pieces are kept).
+            let current = answers.answer(job_id);
+            if !Arc::ptr_eq(&current, &answer) {
+                answer = current;
+                grown = answer.watch();
+            }
+            // Why: graceful shutdown waits for open responses, and a stream may wait for ever.
+            wake = tokio::select! {
+                _ = stopping.cancelled() => return,
+                Ok(()) = grown.changed(), if relaying => Wake::Grown,
+                wake = changes.changed(recheck) => wake,
+            };
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
+}
+
+/// A status change as an SSE event, in a span of the job's trace covering its hand-over.
+fn status_event(
+    job_id: JobId,
+    position: Position,
+    event: JobEvent,
+    trace: Option<&TraceHeaders>,
+) -> Event {
+    let JobEvent { seq, status, job } = event;
+    let span = tracing::info_span!(
+        "sse push",
+        otel.kind = "producer",
+        job_id = %job_id,
+        status = status.as_str(),
+        seq,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::adopt(&span, trace.map(TraceHeaders::context).unwrap_or_default());
+    span.in_scope(|| {
+        Event::default()
+            .id(position.id())
+            .event(status.as_str())
+            .data(job.to_string())
+    })
+}
+
+/// The terminal output's text past what the reader has, for a streamed job: what pieces were
+/// lost or not yet relayed, or a cache hit's whole answer. Nothing if
+/// the reader's part is not the beginning of this output (the job ran again from the start).
+fn rest_of_answer(terminal: &JobEvent, answer: &Answer, reader_bytes: usize) -> Option<String> {
+    let streamed = terminal.job.pointer("/output/streamed") == Some(&serde_json::Value::Bool(true));
+    if !streamed && reader_bytes == 0 {
+        return None;
+    }
+    let content = terminal.job.pointer("/output/content")?.as_str()?;
+    if !answer.agrees_with(content, reader_bytes) {
+        return None;
+    }
+    content
+        .get(reader_bytes..)
+        .filter(|rest| !rest.is_empty())
+        .map(str::to_owned)
+}
+
+/// Events this replica wrote, as `Store::events_after` would show them to `user`: another user's
+/// job shows nothing.
+fn visible_to(events: Vec<JobEvent>, user: Option<&str>) -> Vec<JobEvent> {
+    match user {
+        Some(user) => events
+            .into_iter()
+            .filter(|event| event.job.get("user_id").and_then(|id| id.as_str()) == Some(user))
+            .collect(),
+        None => events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_is_the_event_id_and_reads_back() {
+        for (text, seq, bytes) in [("0", 0, 0), ("3", 3, 0), ("2.17", 2, 17), (" 4.0 ", 4, 0)] {
+            let position = Position::parse(text).unwrap();
+            assert_eq!(
+                position,
+                Position {
+                    seq,
+                    answer_bytes: bytes
+                }
+            );
+            assert_eq!(Position::parse(&position.id()), Some(position));
+        }
+        assert_eq!(Position::parse("2.17").unwrap().id(), "2.17");
+        for bad in ["", "-1", "x", "2.", "2.-3", "2.1.1"] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
+    }
+}
