@@ -187,11 +187,71 @@ pub enum Role {
     Tool,
 }
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message, as OpenAI's chat completions API has it: text, and for tool use the
+/// assistant's `tool_calls` and a `tool` message's `tool_call_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Message {
     pub role: Role,
+    /// The text; empty (sent as `null`) for an assistant message that only calls tools.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    /// An assistant message's tool calls, as the model made them (`id`, `type`, `function`).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The participant's name, passed to the model.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl Message {
+    /// A message of text only.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
+
+    fn calls_tools(&self) -> bool {
+        self.tool_calls
+            .as_ref()
+            .is_some_and(|calls| !calls.is_empty())
+    }
+}
+
+/// As OpenAI's API has it: `content` is `null` when an assistant message only calls tools, and
+/// fields that are not set are left out.
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("role", &self.role)?;
+        if self.content.is_empty() && self.calls_tools() {
+            map.serialize_entry("content", &())?;
+        } else {
+            map.serialize_entry("content", &self.content)?;
+        }
+        if let Some(calls) = &self.tool_calls {
+            map.serialize_entry("tool_calls", calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            map.serialize_entry("tool_call_id", id)?;
+        }
+        if let Some(name) = &self.name {
+            map.serialize_entry("name", name)?;
+        }
+        map.end()
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Sampling parameters passed through to the model backend (`temperature`, `max_tokens`, ...).
@@ -214,11 +274,11 @@ pub(crate) fn check_messages(messages: &[Message]) -> Result<(), FieldError> {
     }
     if let Some(index) = messages
         .iter()
-        .position(|message| message.content.is_empty())
+        .position(|message| message.content.is_empty() && !message.calls_tools())
     {
         return Err(FieldError::new(
             format!("messages[{index}].content"),
-            "must not be empty",
+            "must not be empty (unless the message calls tools)",
         ));
     }
     Ok(())

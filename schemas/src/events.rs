@@ -179,6 +179,18 @@ pub struct Output {
     pub streamed: bool,
     #[serde(default)]
     pub finish_reason: Option<String>,
+    /// The tool calls the model made (`finish_reason` `tool_calls`), as it made them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The legacy function call, for backends that still answer with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<serde_json::Value>,
+    /// The model's refusal message, when it refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// The token log probabilities, when the request asked for them (`logprobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
     #[serde(default)]
     pub usage: Option<Usage>,
     /// An embedding job's vectors, one per input text, in input order.

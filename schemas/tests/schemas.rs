@@ -42,10 +42,7 @@ fn sample_request() -> RequestEvent {
         job_id: JobId::new(),
         user_id: UserId::parse("user-1").unwrap(),
         model: ModelName::parse("sim").unwrap(),
-        task: Task::Chat(vec![Message {
-            role: Role::User,
-            content: "hi".into(),
-        }]),
+        task: Task::Chat(vec![Message::text(Role::User, "hi")]),
         params: serde_json::Map::new(),
         submitted_at: now,
         deadline: now + chrono::Duration::seconds(30),
@@ -57,7 +54,7 @@ fn sample_request() -> RequestEvent {
 #[test]
 fn examples_validate_against_the_schema_files_and_decode_in_rust() {
     let request_validator = validator("request.schema.json");
-    for name in ["request", "request-embedding"] {
+    for name in ["request", "request-embedding", "request-tools"] {
         let example = read_json(&format!("examples/{name}.json"));
         assert_valid(&request_validator, &example);
         let decoded = RequestEvent::decode(example.to_string().as_bytes()).expect(name);
@@ -97,6 +94,7 @@ fn examples_validate_against_the_schema_files_and_decode_in_rust() {
         "status-succeeded",
         "status-failed",
         "status-embedding",
+        "status-tool-call",
     ] {
         let example = read_json(&format!("examples/{name}.json"));
         assert_valid(&status_validator, &example);

@@ -179,4 +179,48 @@ arguments = "".join(
 )
 check("sim streamed tool call", arguments == '{"text":"find it"}', arguments)
 
+# The same tool call round trip through Sluice: the job's output keeps the model's whole
+# message, so the SDK gets the tool call, and the tool's result goes back as the next job.
+called = client.chat.completions.create(
+    model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools
+)
+call = called.choices[0].message.tool_calls[0]
+check(
+    "tool call through sluice",
+    called.choices[0].finish_reason == "tool_calls"
+    and called.choices[0].message.content is None
+    and call.function.name == "lookup"
+    and call.function.arguments == '{"text":"find it"}',
+    called,
+)
+answered = client.chat.completions.create(
+    model="sim",
+    messages=[
+        {"role": "user", "content": "find it"},
+        called.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "found"},
+    ],
+    tools=tools,
+)
+check("tool result through sluice", answered.choices[0].message.content == "echo: found", answered)
+streamed_call = list(
+    client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "find it, streamed"}], tools=tools, stream=True
+    )
+)
+calls = [
+    tool_call
+    for c in streamed_call
+    if c.choices and c.choices[0].delta.tool_calls
+    for tool_call in c.choices[0].delta.tool_calls
+]
+check(
+    "streamed tool call through sluice",
+    len(calls) == 1
+    and calls[0].function.name == "lookup"
+    and calls[0].function.arguments == '{"text":"find it, streamed"}'
+    and streamed_call[-1].choices[0].finish_reason == "tool_calls",
+    streamed_call,
+)
+
 print("all OpenAI SDK checks passed")

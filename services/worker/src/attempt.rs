@@ -15,7 +15,7 @@ use tracing::Instrument;
 /// How one attempt ended.
 #[derive(Debug)]
 pub(crate) enum Attempt {
-    Answered(Output),
+    Answered(Box<Output>),
     Failed(CallError),
     /// The backend's circuit is open: no call was made; the next model may try.
     CircuitOpen(JobError),
@@ -121,7 +121,7 @@ pub(crate) async fn run(
     permit.release(sample);
     backend.limit.report(&backend.name);
     Ok(match result {
-        Ok(output) => Attempt::Answered(output),
+        Ok(output) => Attempt::Answered(Box::new(output)),
         Err(mut failed) => {
             // Part of the answer is out: another attempt or model would start it again and
             // garble what the reader has. The job fails with what went wrong.

@@ -235,7 +235,7 @@ async fn call_chain(
                 return Ok(Err(deadline_passed(request, last_error)));
             }
             match attempt::run(context, request, &model, backend, progress, started_at).await? {
-                Attempt::Answered(output) => return Ok(Ok(output)),
+                Attempt::Answered(output) => return Ok(Ok(*output)),
                 Attempt::NoSlot(error) => return Ok(Err(error)),
                 Attempt::CircuitOpen(error) => {
                     last_error = error;

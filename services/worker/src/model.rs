@@ -61,12 +61,21 @@ struct Choice {
     message: ChoiceMessage,
     #[serde(default)]
     finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
 }
 
+/// The answer's message: all of it is kept, not only the text.
 #[derive(Deserialize)]
 struct ChoiceMessage {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    function_call: Option<serde_json::Value>,
+    #[serde(default)]
+    refusal: Option<String>,
 }
 
 /// OpenAI's embeddings answer (vLLM, TEI, Ollama and llama.cpp answer the same shape).
@@ -243,10 +252,15 @@ impl ModelClient {
             .into_iter()
             .next()
             .ok_or_else(|| invalid("model answer has no choices".to_owned()))?;
+        let message = choice.message;
         Ok(Output {
-            content: choice.message.content.unwrap_or_default(),
+            content: message.content.unwrap_or_default(),
             model: Some(model.to_owned()),
             finish_reason: choice.finish_reason,
+            tool_calls: message.tool_calls.filter(|calls| !calls.is_empty()),
+            function_call: message.function_call.filter(|call| !call.is_null()),
+            refusal: message.refusal,
+            logprobs: choice.logprobs.filter(|logprobs| !logprobs.is_null()),
             usage: completion.usage,
             ..Output::default()
         })

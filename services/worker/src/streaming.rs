@@ -12,6 +12,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
+use serde_json::{Value, json};
 use sluice_schemas::{DeltaEvent, ErrorCode, JobId, Output, SCHEMA_VERSION, Usage, UserId};
 use std::time::{Duration, Instant};
 
@@ -109,12 +110,77 @@ struct ChunkChoice {
     delta: ChunkDelta,
     #[serde(default)]
     finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<Value>,
 }
 
 #[derive(Default, Deserialize)]
 struct ChunkDelta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    refusal: Option<String>,
+}
+
+/// More tool calls than this in one answer is a broken stream, not a model's answer.
+const MAX_TOOL_CALLS: usize = 128;
+
+/// Adds a chunk's pieces of tool calls to the calls so far: each piece names its call by
+/// `index`; the first brings `id`, `type` and the function's `name`, the rest more `arguments`.
+fn merge_tool_calls(calls: &mut Vec<Value>, pieces: &[Value]) -> Result<(), CallError> {
+    for piece in pieces {
+        let index = piece
+            .get("index")
+            .and_then(Value::as_u64)
+            .and_then(|index| usize::try_from(index).ok())
+            .filter(|index| *index < MAX_TOOL_CALLS)
+            .ok_or_else(|| invalid("model stream has a tool call without a valid index".into()))?;
+        while calls.len() <= index {
+            calls.push(
+                json!({"id": null, "type": "function", "function": {"name": "", "arguments": ""}}),
+            );
+        }
+        let call = &mut calls[index];
+        for field in ["id", "type"] {
+            if let Some(value) = piece.get(field).filter(|value| !value.is_null()) {
+                call[field] = value.clone();
+            }
+        }
+        if let Some(function) = piece.get("function") {
+            append_function(&mut call["function"], function);
+        }
+    }
+    Ok(())
+}
+
+/// Appends a piece of a function call (`name`, `arguments`) to the call so far.
+fn append_function(call: &mut Value, piece: &Value) {
+    for field in ["name", "arguments"] {
+        if let Some(text) = piece.get(field).and_then(Value::as_str) {
+            let so_far = call.get(field).and_then(Value::as_str).unwrap_or("");
+            call[field] = Value::String(format!("{so_far}{text}"));
+        }
+    }
+}
+
+/// Appends a chunk's log probabilities (`{"content": [...], "refusal": [...]}`) to those so far.
+fn append_logprobs(so_far: &mut Option<Value>, piece: Value) {
+    let Value::Object(piece) = piece else {
+        return;
+    };
+    let so_far = so_far.get_or_insert_with(|| json!({}));
+    for (key, items) in piece {
+        if let Value::Array(items) = items {
+            match so_far.get_mut(&key).and_then(Value::as_array_mut) {
+                Some(list) => list.extend(items),
+                None => so_far[&key] = Value::Array(items),
+            }
+        }
+    }
 }
 
 /// Reads an OpenAI chat stream to its end (`[DONE]`), handing each piece of content to `sink`,
@@ -148,9 +214,28 @@ pub(crate) async fn read_chat_stream(
             output.usage = chunk.usage;
         }
         for choice in chunk.choices {
-            if let Some(text) = choice.delta.content.filter(|text| !text.is_empty()) {
+            let delta = choice.delta;
+            if let Some(text) = delta.content.filter(|text| !text.is_empty()) {
                 output.content.push_str(&text);
                 sink.push(&text);
+            }
+            if let Some(pieces) = delta.tool_calls {
+                merge_tool_calls(output.tool_calls.get_or_insert_with(Vec::new), &pieces)?;
+            }
+            if let Some(piece) = delta.function_call {
+                append_function(
+                    output.function_call.get_or_insert_with(|| json!({})),
+                    &piece,
+                );
+            }
+            if let Some(text) = delta.refusal {
+                output
+                    .refusal
+                    .get_or_insert_with(String::new)
+                    .push_str(&text);
+            }
+            if let Some(logprobs) = choice.logprobs.filter(|logprobs| !logprobs.is_null()) {
+                append_logprobs(&mut output.logprobs, logprobs);
             }
             if choice.finish_reason.is_some() {
                 output.finish_reason = choice.finish_reason;
@@ -175,5 +260,47 @@ fn invalid(message: String) -> CallError {
         },
         failure: Failure::Fatal,
         retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_of_tool_calls_add_up_to_the_calls() {
+        let mut calls = Vec::new();
+        let chunks = [
+            json!([{"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}]),
+            json!([{"index": 0, "function": {"arguments": "{\"city\":"}}]),
+            json!([{"index": 1, "id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{}"}}]),
+            json!([{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]),
+        ];
+        for chunk in chunks {
+            merge_tool_calls(&mut calls, chunk.as_array().unwrap()).unwrap();
+        }
+        assert_eq!(
+            Value::Array(calls),
+            json!([
+                {"id": "call_a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}},
+                {"id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+            ])
+        );
+        let mut calls = Vec::new();
+        assert!(merge_tool_calls(&mut calls, &[json!({"index": 100000})]).is_err());
+    }
+
+    #[test]
+    fn log_probabilities_of_each_chunk_are_kept_in_order() {
+        let mut logprobs = None;
+        append_logprobs(&mut logprobs, json!({"content": [{"token": "a"}]}));
+        append_logprobs(
+            &mut logprobs,
+            json!({"content": [{"token": "b"}], "refusal": null}),
+        );
+        assert_eq!(
+            logprobs,
+            Some(json!({"content": [{"token": "a"}, {"token": "b"}]}))
+        );
     }
 }

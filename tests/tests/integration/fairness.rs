@@ -79,10 +79,10 @@ fn request_event(user: &str, content: &str) -> RequestEvent {
         job_id: sluice_schemas::JobId::new(),
         user_id: sluice_schemas::UserId::parse(user).unwrap(),
         model: sluice_schemas::ModelName::parse("sim").unwrap(),
-        task: sluice_schemas::Task::Chat(vec![sluice_schemas::Message {
-            role: sluice_schemas::Role::User,
-            content: content.into(),
-        }]),
+        task: sluice_schemas::Task::Chat(vec![sluice_schemas::Message::text(
+            sluice_schemas::Role::User,
+            content,
+        )]),
         params: Default::default(),
         submitted_at: now,
         deadline: now + chrono::Duration::minutes(5),

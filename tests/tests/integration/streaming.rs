@@ -21,10 +21,10 @@ async fn a_streamed_job_publishes_its_answer_in_coalesced_ordered_pieces() {
     .await;
     let mut job = request("sim", 30_000);
     job.stream = true;
-    job.task = Task::Chat(vec![ChatMessage {
-        role: Role::User,
-        content: "one two three four five six seven eight nine ten".into(),
-    }]);
+    job.task = Task::Chat(vec![ChatMessage::text(
+        Role::User,
+        "one two three four five six seven eight nine ten",
+    )]);
     assert_eq!(
         harness.run(job.encode()).await,
         Outcome::Finished(JobStatus::Succeeded)

@@ -96,10 +96,7 @@ pub(crate) fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
         job_id: JobId::new(),
         user_id: UserId::parse("bob").unwrap(),
         model: ModelName::parse(model).unwrap(),
-        task: sluice_schemas::Task::Chat(vec![ChatMessage {
-            role: Role::User,
-            content: "direct".into(),
-        }]),
+        task: sluice_schemas::Task::Chat(vec![ChatMessage::text(Role::User, "direct")]),
         params: Default::default(),
         submitted_at: now,
         deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
@@ -354,10 +351,10 @@ async fn the_adaptive_limit_settles_near_the_backends_capacity() {
                 while Instant::now() < stop_at {
                     // Distinct requests: identical ones in flight would share one call.
                     let mut job = request("sim", 60_000);
-                    job.task = sluice_schemas::Task::Chat(vec![ChatMessage {
-                        role: Role::User,
-                        content: format!("adaptive {}", job.job_id),
-                    }]);
+                    job.task = sluice_schemas::Task::Chat(vec![ChatMessage::text(
+                        Role::User,
+                        format!("adaptive {}", job.job_id),
+                    )]);
                     harness.run(job.encode()).await;
                 }
             })

@@ -282,8 +282,15 @@ fn stream_chat(
                                 if !rest.is_empty() {
                                     yield data(&chunk(json!({"content": rest}), None));
                                 }
+                                if let Some(delta) = wire::final_delta(&output) {
+                                    yield data(&chunk(delta, None));
+                                }
                                 let finish = output.finish_reason.as_deref().unwrap_or("stop");
-                                yield data(&chunk(json!({}), Some(finish)));
+                                let mut last = chunk(json!({}), Some(finish));
+                                if let Some(logprobs) = &output.logprobs {
+                                    last["choices"][0]["logprobs"] = logprobs.clone();
+                                }
+                                yield data(&last);
                                 if include_usage {
                                     let answered_by = wire::answered_by(&job, &output);
                                     yield data(&wire::usage_chunk(job_id, answered_by, created, &output));

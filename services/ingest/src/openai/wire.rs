@@ -49,7 +49,8 @@ const ANONYMOUS: &str = "anonymous";
 
 impl ChatRequest {
     /// The job this request asks for. Refused here, each naming its field: more than one
-    /// choice (`n`), and message shapes a job cannot carry yet (tool calls, images, audio).
+    /// choice (`n`), and message shapes a job cannot carry yet (images, audio, the legacy
+    /// `function_call`).
     pub(crate) fn into_submission(self, timeout_ms: Option<u64>) -> Result<SubmitBody, FieldError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(FieldError::new(
@@ -101,16 +102,33 @@ fn chat_message(index: usize, message: &Value) -> Result<Message, FieldError> {
                 )
             })
         })?;
-    for unsupported in ["tool_calls", "function_call", "tool_call_id", "audio"] {
+    for unsupported in ["function_call", "audio"] {
         if object.contains_key(unsupported) {
             return Err(FieldError::new(
                 field(unsupported),
-                "tool calls and audio in messages are not supported yet",
+                "is not supported in messages (for tool use send `tool_calls`)",
             ));
         }
     }
+    let tool_calls = match object.get("tool_calls") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(calls)) if calls.iter().all(Value::is_object) => Some(calls.clone()),
+        Some(_) => {
+            return Err(FieldError::new(
+                field("tool_calls"),
+                "must be an array of tool calls",
+            ));
+        }
+    };
+    let text_field = |name: &str| match object.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(FieldError::new(field(name), "must be a string")),
+    };
     let content = match object.get("content") {
         Some(Value::String(text)) => text.clone(),
+        // An assistant message that only calls tools has no content.
+        None | Some(Value::Null) if tool_calls.is_some() => String::new(),
         // Content parts: text parts are joined; an image or audio part cannot be carried yet.
         Some(Value::Array(parts)) => {
             let mut text = String::new();
@@ -134,7 +152,13 @@ fn chat_message(index: usize, message: &Value) -> Result<Message, FieldError> {
             ));
         }
     };
-    Ok(Message { role, content })
+    Ok(Message {
+        role,
+        content,
+        tool_calls,
+        tool_call_id: text_field("tool_call_id")?,
+        name: text_field("name")?,
+    })
 }
 
 impl EmbeddingsRequest {
@@ -222,12 +246,55 @@ pub(crate) fn chat_completion(job: &JobView, output: &Output, created: i64) -> V
         "model": answered_by(job, output),
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": output.content, "refusal": null},
-            "logprobs": null,
+            "message": message(output),
+            "logprobs": output.logprobs,
             "finish_reason": output.finish_reason.as_deref().unwrap_or("stop"),
         }],
         "usage": usage(output),
     })
+}
+
+/// The answer's whole message: the text (`null` when the model only called tools), the tool
+/// calls, the legacy function call, the refusal.
+fn message(output: &Output) -> Value {
+    let calls_tools = output.tool_calls.is_some() || output.function_call.is_some();
+    let mut message = json!({
+        "role": "assistant",
+        "content": if output.content.is_empty() && calls_tools { Value::Null } else { json!(output.content) },
+        "refusal": output.refusal,
+    });
+    if let Some(calls) = &output.tool_calls {
+        message["tool_calls"] = json!(calls);
+    }
+    if let Some(call) = &output.function_call {
+        message["function_call"] = call.clone();
+    }
+    message
+}
+
+/// What a stream's last content chunk cannot carry as text: the tool calls (each with its
+/// `index`, whole), the function call, the refusal. Sent as one delta just before the finish.
+pub(crate) fn final_delta(output: &Output) -> Option<Value> {
+    let mut delta = serde_json::Map::new();
+    if let Some(calls) = &output.tool_calls {
+        let indexed: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(index, call)| {
+                let mut call = call.clone();
+                call["index"] = json!(index);
+                call
+            })
+            .collect();
+        delta.insert("tool_calls".into(), Value::Array(indexed));
+    }
+    if let Some(call) = &output.function_call {
+        delta.insert("function_call".into(), call.clone());
+    }
+    if let Some(refusal) = &output.refusal {
+        delta.insert("refusal".into(), json!(refusal));
+    }
+    (!delta.is_empty()).then_some(Value::Object(delta))
 }
 
 /// One `chat.completion.chunk` of job `job_id`'s answer: `delta` and, on the last, the finish
@@ -316,8 +383,12 @@ mod tests {
 
         let refused = chat(json!({"model": "m", "messages": [], "n": 2})).unwrap_err();
         assert_eq!(refused.field, "n");
-        let refused = chat(json!({"model": "m", "messages": [{"role": "assistant", "content": null, "tool_calls": []}]}))
+        let refused = chat(json!({"model": "m", "messages": [{"role": "assistant", "content": null, "function_call": {}}]}))
             .unwrap_err();
+        assert_eq!(refused.field, "messages[0].function_call");
+        let refused =
+            chat(json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": "x"}]}))
+                .unwrap_err();
         assert_eq!(refused.field, "messages[0].tool_calls");
         let refused = chat(json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}))
             .unwrap_err();
