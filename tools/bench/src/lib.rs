@@ -8,6 +8,7 @@ pub mod markdown;
 mod plot;
 mod procfs;
 mod report;
+pub mod streaming;
 
 pub use hop::{HopProbe, HopReport};
 pub use markdown::ReportArgs;

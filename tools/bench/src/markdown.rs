@@ -2,12 +2,13 @@
 
 use crate::Percentiles;
 use crate::capacity::{MAX_P99_END_TO_END_MS, Overload, Step, Sweep, read_json};
+use crate::streaming::Streaming;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
-    /// Where `sweep.json` and `overload.json` are.
+    /// Where `sweep.json`, `overload.json` and any `streaming-<flush ms>.json` are.
     #[arg(long)]
     pub dir: PathBuf,
     /// The Markdown to write.
@@ -241,6 +242,23 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     latency_rows(&mut text, &overload.step);
     text.push('\n');
     usage_rows(&mut text, &overload.step);
+
+    let mut streaming: Vec<Streaming> = Vec::new();
+    for entry in std::fs::read_dir(&args.dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        if name.starts_with("streaming-") && name.ends_with(".json") {
+            streaming.push(read_json(&path)?);
+        }
+    }
+    if !streaming.is_empty() {
+        streaming.sort_by_key(|run| run.flush_ms);
+        text.push('\n');
+        text.push_str(&crate::streaming::markdown(&streaming));
+    }
 
     if let Ok(analysis) = std::fs::read_to_string(&args.analysis) {
         text.push('\n');

@@ -1,4 +1,5 @@
-//! `sluice-capacity`: the phases of `scripts/bench` (sweep, overload) and the report they make.
+//! `sluice-capacity`: the phases of `scripts/bench` (sweep, overload, streaming) and the report
+//! they make.
 
 use clap::Parser;
 use sluice_bench::capacity;
@@ -13,6 +14,8 @@ enum Command {
     Sweep(capacity::SweepArgs),
     /// Offer far more than the sustainable rate.
     Overload(capacity::OverloadArgs),
+    /// Streamed answers through Sluice against the model's own stream.
+    Streaming(sluice_bench::streaming::StreamingArgs),
     /// Write BENCHMARKS.md and the plot from the phases' JSON.
     Report(sluice_bench::ReportArgs),
 }
@@ -36,6 +39,12 @@ async fn main() -> anyhow::Result<()> {
                 "{} accepted jobs were lost under overload",
                 overload.step.report.lost
             );
+        }
+        Command::Streaming(args) => {
+            let streaming = sluice_bench::streaming::run(&args).await?;
+            capacity::write_json(&args.out, &streaming)?;
+            let failed = streaming.low.through_sluice.failed + streaming.half.through_sluice.failed;
+            anyhow::ensure!(failed == 0, "{failed} streamed calls through Sluice failed");
         }
         Command::Report(args) => sluice_bench::markdown::write(&args)?,
     }
