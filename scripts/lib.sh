@@ -271,6 +271,28 @@ ensure_checkers() {
   export CHECKERS_PYTHON="$venv/bin/python"
 }
 
+# --- A real browser for the console's tests ----------------------------------------------
+
+# Debian's Chromium, and playwright-core (pinned in tests/browser/package-lock.json) to drive it;
+# never a browser a test tool downloads. The node_modules are kept under the tools dir and
+# linked in, so a fresh checkout does not fetch them again.
+ensure_browser() {
+  command -v chromium >/dev/null || apt_install chromium
+  command -v npm >/dev/null || apt_install nodejs npm
+  local lock modules
+  lock=$(sha256sum tests/browser/package-lock.json | cut -c1-16)
+  modules="$SLUICE_TOOLS_DIR/browser-$lock"
+  if [ ! -d "$modules/node_modules/playwright-core" ]; then
+    log "installing tests/browser's npm packages into $modules"
+    rm -rf "$modules" && mkdir -p "$modules"
+    cp tests/browser/package.json tests/browser/package-lock.json "$modules/"
+    (cd "$modules" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  ln -sfn "$modules/node_modules" tests/browser/node_modules
+  export SLUICE_TEST_CHROMIUM
+  SLUICE_TEST_CHROMIUM=$(command -v chromium)
+}
+
 stop_started() {
   for pid in "${STARTED_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${STARTED_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done

@@ -79,6 +79,39 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// The results service on its own stop token, so a test can restart it on its address.
+    results: RunningResults,
+}
+
+struct RunningResults {
+    config: sluice_results::Config,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningResults {
+    async fn start(config: sluice_results::Config, shutdown: &CancellationToken) -> (Self, String) {
+        let results = sluice_results::Application::build(config.clone())
+            .await
+            .expect("building results");
+        let address = results.local_addr();
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(results.run_until_stopped(stop.clone()));
+        let config = sluice_results::Config {
+            addr: address.to_string(),
+            ..config
+        };
+        (Self { config, stop, task }, format!("http://{address}"))
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("results stopped within 30 s")
+            .expect("the results task panicked")
+            .expect("results failed");
+    }
 }
 
 impl Pipeline {
@@ -111,11 +144,10 @@ impl Pipeline {
         results_config.database_max_connections = 8;
         results_config.auth = auth_mode(options.api_keys);
         results_config.key_cache_ttl = Duration::from_secs(1);
-        let results = sluice_results::Application::build(results_config)
-            .await
-            .expect("building results");
-        let results_url = format!("http://{}", results.local_addr());
-        tasks.push(tokio::spawn(results.run_until_stopped(shutdown.clone())));
+        // Ingest's address, chosen now: the console that results serves submits there.
+        let ingest_addr = format!("127.0.0.1:{}", crate::process::free_port());
+        results_config.ingest_url = format!("http://{ingest_addr}");
+        let (results, results_url) = RunningResults::start(results_config, &shutdown).await;
 
         let redis_prefix = format!("{}:", topics.requests);
         let redis_url = options.redis.then(|| {
@@ -135,7 +167,9 @@ impl Pipeline {
         }
 
         let mut ingest_config = sluice_ingest::Config::defaults();
-        ingest_config.addr = "127.0.0.1:0".into();
+        ingest_config.addr = ingest_addr;
+        // The console's origin.
+        ingest_config.cors_origins = vec![results_url.clone()];
         ingest_config.kafka = kafka.clone();
         ingest_config.topics = topics.args();
         ingest_config.results_url = results_url.clone();
@@ -172,6 +206,7 @@ impl Pipeline {
             http: reqwest::Client::new(),
             shutdown,
             tasks,
+            results,
         };
         pipeline.wait_ready().await;
         pipeline
@@ -299,8 +334,26 @@ impl Pipeline {
         .await;
     }
 
+    /// Stops the results service, leaves it down for `down_for`, and starts it again on the
+    /// same address and database (as a pod restarted in place).
+    pub async fn restart_results(&mut self, down_for: Duration) {
+        let config = self.results.config.clone();
+        let placeholder = RunningResults {
+            config: config.clone(),
+            stop: CancellationToken::new(),
+            task: tokio::spawn(async { Ok(()) }),
+        };
+        std::mem::replace(&mut self.results, placeholder)
+            .stop()
+            .await;
+        tokio::time::sleep(down_for).await;
+        let (results, _) = RunningResults::start(config, &self.shutdown).await;
+        self.results = results;
+    }
+
     /// Stops every service and checks that none of them failed.
     pub async fn stop(self) {
+        self.results.stop().await;
         self.shutdown.cancel();
         for task in self.tasks {
             let result = tokio::time::timeout(Duration::from_secs(30), task).await;

@@ -102,6 +102,10 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub fn new(pool: PgPool, ttl: Duration) -> Self {
         Self {
             pool,
@@ -205,13 +209,15 @@ pub async fn revoke_key(pool: &PgPool, key_id: &str) -> sqlx::Result<bool> {
 /// How long a service waits at start-up for the migrations, which `sluice-results` owns.
 const SCHEMA_WAIT: Duration = Duration::from_secs(60);
 
-/// Waits until the `api_keys` table exists. The migrations have one owner, `sluice-results`
+/// Waits until the tables it reads exist (`api_keys`, `stream_token_secret`). The migrations have one owner, `sluice-results`
 /// (at its start-up, or `sluice-results migrate` as the Helm chart's init container); a
 /// service that reads keys and starts beside it waits for them rather than racing it.
 pub async fn wait_for_schema(pool: &PgPool, wait: Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + wait;
     loop {
-        let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass('api_keys') IS NOT NULL")
+        let (exists,): (bool,) = sqlx::query_as(
+            "SELECT to_regclass('api_keys') IS NOT NULL AND to_regclass('stream_token_secret') IS NOT NULL",
+        )
             .fetch_one(pool)
             .await?;
         if exists {
@@ -219,7 +225,7 @@ pub async fn wait_for_schema(pool: &PgPool, wait: Duration) -> anyhow::Result<()
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "Postgres has no api_keys table: apply the migrations first (`sluice-results \
+            "Postgres lacks the api_keys or stream_token_secret table: apply the migrations first (`sluice-results \
              migrate`, or start sluice-results, which applies them)"
         );
         tracing::info!("waiting for the migrations (sluice-results applies them)");

@@ -80,6 +80,8 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
                 HeaderName::from_static("ratelimit"),
                 HeaderName::from_static("ratelimit-policy"),
                 HeaderName::from_static("idempotent-replayed"),
+                HeaderName::from_static("x-sluice-job-id"),
+                HeaderName::from_static("x-sluice-events-url"),
                 X_REQUEST_ID,
             ])
             .max_age(Duration::from_secs(3600)),

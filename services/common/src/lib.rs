@@ -7,5 +7,6 @@ pub mod cache;
 pub mod http;
 pub mod kafka;
 pub mod propagation;
+pub mod tokens;
 
 pub use sluice_runtime::{lifecycle, metrics, settings, shutdown, telemetry};

@@ -36,6 +36,9 @@ pub struct Config {
     #[command(flatten)]
     pub topics: TopicArgs,
 
+    #[command(flatten)]
+    pub stream_tokens: sluice_common::tokens::StreamTokenArgs,
+
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,

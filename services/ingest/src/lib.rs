@@ -45,6 +45,8 @@ pub struct AppState {
     pub submissions: Arc<Semaphore>,
     /// `None` when API keys are off.
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
+    /// Signs each job's stream token; `None` when API keys are off (anyone reads any job).
+    pub tokens: Option<sluice_common::tokens::StreamTokens>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
     pub cache: Arc<sluice_common::cache::ResponseCache>,
     /// Where the OpenAI routes wait for their jobs: the results service.
@@ -95,6 +97,14 @@ impl AppState {
         )
         .await?
         .map(Arc::new);
+        let tokens = match &keys {
+            Some(keys) => Some(
+                sluice_common::tokens::StreamTokens::load(&config.stream_tokens, keys.pool())
+                    .await
+                    .context("loading the stream token secret")?,
+            ),
+            None => None,
+        };
         let mut kafka = config.kafka.clone();
         // Why: a record the broker has not taken within the publish timeout is expired by
         // librdkafka too, so a client told 503 is not surprised by a late publish.
@@ -124,6 +134,7 @@ impl AppState {
             idempotency,
             submissions,
             keys,
+            tokens,
             cache,
         })
     }

@@ -407,6 +407,15 @@ async fn admit_and_publish(
         state.config.results_url.trim_end_matches('/'),
         event.job_id
     );
+    // With API keys on, the events URL carries the job's stream token: a backend can hand it to
+    // a browser, which reads this job and nothing else with it.
+    let events_url = match &state.tokens {
+        Some(tokens) => format!(
+            "{status_url}/events?token={}",
+            tokens.issue(event.job_id, Utc::now())
+        ),
+        None => format!("{status_url}/events"),
+    };
     let accepted = Accepted {
         job_id: event.job_id,
         status: if output.is_some() {
@@ -415,7 +424,7 @@ async fn admit_and_publish(
             JobStatus::Queued
         },
         deadline: event.deadline,
-        events_url: format!("{status_url}/events"),
+        events_url,
         status_url,
         output,
     };

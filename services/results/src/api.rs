@@ -4,11 +4,12 @@ use crate::AppState;
 use crate::state::Job;
 use axum::Json;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sluice_common::http::error_response;
+use sluice_common::tokens::TokenError;
 use sluice_schemas::JobId;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +18,10 @@ pub enum ApiError {
     InvalidJobId(String),
     #[error("no job with id {0}")]
     NotFound(JobId),
+    #[error("bad query: {0}")]
+    InvalidQuery(String),
     #[error(
-        "Last-Event-ID must be an event id this stream sent: `<seq>` or `<seq>.<answer bytes>`"
+        "Last-Event-ID must be an event id this stream sent: `<seq>`, `<seq>q<position>` or `<seq>.<answer bytes>`"
     )]
     InvalidLastEventId,
     #[error("job {job_id} already {status}; nothing to cancel")]
@@ -27,6 +30,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error(transparent)]
     Unauthorized(#[from] sluice_common::auth::AuthError),
+    #[error(transparent)]
+    Token(TokenError),
     #[error("internal error")]
     Database(#[from] sqlx::Error),
 }
@@ -34,11 +39,13 @@ pub enum ApiError {
 impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJobId(_) | ApiError::InvalidLastEventId => StatusCode::BAD_REQUEST,
+            ApiError::InvalidJobId(_)
+            | ApiError::InvalidLastEventId
+            | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::Token(_) => StatusCode::UNAUTHORIZED,
             ApiError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -46,11 +53,13 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidJobId(_) => "invalid_job_id",
+            ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::NotFound(_) => "job_not_found",
             ApiError::InvalidLastEventId => "invalid_last_event_id",
             ApiError::AlreadyFinished { .. } => "job_finished",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Token(error) => error.code(),
             ApiError::Database(_) => "internal",
         }
     }
@@ -84,6 +93,36 @@ pub(crate) async fn caller_user(
         Some(keys) => Ok(Some(keys.authenticate(headers).await?.user_id)),
         None => Ok(None),
     }
+}
+
+/// `?token=`: a job's stream token, for the two routes that read one job.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct TokenQuery {
+    #[serde(default)]
+    token: Option<String>,
+    /// For a client that cannot send `Last-Event-ID` (a new `EventSource` after the old one
+    /// gave up): the same, in the query. The header wins.
+    #[serde(default)]
+    pub(crate) last_event_id: Option<String>,
+}
+
+/// Who may read `job_id`: with the job's stream token, the bearer (whoever holds the job's
+/// `events_url`); otherwise as [`caller_user`]. `None`: no user filter.
+pub(crate) async fn job_reader(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+    job_id: JobId,
+) -> Result<Option<String>, ApiError> {
+    if let (Some(token), Some(tokens)) = (&query.token, &state.tokens) {
+        return match tokens.verify(token, job_id, chrono::Utc::now()) {
+            Ok(()) => Ok(None),
+            // A token for another job: to its bearer, this job is unknown.
+            Err(TokenError::OtherJob) => Err(ApiError::NotFound(job_id)),
+            Err(error) => Err(ApiError::Token(error)),
+        };
+    }
+    caller_user(state, headers).await
 }
 
 /// The job, if it exists and the caller may see it; another user's job is as unknown.
@@ -125,10 +164,25 @@ impl From<PathRejection> for ApiError {
 pub(crate) async fn get_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
+    Query(query): Query<TokenQuery>,
     headers: HeaderMap,
-) -> Result<Json<Job>, ApiError> {
-    let user = caller_user(&state, &headers).await?;
-    Ok(Json(visible_job(&state, job_id, user.as_deref()).await?))
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let user = job_reader(&state, &headers, &query, job_id).await?;
+    let mut job = visible_job(&state, job_id, user.as_deref()).await?;
+    if job.status == sluice_schemas::JobStatus::Queued {
+        job.queue = state.store.queue_position(job_id).await?;
+    }
+    let mut body = serde_json::to_value(&job).expect("a job serializes");
+    // The owner (by key) gets a URL to hand to a browser, with a fresh token.
+    if let (Some(tokens), None) = (&state.tokens, &query.token) {
+        let token = tokens.issue(job_id, chrono::Utc::now());
+        body["events_url"] = format!(
+            "{}/v1/jobs/{job_id}/events?token={token}",
+            state.results_url
+        )
+        .into();
+    }
+    Ok(Json(body))
 }
 
 /// `DELETE /v1/jobs/{id}`: asks the workers to stop the job. A job not started yet is skipped; a

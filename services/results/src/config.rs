@@ -18,6 +18,24 @@ pub struct Config {
     #[arg(long = "cors-origins", env = "SLUICE_CORS_ORIGINS", value_delimiter = ',', value_parser = sluice_common::http::parse_origin)]
     pub cors_origins: Vec<String>,
 
+    /// Ingest's URL as a browser reaches it, for the console page (which submits there; ingest
+    /// must allow this service's origin in its `SLUICE_CORS_ORIGINS`).
+    #[arg(
+        long,
+        env = "SLUICE_INGEST_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub ingest_url: String,
+
+    /// This service's URL as clients reach it: the base of the `events_url` a job's owner gets
+    /// from `GET /v1/jobs/{id}`.
+    #[arg(
+        long,
+        env = "SLUICE_RESULTS_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub results_url: String,
+
     /// Postgres connection URL.
     #[arg(
         long,
@@ -48,6 +66,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub topics: TopicArgs,
+
+    #[command(flatten)]
+    pub stream_tokens: sluice_common::tokens::StreamTokenArgs,
 
     /// Consumer group shared by all results replicas.
     #[arg(long, env = "SLUICE_RESULTS_GROUP", default_value = "sluice-results")]

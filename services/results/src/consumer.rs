@@ -81,6 +81,9 @@ impl EventLoop {
                     telemetry::adopt(&span, record.trace.context());
                     spans.push(span);
                     update.traceparent = record.trace.traceparent.clone();
+                    if record.topic == self.requests_topic {
+                        update.request_record = Some((record.partition, record.offset));
+                    }
                     updates.push(update);
                 }
                 // The worker dead-letters bad request events; here they are only skipped.

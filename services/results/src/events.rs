@@ -1,13 +1,14 @@
-//! `GET /v1/jobs/{id}/events`: the job's status changes, and the pieces of a streamed answer
-//! between `running` and the terminal status, as Server-Sent Events a browser's `EventSource`
-//! follows and resumes with `Last-Event-ID`.
+//! `GET /v1/jobs/{id}/events`: the job's status changes, its place in the queue while it waits,
+//! and the pieces of a streamed answer between `running` and the terminal status, as
+//! Server-Sent Events a browser's `EventSource` follows and resumes with `Last-Event-ID`.
 
 use crate::AppState;
-use crate::api::{ApiError, JobPath, caller_user};
+use crate::api::{ApiError, JobPath, TokenQuery, job_reader};
 use crate::deltas::Answer;
 use crate::notify::Wake;
+use crate::state::QueuePosition;
 use crate::store::JobEvent;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
@@ -19,65 +20,90 @@ use sluice_schemas::{JobId, JobStatus};
 use std::convert::Infallible;
 use std::sync::Arc;
 
-/// Where a reader stands: the last status change it has and how many bytes (UTF-8) of the
-/// streamed answer. It is every event's `id`: `<seq>`, or `<seq>.<bytes>` once part of the answer
-/// went out, so `Last-Event-ID` resumes mid-answer on any replica without a lost or repeated
-/// character.
+/// Where a reader stands: the last status change it has, how many bytes (UTF-8) of the
+/// streamed answer, and, while the job is queued, the last position it was told. It is every
+/// event's `id`: `<seq>`, `<seq>q<position>` while queued, or `<seq>.<bytes>` once part of the
+/// answer went out, so `Last-Event-ID` resumes on any replica without a repeated or lost event
+/// or character.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Position {
     seq: i64,
     answer_bytes: usize,
+    queue: Option<i64>,
 }
 
 impl Position {
+    const START: Self = Self {
+        seq: 0,
+        answer_bytes: 0,
+        queue: None,
+    };
+
     fn parse(text: &str) -> Option<Self> {
-        let (seq, bytes) = match text.trim().split_once('.') {
-            Some((seq, bytes)) => (seq, bytes.parse().ok()?),
-            None => (text.trim(), 0),
+        let text = text.trim();
+        let number = |text: &str| text.parse::<i64>().ok().filter(|value| *value >= 0);
+        let position = if let Some((seq, bytes)) = text.split_once('.') {
+            Self {
+                seq: number(seq)?,
+                answer_bytes: bytes.parse().ok()?,
+                queue: None,
+            }
+        } else if let Some((seq, queue)) = text.split_once('q') {
+            Self {
+                seq: number(seq)?,
+                answer_bytes: 0,
+                queue: Some(number(queue)?),
+            }
+        } else {
+            Self {
+                seq: number(text)?,
+                ..Self::START
+            }
         };
-        let seq = seq.parse::<i64>().ok().filter(|seq| *seq >= 0)?;
-        Some(Self {
-            seq,
-            answer_bytes: bytes,
-        })
+        Some(position)
     }
 
     fn id(self) -> String {
-        match self.answer_bytes {
-            0 => self.seq.to_string(),
-            bytes => format!("{}.{bytes}", self.seq),
+        match (self.answer_bytes, self.queue) {
+            (0, None) => self.seq.to_string(),
+            (0, Some(queue)) => format!("{}q{queue}", self.seq),
+            (bytes, _) => format!("{}.{bytes}", self.seq),
         }
     }
 }
+
+/// How often a queued job's position is looked at, at most.
+const QUEUE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What to push next.
 enum Push {
     Status(JobEvent),
     Delta(String),
+    Queue(QueuePosition),
 }
 
 /// One SSE event per recorded status change (`id` as [`Position`], `event` the status, `data`
-/// the job), and for a streamed job `delta` events (`data`: `{"job_id", "text"}`) with the
-/// answer's new text, after `running`; just before the terminal status, whatever of its output
+/// the job); while the job is queued, a `queue` event (`data`: `{"job_id", "position",
+/// "eta_ms"}`) whenever its position changed, looked at once a second at most; for a streamed
+/// job `delta` events (`data`: `{"job_id", "text"}`) with the answer's new text, after
+/// `running`; just before the terminal status, whatever of its output
 /// the deltas did not carry yet, so the deltas joined are the whole answer. Opened before the
 /// job exists, it waits for it; it ends after a terminal status.
 #[tracing::instrument(skip_all, fields(job_id = %job_id))]
 pub(crate) async fn job_events(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
+    Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let user = caller_user(&state, &headers).await?;
-    let resume_from = match headers.get("last-event-id") {
-        None => Position {
-            seq: 0,
-            answer_bytes: 0,
-        },
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(Position::parse)
-            .ok_or(ApiError::InvalidLastEventId)?,
+    let user = job_reader(&state, &headers, &query, job_id).await?;
+    let last_event_id = match headers.get("last-event-id") {
+        Some(value) => Some(value.to_str().map_err(|_| ApiError::InvalidLastEventId)?),
+        None => query.last_event_id.as_deref(),
+    };
+    let resume_from = match last_event_id {
+        None => Position::START,
+        Some(text) => Position::parse(text).ok_or(ApiError::InvalidLastEventId)?,
     };
     // Subscribed before the first read, so a change committed in between is not missed.
     let mut changes = state.changes.subscribe(job_id);
@@ -95,6 +121,9 @@ pub(crate) async fn job_events(
         let mut relaying = position.answer_bytes > 0;
         let mut restarts_seen: Option<u32> = None;
         let mut diverged = false;
+        // While the last status pushed is `queued`: when to look at the job's position next.
+        let mut queued = false;
+        let mut next_queue_check = tokio::time::Instant::now();
         // The job's trace, read once there is something to push.
         let mut trace: Option<TraceHeaders> = None;
         // The first read is always from Postgres: it holds what happened before subscribing.
@@ -103,7 +132,7 @@ pub(crate) async fn job_events(
             let written = match wake {
                 Wake::Changed => changes.written_after(position.seq),
                 Wake::Recheck => None,
-                Wake::Grown => Some(Vec::new()),
+                Wake::Grown | Wake::QueueTick => Some(Vec::new()),
             };
             let read = match written {
                 Some(events) => Ok(visible_to(events, user.as_deref())),
@@ -120,6 +149,7 @@ pub(crate) async fn job_events(
                             pushes.push(Push::Delta(rest));
                         }
                         relaying |= event.status == JobStatus::Running;
+                        queued = event.status == JobStatus::Queued;
                         pushes.push(Push::Status(event));
                     }
                 }
@@ -135,6 +165,14 @@ pub(crate) async fn job_events(
                     diverged = true;
                 }
             }
+            if queued && tokio::time::Instant::now() >= next_queue_check {
+                next_queue_check = tokio::time::Instant::now() + QUEUE_CHECK;
+                match store.queue_position(job_id).await {
+                    Ok(Some(queue)) if Some(queue.position) != position.queue => pushes.push(Push::Queue(queue)),
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(error = %error, "reading the queue position failed"),
+                }
+            }
             for push in pushes {
                 match push {
                     Push::Delta(text) => {
@@ -142,8 +180,14 @@ pub(crate) async fn job_events(
                         let data = json!({"job_id": job_id, "text": text});
                         yield Ok(Event::default().id(position.id()).event("delta").data(data.to_string()));
                     }
+                    Push::Queue(queue) => {
+                        position.queue = Some(queue.position);
+                        let data = json!({"job_id": job_id, "position": queue.position, "eta_ms": queue.eta_ms});
+                        yield Ok(Event::default().id(position.id()).event("queue").data(data.to_string()));
+                    }
                     Push::Status(event) => {
                         position.seq = event.seq;
+                        position.queue = None;
                         if trace.is_none() {
                             trace = Some(TraceHeaders::from_traceparent(store.traceparent(job_id).await.ok().flatten()));
                         }
@@ -165,6 +209,7 @@ pub(crate) async fn job_events(
             wake = tokio::select! {
                 _ = stopping.cancelled() => return,
                 Ok(()) = grown.changed(), if relaying => Wake::Grown,
+                _ = tokio::time::sleep_until(next_queue_check), if queued => Wake::QueueTick,
                 wake = changes.changed(recheck) => wake,
             };
         }
@@ -233,19 +278,25 @@ mod tests {
 
     #[test]
     fn a_position_is_the_event_id_and_reads_back() {
-        for (text, seq, bytes) in [("0", 0, 0), ("3", 3, 0), ("2.17", 2, 17), (" 4.0 ", 4, 0)] {
+        let at = |seq, answer_bytes, queue| Position {
+            seq,
+            answer_bytes,
+            queue,
+        };
+        for (text, expected) in [
+            ("0", at(0, 0, None)),
+            ("3", at(3, 0, None)),
+            ("2.17", at(2, 17, None)),
+            (" 4.0 ", at(4, 0, None)),
+            ("1q12", at(1, 0, Some(12))),
+            ("1q0", at(1, 0, Some(0))),
+        ] {
             let position = Position::parse(text).unwrap();
-            assert_eq!(
-                position,
-                Position {
-                    seq,
-                    answer_bytes: bytes
-                }
-            );
+            assert_eq!(position, expected, "{text:?}");
             assert_eq!(Position::parse(&position.id()), Some(position));
         }
         assert_eq!(Position::parse("2.17").unwrap().id(), "2.17");
-        for bad in ["", "-1", "x", "2.", "2.-3", "2.1.1"] {
+        for bad in ["", "-1", "x", "2.", "2.-3", "2.1.1", "1q", "1q-1", "q3"] {
             assert_eq!(Position::parse(bad), None, "{bad:?}");
         }
     }

@@ -4,9 +4,11 @@
 mod api;
 mod cancel;
 mod config;
+mod console;
 mod consumer;
 pub mod deltas;
 mod events;
+pub mod list;
 pub mod notify;
 pub mod state;
 pub mod store;
@@ -56,8 +58,14 @@ pub struct AppState {
     pub canceller: Canceller,
     /// `None` when API keys are off.
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
+    /// Checks jobs' stream tokens; `None` when API keys are off (anyone reads any job).
+    pub tokens: Option<sluice_common::tokens::StreamTokens>,
     /// Origins allowed to call from a browser (`SLUICE_CORS_ORIGINS`).
     pub cors_origins: Vec<String>,
+    /// Ingest as a browser reaches it, for the console.
+    pub ingest_url: String,
+    /// This service as clients reach it, for the `events_url`s it hands out.
+    pub results_url: String,
     /// Cancelled when the service stops: open SSE streams end then.
     pub stopping: CancellationToken,
 }
@@ -65,6 +73,9 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let cors = sluice_common::http::cors(&state.cors_origins);
     let api = Router::new()
+        .route("/", get(console::page))
+        .route("/console/config.json", get(console::config))
+        .route("/v1/jobs", get(list::list_jobs))
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::cancel_job))
         .route("/v1/jobs/{id}/events", get(events::job_events));
     let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
@@ -124,7 +135,16 @@ impl Application {
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
+        let tokens = match config.auth {
+            sluice_common::auth::AuthMode::ApiKeys => Some(
+                sluice_common::tokens::StreamTokens::load(&config.stream_tokens, store.pool())
+                    .await
+                    .context("loading the stream token secret")?,
+            ),
+            sluice_common::auth::AuthMode::Off => None,
+        };
         let state = AppState {
+            tokens,
             store: store.clone(),
             changes,
             answers: deltas::Answers::new(config.deltas_keep, config.deltas_max_jobs),
@@ -144,6 +164,8 @@ impl Application {
             },
             stopping: lifecycle.stop().clone(),
             cors_origins: config.cors_origins.clone(),
+            ingest_url: config.ingest_url.trim_end_matches('/').to_owned(),
+            results_url: config.results_url.trim_end_matches('/').to_owned(),
             canceller: Canceller {
                 producer: producer.clone(),
                 topic: config.topics.control.clone(),

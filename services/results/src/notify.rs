@@ -56,6 +56,8 @@ pub enum Wake {
     Recheck,
     /// The job's streamed answer grew (see `deltas`); its status did not change.
     Grown,
+    /// Time to look at a queued job's position again.
+    QueueTick,
 }
 
 impl JobChanges {

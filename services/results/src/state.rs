@@ -25,6 +25,8 @@ pub struct Update {
     pub finished_at: Option<DateTime<Utc>>,
     /// The W3C `traceparent` the event carried; kept with the job for its SSE spans.
     pub traceparent: Option<String>,
+    /// Where a request event was read (partition, offset): its place in the queue.
+    pub request_record: Option<(i32, i64)>,
 }
 
 impl Update {
@@ -56,6 +58,7 @@ impl From<RequestEvent> for Update {
             started_at: None,
             finished_at: None,
             traceparent: None,
+            request_record: None,
         }
     }
 }
@@ -77,6 +80,7 @@ impl From<StatusEvent> for Update {
             started_at: event.timings.started_at.map(micros),
             finished_at: event.timings.finished_at.map(micros),
             traceparent: None,
+            request_record: None,
         }
     }
 }
@@ -95,6 +99,18 @@ pub struct Job {
     pub error: Option<JobError>,
     pub worker_id: Option<String>,
     pub timings: JobTimings,
+    /// While queued, where the job stands (`GET` fills it in; stored changes never hold it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueuePosition>,
+}
+
+/// Where a queued job stands: the jobs that will start before it, and when it should start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePosition {
+    pub position: i64,
+    /// Milliseconds until it starts, at the rate its partition's jobs started lately; `None`
+    /// until a few have.
+    pub eta_ms: Option<i64>,
 }
 
 /// When the job reached each stage. Serialized with two derived figures: `queue_wait_ms`
@@ -151,6 +167,7 @@ impl Job {
                 started_at: None,
                 finished_at: None,
             },
+            queue: None,
         }
     }
 
@@ -216,6 +233,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             traceparent: None,
+            request_record: None,
         }
     }
 

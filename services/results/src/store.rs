@@ -1,6 +1,6 @@
 //! Postgres access: one transaction per batch of events, a few set-based statements each.
 
-use crate::state::{Job, JobTimings, Update};
+use crate::state::{Job, JobTimings, QueuePosition, Update};
 use chrono::{DateTime, Utc};
 use sluice_schemas::JobStatus;
 use sluice_schemas::{JobId, ModelName, UserId};
@@ -112,6 +112,59 @@ impl Store {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    /// Jobs as `filter` asks, newest first: one more than its limit, to tell whether a page
+    /// follows.
+    pub async fn jobs(&self, filter: &crate::list::JobFilter) -> sqlx::Result<Vec<Job>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE ($1::text IS NULL OR user_id = $1)
+               AND ($2::uuid IS NULL OR job_id < $2)
+               AND ($3::text IS NULL OR status = $3)
+               AND ($4::text IS NULL OR model = $4)
+             ORDER BY job_id DESC
+             LIMIT $5"
+        ))
+        .bind(filter.user_id.as_deref())
+        .bind(filter.after.as_ref().map(JobId::as_uuid))
+        .bind(filter.status.map(|status| status.as_str()))
+        .bind(filter.model.as_deref())
+        .bind(filter.limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Where a queued job stands: the queued jobs before it in its partition, and an ETA from
+    /// the rate at which the partition's last 20 jobs started. `None` once it is not queued.
+    pub async fn queue_position(&self, job_id: JobId) -> sqlx::Result<Option<QueuePosition>> {
+        let row: Option<(i64, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
+            "WITH me AS (
+                 SELECT request_partition AS partition, request_offset AS request_offset FROM jobs
+                 WHERE job_id = $1 AND status = 'queued' AND request_partition IS NOT NULL
+             ), recent AS (
+                 SELECT started_at FROM jobs, me
+                 WHERE jobs.request_partition = me.partition AND started_at IS NOT NULL
+                 ORDER BY started_at DESC LIMIT 20
+             )
+             SELECT
+                 (SELECT count(*) FROM jobs, me WHERE jobs.request_partition = me.partition
+                      AND jobs.request_offset < me.request_offset AND jobs.status = 'queued'),
+                 (SELECT count(*) FROM recent),
+                 (SELECT extract(epoch FROM max(started_at) - min(started_at))::float8 FROM recent),
+                 (SELECT extract(epoch FROM now() - max(started_at))::float8 FROM recent)
+             FROM me",
+        )
+        .bind(job_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(position, started, span_secs, since_last_secs)| QueuePosition {
+                position,
+                eta_ms: eta_ms(position, started, span_secs, since_last_secs),
+            },
+        ))
+    }
+
     /// The `traceparent` recorded with a job, for the spans of its SSE pushes.
     pub async fn traceparent(&self, job_id: JobId) -> sqlx::Result<Option<String>> {
         let row: Option<(Option<String>,)> =
@@ -154,6 +207,24 @@ impl Store {
     }
 }
 
+/// When a job `position` places from the front starts: one start interval (the partition's
+/// recent `started` jobs over `span_secs`) per job ahead and one for itself, less the time since
+/// the last start. `None` until at least three jobs have started there.
+fn eta_ms(
+    position: i64,
+    started: i64,
+    span_secs: Option<f64>,
+    since_last_secs: Option<f64>,
+) -> Option<i64> {
+    let span = span_secs.filter(|span| *span > 0.0)?;
+    if started < 3 {
+        return None;
+    }
+    let interval = span / (started - 1) as f64;
+    let wait = (position + 1) as f64 * interval - since_last_secs.unwrap_or(0.0).min(interval);
+    Some((wait.max(0.0) * 1000.0).round() as i64)
+}
+
 const JOB_COLUMNS: &str = "job_id, user_id, model, status, attempt, seq, output, error, worker_id, \
      submitted_at, deadline, queued_at, started_at, finished_at";
 
@@ -193,6 +264,7 @@ fn job_from_row(row: &PgRow) -> sqlx::Result<Job> {
             started_at: row.try_get("started_at")?,
             finished_at: row.try_get("finished_at")?,
         },
+        queue: None,
     })
 }
 
@@ -211,18 +283,29 @@ async fn insert_placeholders(
         .values()
         .map(|updates| updates.iter().find_map(|update| update.traceparent.clone()))
         .collect();
+    let request_records: Vec<Option<(i32, i64)>> = by_job
+        .values()
+        .map(|updates| updates.iter().find_map(|update| update.request_record))
+        .collect();
+    // Why DO UPDATE: a status event may have made the row before its request event came; the
+    // request's place in its partition is filled in then, once.
     sqlx::query(
-        "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at, traceparent)
-         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
-             AS p(job_id, user_id, model, queued_at, traceparent)
-         ON CONFLICT (job_id) DO NOTHING",
+        "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at, traceparent,
+                           request_partition, request_offset)
+         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent, request_partition, request_offset
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int[], $7::bigint[])
+             AS p(job_id, user_id, model, queued_at, traceparent, request_partition, request_offset)
+         ON CONFLICT (job_id) DO UPDATE
+             SET request_partition = EXCLUDED.request_partition, request_offset = EXCLUDED.request_offset
+             WHERE jobs.request_partition IS NULL AND EXCLUDED.request_partition IS NOT NULL",
     )
     .bind(placeholders.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.user_id.as_str()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.model.as_str()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.timings.queued_at).collect::<Vec<_>>())
     .bind(traceparents)
+    .bind(request_records.iter().map(|record| record.map(|(partition, _)| partition)).collect::<Vec<_>>())
+    .bind(request_records.iter().map(|record| record.map(|(_, offset)| offset)).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
     Ok(())
@@ -328,6 +411,15 @@ mod tests {
                 job: serde_json::Value::Null,
             }],
         }
+    }
+
+    #[test]
+    fn an_eta_is_one_start_interval_per_job_ahead_and_one_for_itself() {
+        // 11 starts over 5 s: one every 0.5 s; the last 0.2 s ago.
+        assert_eq!(eta_ms(3, 11, Some(5.0), Some(0.2)), Some(1800));
+        assert_eq!(eta_ms(0, 11, Some(5.0), Some(2.0)), Some(0), "overdue");
+        assert_eq!(eta_ms(3, 2, Some(5.0), Some(0.2)), None, "too few starts");
+        assert_eq!(eta_ms(3, 11, None, None), None);
     }
 
     #[test]

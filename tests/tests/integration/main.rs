@@ -3,9 +3,11 @@
 //! Postgres and kill processes, each hold the machine alone (`sluice_tests::exclusive_stage`);
 //! every test with a database waits for them.
 
+mod access;
 mod admission;
 mod auth;
 mod bench;
+mod browser;
 mod cache;
 mod cancel;
 mod embedding;
@@ -14,6 +16,7 @@ mod faults;
 mod ingest;
 mod openai;
 mod pipeline;
+mod queue;
 mod results;
 mod streaming;
 mod telemetry;

@@ -33,6 +33,7 @@ fn update(job_id: JobId, status: JobStatus, attempt: i32) -> Update {
         started_at: None,
         finished_at: None,
         traceparent: None,
+        request_record: None,
     }
 }
 
@@ -87,8 +88,11 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
             topic: topics.control,
         },
         keys: None,
+        tokens: None,
         stopping: CancellationToken::new(),
         cors_origins: vec![ALLOWED_ORIGIN.to_owned()],
+        ingest_url: "http://127.0.0.1:8080".into(),
+        results_url: "http://127.0.0.1:8081".into(),
     }
 }
 

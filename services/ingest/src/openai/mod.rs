@@ -32,6 +32,7 @@ use wait::CancelOnDrop;
 use wire::{ChatRequest, EmbeddingsRequest, JobView};
 
 const JOB_ID_HEADER: &str = "x-sluice-job-id";
+const EVENTS_URL_HEADER: &str = "x-sluice-events-url";
 
 /// `GET /v1/models`: the models `SLUICE_OPENAI_MODELS` names.
 pub(crate) async fn models(
@@ -51,6 +52,8 @@ pub(crate) async fn models(
 /// A job accepted for an OpenAI request, and what waiting for it needs.
 struct Admitted {
     job_id: JobId,
+    /// The job's `events_url` (with its stream token when keys are on).
+    events_url: String,
     model: String,
     deadline: DateTime<Utc>,
     /// Answered at submit time from the shared cache.
@@ -113,6 +116,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
     };
     Ok(Admitted {
         job_id: accepted.job_id,
+        events_url: accepted.events_url,
         model,
         deadline: accepted.deadline,
         output: accepted.output,
@@ -170,10 +174,18 @@ async fn finished(
 
 fn with_job_headers(mut response: Response, admitted: &Admitted) -> Response {
     response.headers_mut().extend(admitted.headers.clone());
-    if let Ok(value) = HeaderValue::from_str(&admitted.job_id.to_string()) {
-        response.headers_mut().insert(JOB_ID_HEADER, value);
-    }
+    job_headers(response.headers_mut(), admitted);
     response
+}
+
+/// `X-Sluice-Job-Id`, and `X-Sluice-Events-Url` for following the job from a browser.
+fn job_headers(headers: &mut HeaderMap, admitted: &Admitted) {
+    if let Ok(value) = HeaderValue::from_str(&admitted.job_id.to_string()) {
+        headers.insert(JOB_ID_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&admitted.events_url) {
+        headers.insert(EVENTS_URL_HEADER, value);
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -240,6 +252,8 @@ fn stream_chat(
 ) -> Response {
     let job_id = admitted.job_id;
     let model = admitted.model.clone();
+    let mut answer_headers = HeaderMap::new();
+    job_headers(&mut answer_headers, &admitted);
     let events = async_stream::stream! {
         let data = |value: &Value| Ok::<_, Infallible>(Event::default().data(value.to_string()));
         let chunk = |delta: Value, finish_reason: Option<&str>| {
@@ -312,9 +326,7 @@ fn stream_chat(
     let mut response = Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response();
-    if let Ok(value) = HeaderValue::from_str(&job_id.to_string()) {
-        response.headers_mut().insert(JOB_ID_HEADER, value);
-    }
+    response.headers_mut().extend(answer_headers);
     response
 }
 
