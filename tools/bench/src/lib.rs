@@ -50,7 +50,8 @@ pub struct Config {
     /// How long to submit, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration_secs: f64,
-    /// How long an accepted job may take to reach a terminal status before it counts as lost.
+    /// The jobs' deadline (`timeout_ms`); an accepted job with no terminal status a minute after
+    /// it counts as lost.
     #[arg(long, default_value_t = 60.0)]
     pub timeout_secs: f64,
     /// Model name sent with every job.
@@ -231,7 +232,9 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     let Some(events_url) = answer["events_url"].as_str() else {
         return reject(tally, "no events_url".into());
     };
-    let deadline = Duration::from_secs_f64(config.timeout_secs);
+    // The job's deadline is `timeout_secs`; a job still queued then ends `expired` when a worker
+    // reaches it, which under a backlog is later. Lost is no terminal status even a minute after.
+    let deadline = Duration::from_secs_f64(config.timeout_secs) + LATE_GRACE;
     match tokio::time::timeout(
         deadline,
         follow(http, events_url, config.api_key.as_deref()),
@@ -295,6 +298,9 @@ fn reject(tally: &Tally, reason: String) {
         .or_default() += 1;
     tally.finished.fetch_add(1, Ordering::Relaxed);
 }
+
+/// How long after its deadline an accepted job may still report its terminal status.
+const LATE_GRACE: Duration = Duration::from_secs(60);
 
 const TERMINAL: [&str; 4] = ["succeeded", "failed", "expired", "cancelled"];
 
