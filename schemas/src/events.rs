@@ -229,6 +229,9 @@ pub struct StatusEvent {
     #[serde(default)]
     pub worker_id: Option<String>,
     pub emitted_at: DateTime<Utc>,
+    /// The job's webhook, copied from its request, so the webhooks service needs only this topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::Webhook>,
 }
 
 impl StatusEvent {
@@ -275,6 +278,7 @@ impl StatusEvent {
             },
             worker_id: None,
             emitted_at: request.submitted_at,
+            webhook: request.webhook.clone(),
         }
     }
 }

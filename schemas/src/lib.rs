@@ -7,6 +7,7 @@ mod delta;
 mod domain;
 mod events;
 mod request;
+mod webhook;
 
 pub use delta::DeltaEvent;
 pub use domain::{
@@ -18,6 +19,7 @@ pub use events::{
     Timings, Usage, decode_json,
 };
 pub use request::{RequestEvent, Task};
+pub use webhook::{MAX_WEBHOOK_URL_LEN, Webhook};
 
 /// Record header names used on every Sluice topic.
 pub mod headers {

@@ -7,6 +7,7 @@ use crate::domain::{
     deserialize_input,
 };
 use crate::events::{DecodeError, check_version, decode_json};
+use crate::webhook::Webhook;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,8 @@ pub struct RequestEvent {
     /// Stream a chat answer: the worker publishes its pieces as delta events while the model
     /// generates. Absent on the wire means `false`.
     pub stream: bool,
+    /// Where the job's status changes are delivered as signed webhooks, if anywhere.
+    pub webhook: Option<Webhook>,
 }
 
 /// What a job asks of its model.
@@ -71,6 +74,10 @@ impl RequestEvent {
         if self.deadline < self.submitted_at {
             return Err(FieldError::new("deadline", "must not be before submitted_at").into());
         }
+        // http:// is a deployment's choice (ingest's setting); the contract accepts both.
+        if let Some(webhook) = &self.webhook {
+            webhook.check(true)?;
+        }
         Ok(())
     }
 
@@ -106,6 +113,8 @@ struct WireRequest {
     cache: Option<bool>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    webhook: Option<Webhook>,
 }
 
 impl TryFrom<WireRequest> for RequestEvent {
@@ -134,6 +143,7 @@ impl TryFrom<WireRequest> for RequestEvent {
             deadline: wire.deadline,
             cache: wire.cache.unwrap_or(true),
             stream: wire.stream,
+            webhook: wire.webhook,
         };
         event.validate()?;
         Ok(event)
@@ -158,6 +168,8 @@ struct WireRequestRef<'a> {
     cache: Option<bool>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<&'a Webhook>,
 }
 
 impl Serialize for RequestEvent {
@@ -179,6 +191,7 @@ impl Serialize for RequestEvent {
             // Only the exception is written; absent means "use the cache".
             cache: (!self.cache).then_some(false),
             stream: self.stream,
+            webhook: self.webhook.as_ref(),
         }
         .serialize(serializer)
     }

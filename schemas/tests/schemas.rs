@@ -48,6 +48,7 @@ fn sample_request() -> RequestEvent {
         deadline: now + chrono::Duration::seconds(30),
         cache: true,
         stream: false,
+        webhook: None,
     }
 }
 

@@ -48,6 +48,10 @@ pub struct SubmitBody {
     /// events stream between `running` and the terminal status.
     #[serde(default)]
     pub stream: bool,
+    /// Where the job's status changes are delivered as signed webhooks:
+    /// `{"url": "https://...", "events": ["succeeded", ...]}` (default: the terminal statuses).
+    #[serde(default)]
+    pub webhook: Option<sluice_schemas::Webhook>,
     /// Set by a front door that must know the job's id before it is published (to listen for
     /// its deltas first); otherwise a new one.
     #[serde(skip)]
@@ -123,6 +127,7 @@ pub fn to_request_event(
         deadline,
         cache: body.cache.unwrap_or(true),
         stream: body.stream,
+        webhook: body.webhook,
     };
     // The rules every consumer applies (message count, empty content, ...): ingest never
     // publishes what a worker would dead-letter.

@@ -72,9 +72,6 @@ impl Position {
     }
 }
 
-/// How often a queued job's position is looked at, at most.
-const QUEUE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// What to push next.
 enum Push {
     Status(JobEvent),
@@ -84,7 +81,7 @@ enum Push {
 
 /// One SSE event per recorded status change (`id` as [`Position`], `event` the status, `data`
 /// the job); while the job is queued, a `queue` event (`data`: `{"job_id", "position",
-/// "eta_ms"}`) whenever its position changed, looked at once a second at most; for a streamed
+/// "eta_ms"}`) whenever its position changed (computed once a second: `queue.rs`); for a streamed
 /// job `delta` events (`data`: `{"job_id", "text"}`) with the answer's new text, after
 /// `running`; just before the terminal status, whatever of its output
 /// the deltas did not carry yet, so the deltas joined are the whole answer. Opened before the
@@ -111,6 +108,7 @@ pub(crate) async fn job_events(
     let store = state.store.clone();
     let recheck = state.sse_recheck;
     let stopping = state.stopping.clone();
+    let queue_watch = state.queue.clone();
     let stream = async_stream::stream! {
         let _open = GaugeGuard::new(metrics::gauge!("sluice_sse_connections"));
         let mut position = resume_from;
@@ -121,9 +119,10 @@ pub(crate) async fn job_events(
         let mut relaying = position.answer_bytes > 0;
         let mut restarts_seen: Option<u32> = None;
         let mut diverged = false;
-        // While the last status pushed is `queued`: when to look at the job's position next.
+        // While the last status pushed is `queued`, the job's position as this replica's
+        // queue watch computes it.
         let mut queued = false;
-        let mut next_queue_check = tokio::time::Instant::now();
+        let mut positions = queue_watch.subscribe(job_id);
         // The job's trace, read once there is something to push.
         let mut trace: Option<TraceHeaders> = None;
         // The first read is always from Postgres: it holds what happened before subscribing.
@@ -165,13 +164,10 @@ pub(crate) async fn job_events(
                     diverged = true;
                 }
             }
-            if queued && tokio::time::Instant::now() >= next_queue_check {
-                next_queue_check = tokio::time::Instant::now() + QUEUE_CHECK;
-                match store.queue_position(job_id).await {
-                    Ok(Some(queue)) if Some(queue.position) != position.queue => pushes.push(Push::Queue(queue)),
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(error = %error, "reading the queue position failed"),
-                }
+            if queued && let Some(queue) = *positions.receiver.borrow_and_update()
+                && Some(queue.position) != position.queue
+            {
+                pushes.push(Push::Queue(queue));
             }
             for push in pushes {
                 match push {
@@ -209,7 +205,7 @@ pub(crate) async fn job_events(
             wake = tokio::select! {
                 _ = stopping.cancelled() => return,
                 Ok(()) = grown.changed(), if relaying => Wake::Grown,
-                _ = tokio::time::sleep_until(next_queue_check), if queued => Wake::QueueTick,
+                Ok(()) = positions.receiver.changed(), if queued => Wake::QueueTick,
                 wake = changes.changed(recheck) => wake,
             };
         }

@@ -10,6 +10,7 @@ pub mod deltas;
 mod events;
 pub mod list;
 pub mod notify;
+pub mod queue;
 pub mod state;
 pub mod store;
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub changes: notify::JobChanges,
     /// Streamed answers so far, from the deltas topic.
     pub answers: deltas::Answers,
+    /// Queue positions of the queued jobs this replica's streams watch.
+    pub queue: queue::QueueWatch,
     pub keepalive: Duration,
     /// How often an open SSE stream re-reads its job without a notification (a safety net
     /// for notifications lost while the listener reconnects).
@@ -148,6 +151,7 @@ impl Application {
             store: store.clone(),
             changes,
             answers: deltas::Answers::new(config.deltas_keep, config.deltas_max_jobs),
+            queue: queue::QueueWatch::default(),
             keepalive: config.sse_keepalive,
             sse_recheck: config.sse_recheck,
             consumer: source.health(),
@@ -206,6 +210,17 @@ impl Application {
             let (changes, stop) = (self.state.changes.clone(), stop.clone());
             async move {
                 notify::listen(pool, changes, stop).await;
+                Ok(())
+            }
+        });
+        lifecycle.spawn("queue positions", {
+            let (store, queue, stop) = (
+                self.state.store.clone(),
+                self.state.queue.clone(),
+                stop.clone(),
+            );
+            async move {
+                queue::run(store, queue, stop).await;
                 Ok(())
             }
         });

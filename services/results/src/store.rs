@@ -165,6 +165,52 @@ impl Store {
         ))
     }
 
+    /// The positions of those of `job_ids` that are queued, in one query: every queued job
+    /// ranked by offset within its partition, and each partition's recent start rate.
+    pub async fn queue_positions(
+        &self,
+        job_ids: &[JobId],
+    ) -> sqlx::Result<std::collections::HashMap<JobId, QueuePosition>> {
+        let ids: Vec<Uuid> = job_ids.iter().map(JobId::as_uuid).collect();
+        let rows: Vec<(Uuid, i64, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
+            "WITH ranked AS (
+                 SELECT job_id, request_partition,
+                        row_number() OVER (PARTITION BY request_partition ORDER BY request_offset) - 1 AS position
+                 FROM jobs WHERE status = 'queued' AND request_partition IS NOT NULL
+             ), wanted AS (
+                 SELECT * FROM ranked WHERE job_id = ANY($1)
+             ), partitions AS (
+                 SELECT DISTINCT request_partition FROM wanted
+             ), rates AS (
+                 SELECT p.request_partition, count(*) AS started,
+                        extract(epoch FROM max(r.started_at) - min(r.started_at))::float8 AS span,
+                        extract(epoch FROM now() - max(r.started_at))::float8 AS since_last
+                 FROM partitions p CROSS JOIN LATERAL (
+                     SELECT started_at FROM jobs
+                     WHERE jobs.request_partition = p.request_partition AND started_at IS NOT NULL
+                     ORDER BY started_at DESC LIMIT 20
+                 ) r
+                 GROUP BY p.request_partition
+             )
+             SELECT w.job_id, w.position, coalesce(r.started, 0), r.span, r.since_last
+             FROM wanted w LEFT JOIN rates r USING (request_partition)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(job_id, position, started, span, since_last)| {
+                let job_id =
+                    JobId::try_from(job_id).map_err(|error| decode_error(error.to_string()))?;
+                let queue = QueuePosition {
+                    position,
+                    eta_ms: eta_ms(position, started, span, since_last),
+                };
+                Ok((job_id, queue))
+            })
+            .collect()
+    }
+
     /// The `traceparent` recorded with a job, for the spans of its SSE pushes.
     pub async fn traceparent(&self, job_id: JobId) -> sqlx::Result<Option<String>> {
         let row: Option<(Option<String>,)> =

@@ -88,5 +88,6 @@ fn request_event(user: &str, content: &str) -> RequestEvent {
         deadline: now + chrono::Duration::minutes(5),
         cache: true,
         stream: false,
+        webhook: None,
     }
 }

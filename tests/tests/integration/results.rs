@@ -77,6 +77,7 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
         store: Store::new(database.pool.clone()),
         changes: sluice_results::notify::JobChanges::default(),
         answers: sluice_results::deltas::Answers::new(Duration::from_secs(60), 100),
+        queue: sluice_results::queue::QueueWatch::default(),
         keepalive: Duration::from_millis(200),
         sse_recheck: recheck,
         consumer: health,

@@ -102,6 +102,7 @@ pub(crate) fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
         deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
         cache: true,
         stream: false,
+        webhook: None,
     }
 }
 

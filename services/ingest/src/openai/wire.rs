@@ -80,6 +80,7 @@ impl ChatRequest {
             timeout_ms,
             cache: None,
             stream: self.stream,
+            webhook: None,
             job_id: None,
         })
     }
@@ -207,6 +208,7 @@ impl EmbeddingsRequest {
             timeout_ms,
             cache: None,
             stream: false,
+            webhook: None,
             job_id: None,
         })
     }
