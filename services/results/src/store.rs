@@ -172,7 +172,7 @@ impl Store {
         job_ids: &[JobId],
     ) -> sqlx::Result<std::collections::HashMap<JobId, QueuePosition>> {
         let ids: Vec<Uuid> = job_ids.iter().map(JobId::as_uuid).collect();
-        let rows: Vec<(Uuid, i64, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
+        let rows: Vec<PositionRow> = sqlx::query_as(
             "WITH ranked AS (
                  SELECT job_id, request_partition,
                         row_number() OVER (PARTITION BY request_partition ORDER BY request_offset) - 1 AS position
@@ -252,6 +252,10 @@ impl Store {
             .collect()
     }
 }
+
+/// A queued job's rank in its partition, and the partition's recent starts: how many, over how
+/// long, and how long since the latest.
+type PositionRow = (Uuid, i64, i64, Option<f64>, Option<f64>);
 
 /// When a job `position` places from the front starts: one start interval (the partition's
 /// recent `started` jobs over `span_secs`) per job ahead and one for itself, less the time since
