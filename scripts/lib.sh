@@ -254,7 +254,7 @@ start_redis() { # [port]
 # Helm v4 as a library (helm-python-sdk: lint and render, no cluster), kubernetes-validate
 # (manifests against Kubernetes' own schemas) and the official OpenAI SDK (the tests drive the
 # OpenAI routes with it).
-CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 openai==3.51.0"
+CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 openai==3.51.0 standardwebhooks==1.1.0"
 ensure_checkers() {
   local venv="$SLUICE_TOOLS_DIR/venv"
   if [ ! -x "$venv/bin/python" ]; then

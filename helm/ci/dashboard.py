@@ -43,6 +43,9 @@ ts("Results writes: transaction p99 (s) and events per batch",[(q("sluice_result
 row("In-process embedding model",y); y+=1
 ts("Forward pass time (p50, p99)",[(q("sluice_embedding_forward_seconds",0.5),"p50"),(q("sluice_embedding_forward_seconds",0.99),"p99")],"s",0,y)
 ts("Texts per forward pass (dynamic batching)",[('sum(rate(sluice_embedding_batch_texts_sum%s[5m])) / sum(rate(sluice_embedding_batch_texts_count%s[5m]))'%(sel(),sel()),"mean batch"),('sum(rate(sluice_embedding_batch_texts_sum%s[5m]))'%sel(),"texts/s")],"short",12,y); y+=8
+row("Webhooks",y); y+=1
+ts("Webhook deliveries and attempts by outcome",[('sum by (outcome) (rate(sluice_webhook_deliveries_total%s[5m]))'%sel(),"delivery {{outcome}}"),('sum by (outcome) (rate(sluice_webhook_attempts_total%s[5m]))'%sel(),"attempt {{outcome}}"),('sum(rate(sluice_webhook_enqueued_total%s[5m]))'%sel(),"enqueued")],"ops",0,y)
+ts("Webhook delay (terminal status to delivery) and queue depth",[(q("sluice_webhook_delivery_delay_seconds",0.5),"delay p50 (s)"),(q("sluice_webhook_delivery_delay_seconds",0.99),"delay p99 (s)"),('max(sluice_webhook_queue_depth%s)'%sel(),"pending deliveries")],"short",12,y); y+=8
 dash={
  "title":"Sluice","uid":"sluice-overview","schemaVersion":39,"version":1,"editable":True,
  "tags":["sluice","inference","kafka"],"time":{"from":"now-1h","to":"now"},"refresh":"30s",

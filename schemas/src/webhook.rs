@@ -26,6 +26,14 @@ fn terminal_statuses() -> Vec<JobStatus> {
 }
 
 impl Webhook {
+    /// A webhook for the terminal statuses.
+    pub fn terminal(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            events: terminal_statuses(),
+        }
+    }
+
     /// The rules every reader applies (`allow_http`: whether `http://` is accepted, a
     /// deployment's choice; the event schema accepts both).
     pub fn check(&self, allow_http: bool) -> Result<(), FieldError> {

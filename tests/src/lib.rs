@@ -8,5 +8,5 @@ pub mod process;
 pub mod sse;
 
 pub use infra::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
-pub use pipeline::{Pipeline, PipelineOptions};
+pub use pipeline::{Pipeline, PipelineOptions, TEST_WEBHOOK_KEY, test_webhooks};
 pub use sse::{SseEvent, read_sse, read_sse_until};

@@ -34,6 +34,28 @@ pub struct PipelineOptions {
     pub embedding_model_dir: Option<std::path::PathBuf>,
     /// Ingest's `SLUICE_OPENAI_MODELS`.
     pub openai_models: Vec<String>,
+    /// Runs the webhooks service too, with these settings (its database, broker and topics
+    /// filled in); ingest then accepts `http://` and private webhook URLs unless `webhook_guard`.
+    pub webhooks: Option<sluice_webhooks::Config>,
+    /// The private-network guard on, in ingest and the webhooks service.
+    pub webhook_guard: bool,
+}
+
+/// The key webhook secrets are sealed with in tests.
+pub const TEST_WEBHOOK_KEY: &str = "c2x1aWNlLXRlc3Qtd2ViaG9vay1zZWFsaW5nLWtleSE=";
+
+/// Webhooks settings for tests: short retries, quick polling, no private-network guard.
+pub fn test_webhooks() -> sluice_webhooks::Config {
+    let mut config = sluice_webhooks::Config::defaults_with_key(TEST_WEBHOOK_KEY);
+    config.retry_schedule_ms = vec![100, 200, 400, 800, 1600];
+    // The schedule once, no more: a first attempt and five retries over 3.1 s.
+    config.retry_horizon = Duration::from_millis(3_100);
+    config.poll = Duration::from_millis(20);
+    config.timeout = Duration::from_secs(10);
+    config.allow_private_networks = true;
+    config.breaker_cooldown = Duration::from_millis(500);
+    config.drain_timeout = Duration::from_secs(5);
+    config
 }
 
 impl Default for PipelineOptions {
@@ -53,6 +75,8 @@ impl Default for PipelineOptions {
             model_base_url: None,
             embedding_model_dir: None,
             openai_models: Vec::new(),
+            webhooks: None,
+            webhook_guard: false,
         }
     }
 }
@@ -147,7 +171,20 @@ impl Pipeline {
         // Ingest's address, chosen now: the console that results serves submits there.
         let ingest_addr = format!("127.0.0.1:{}", crate::process::free_port());
         results_config.ingest_url = format!("http://{ingest_addr}");
+        results_config.webhook_secret_key = Some(TEST_WEBHOOK_KEY.to_owned().into());
         let (results, results_url) = RunningResults::start(results_config, &shutdown).await;
+        if let Some(mut config) = options.webhooks.clone() {
+            config.addr = "127.0.0.1:0".into();
+            config.database_url = database.url.clone().into();
+            config.kafka = kafka.clone();
+            config.topics = topics.args();
+            config.group_id = format!("{}-webhooks", topics.requests);
+            config.allow_private_networks = !options.webhook_guard;
+            let webhooks = sluice_webhooks::Application::build(config)
+                .await
+                .expect("building the webhooks service");
+            tasks.push(tokio::spawn(webhooks.run_until_stopped(shutdown.clone())));
+        }
 
         let redis_prefix = format!("{}:", topics.requests);
         let redis_url = options.redis.then(|| {
@@ -178,6 +215,8 @@ impl Pipeline {
         ingest_config.database_url = database.url.clone().into();
         ingest_config.key_cache_ttl = Duration::from_secs(1);
         ingest_config.openai_models = options.openai_models.clone();
+        ingest_config.webhook_allow_http = true;
+        ingest_config.webhook_allow_private_networks = !options.webhook_guard;
         ingest_config.redis_url = redis_url.clone().map(Into::into);
         ingest_config.redis_prefix = redis_prefix.clone();
         // Pipeline tests are about the pipeline, not admission control: limits out of the way.

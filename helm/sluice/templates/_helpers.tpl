@@ -160,3 +160,14 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* The key webhook signing secrets are sealed with: an existing Secret's, or the chart's. */}}
+{{- define "sluice.webhookKeyEnv" -}}
+{{- if .Values.webhooks.enabled }}
+- name: SLUICE_WEBHOOK_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.webhooks.existingSecret | default (include "sluice.secretName" .) }}
+      key: {{ if .Values.webhooks.existingSecret }}{{ .Values.webhooks.existingSecretKey }}{{ else }}webhook-secret-key{{ end }}
+{{- end }}
+{{- end -}}

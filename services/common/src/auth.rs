@@ -209,24 +209,32 @@ pub async fn revoke_key(pool: &PgPool, key_id: &str) -> sqlx::Result<bool> {
 /// How long a service waits at start-up for the migrations, which `sluice-results` owns.
 const SCHEMA_WAIT: Duration = Duration::from_secs(60);
 
-/// Waits until the tables it reads exist (`api_keys`, `stream_token_secret`). The migrations have one owner, `sluice-results`
-/// (at its start-up, or `sluice-results migrate` as the Helm chart's init container); a
-/// service that reads keys and starts beside it waits for them rather than racing it.
+/// Waits until the tables it reads exist (`api_keys`, `stream_token_secret`). The migrations
+/// have one owner, `sluice-results` (at its start-up, or `sluice-results migrate` as the Helm
+/// chart's init container); a service that reads keys and starts beside it waits for them
+/// rather than racing it.
 pub async fn wait_for_schema(pool: &PgPool, wait: Duration) -> anyhow::Result<()> {
+    wait_for_tables(pool, &["api_keys", "stream_token_secret"], wait).await
+}
+
+/// Waits until every one of `tables` exists, for at most `wait`.
+pub async fn wait_for_tables(pool: &PgPool, tables: &[&str], wait: Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + wait;
+    let names: Vec<String> = tables.iter().map(|table| (*table).to_owned()).collect();
     loop {
-        let (exists,): (bool,) = sqlx::query_as(
-            "SELECT to_regclass('api_keys') IS NOT NULL AND to_regclass('stream_token_secret') IS NOT NULL",
+        let (missing,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM unnest($1::text[]) AS t(name) WHERE to_regclass(t.name) IS NULL",
         )
-            .fetch_one(pool)
-            .await?;
-        if exists {
+        .bind(&names)
+        .fetch_one(pool)
+        .await?;
+        if missing == 0 {
             return Ok(());
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "Postgres lacks the api_keys or stream_token_secret table: apply the migrations first (`sluice-results \
-             migrate`, or start sluice-results, which applies them)"
+            "Postgres lacks some of the tables {tables:?}: apply the migrations first \
+             (`sluice-results migrate`, or start sluice-results, which applies them)"
         );
         tracing::info!("waiting for the migrations (sluice-results applies them)");
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -8,5 +8,6 @@ pub mod http;
 pub mod kafka;
 pub mod propagation;
 pub mod tokens;
+pub mod webhooks;
 
 pub use sluice_runtime::{lifecycle, metrics, settings, shutdown, telemetry};

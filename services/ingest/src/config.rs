@@ -39,6 +39,15 @@ pub struct Config {
     #[command(flatten)]
     pub stream_tokens: sluice_common::tokens::StreamTokenArgs,
 
+    /// Accept `http://` webhook URLs, not only `https://`.
+    #[arg(long, env = "SLUICE_WEBHOOK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_http: bool,
+
+    /// Accept webhook URLs whose host is a loopback, private or link-local address. For
+    /// development and tests only (`scripts/run` sets it); the webhooks service has its own.
+    #[arg(long, env = "SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private_networks: bool,
+
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,

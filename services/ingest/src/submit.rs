@@ -138,6 +138,34 @@ pub fn to_request_event(
     Ok(event)
 }
 
+/// This deployment's rules for a webhook URL, besides the contract's: `https://` unless
+/// `SLUICE_WEBHOOK_ALLOW_HTTP`, and no literal internal address unless
+/// `SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS` (a name is checked where it is resolved, at delivery).
+fn check_webhook(
+    webhook: &sluice_schemas::Webhook,
+    config: &crate::Config,
+) -> Result<(), FieldError> {
+    webhook.check(config.webhook_allow_http)?;
+    if config.webhook_allow_private_networks {
+        return Ok(());
+    }
+    let host = url::Url::parse(&webhook.url)
+        .ok()
+        .and_then(|url| url.host().map(|host| host.to_owned()));
+    let ip: Option<std::net::IpAddr> = match host {
+        Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+        Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+        _ => None,
+    };
+    if let Some(reason) = ip.and_then(sluice_common::webhooks::guard::forbidden) {
+        return Err(FieldError::new(
+            "webhook.url",
+            format!("is {reason}; webhooks go to public addresses only"),
+        ));
+    }
+    Ok(())
+}
+
 /// A JSON body of type `T`, with its bytes: the content type, the size limit and the JSON
 /// checked, a wrong field named by its path.
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
@@ -319,6 +347,9 @@ pub(crate) async fn accept(
     };
     // The one conversion: from here on the job is a validated event, nothing is re-checked.
     let event = to_request_event(body, UserId::parse(given)?, limits, Utc::now())?;
+    if let Some(webhook) = &event.webhook {
+        check_webhook(webhook, &state.config)?;
+    }
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
     let user_id = &event.user_id;
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);

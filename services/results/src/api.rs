@@ -26,8 +26,12 @@ pub enum ApiError {
     InvalidLastEventId,
     #[error("job {job_id} already {status}; nothing to cancel")]
     AlreadyFinished { job_id: JobId, status: &'static str },
-    #[error("cannot reach the broker to cancel: {0}")]
+    #[error("{0}")]
     Unavailable(String),
+    #[error("webhooks are off here: SLUICE_WEBHOOK_SECRET_KEY is not set")]
+    WebhooksOff,
+    #[error("the job has no webhook delivery {0}")]
+    NoDelivery(i64),
     #[error(transparent)]
     Unauthorized(#[from] sluice_common::auth::AuthError),
     #[error(transparent)]
@@ -42,7 +46,8 @@ impl ApiError {
             ApiError::InvalidJobId(_)
             | ApiError::InvalidLastEventId
             | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NoDelivery(_) => StatusCode::NOT_FOUND,
+            ApiError::WebhooksOff => StatusCode::NOT_IMPLEMENTED,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) | ApiError::Token(_) => StatusCode::UNAUTHORIZED,
@@ -55,6 +60,8 @@ impl ApiError {
             ApiError::InvalidJobId(_) => "invalid_job_id",
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::NotFound(_) => "job_not_found",
+            ApiError::NoDelivery(_) => "delivery_not_found",
+            ApiError::WebhooksOff => "webhooks_off",
             ApiError::InvalidLastEventId => "invalid_last_event_id",
             ApiError::AlreadyFinished { .. } => "job_finished",
             ApiError::Unavailable(_) => "unavailable",
@@ -104,6 +111,10 @@ pub(crate) struct TokenQuery {
     /// gave up): the same, in the query. The header wins.
     #[serde(default)]
     pub(crate) last_event_id: Option<String>,
+    /// Status changes only: no `queue` or `delta` events (for a follower that needs the end only,
+    /// such as ingest's OpenAI routes, which relay pieces from the deltas topic themselves).
+    #[serde(default)]
+    pub(crate) status_only: bool,
 }
 
 /// Who may read `job_id`: with the job's stream token, the bearer (whoever holds the job's
@@ -202,11 +213,9 @@ pub(crate) async fn cancel_job(
             status: job.status.as_str(),
         });
     }
-    state
-        .canceller
-        .publish(&job)
-        .await
-        .map_err(ApiError::Unavailable)?;
+    state.canceller.publish(&job).await.map_err(|error| {
+        ApiError::Unavailable(format!("cannot reach the broker to cancel: {error}"))
+    })?;
     let body = serde_json::json!({"job_id": job_id, "status": "cancelling"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

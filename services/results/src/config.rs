@@ -36,6 +36,11 @@ pub struct Config {
     )]
     pub results_url: String,
 
+    /// The key users' webhook signing secrets are sealed with (32 bytes, base64), as the
+    /// webhooks service has it. Unset: the secret routes answer `501 webhooks_off`.
+    #[arg(long, env = "SLUICE_WEBHOOK_SECRET_KEY", hide_env_values = true)]
+    pub webhook_secret_key: Option<SecretString>,
+
     /// Postgres connection URL.
     #[arg(
         long,

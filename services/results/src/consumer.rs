@@ -10,7 +10,6 @@ use sluice_common::kafka::{self, KafkaSource, Received, Record};
 use sluice_common::telemetry;
 use sluice_schemas::{RequestEvent, StatusEvent};
 use std::collections::HashSet;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) struct EventLoop {
@@ -124,38 +123,29 @@ impl EventLoop {
 
     /// Retries until the write commits: Postgres restarts and deadlocks are waited out.
     async fn write(&self, updates: &[Update], give_up: &CancellationToken) -> bool {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = std::time::Instant::now();
-            match self.store.apply(updates).await {
-                Ok(recorded) => {
-                    for job in &recorded {
-                        self.changes.written(job);
-                    }
-                    let changed: Vec<sluice_schemas::JobId> =
-                        recorded.iter().map(|job| job.job_id).collect();
-                    metrics::histogram!("sluice_results_write_duration_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!("sluice_results_batch_events").record(updates.len() as f64);
-                    record_end_to_end(updates, &changed);
-                    tracing::debug!(
-                        events = updates.len(),
-                        changed = changed.len(),
-                        elapsed_us = started.elapsed().as_micros() as u64,
-                        "batch written"
-                    );
-                    return true;
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "writing a batch failed")
-                }
-            }
-            tokio::select! {
-                _ = give_up.cancelled() => return false,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+        let started = std::time::Instant::now();
+        let written = sluice_common::shutdown::retry_until_done("writing a batch", give_up, || {
+            self.store.apply(updates)
+        })
+        .await;
+        let Some(recorded) = written else {
+            return false;
+        };
+        for job in &recorded {
+            self.changes.written(job);
         }
+        let changed: Vec<sluice_schemas::JobId> = recorded.iter().map(|job| job.job_id).collect();
+        metrics::histogram!("sluice_results_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_results_batch_events").record(updates.len() as f64);
+        record_end_to_end(updates, &changed);
+        tracing::debug!(
+            events = updates.len(),
+            changed = changed.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "batch written"
+        );
+        true
     }
 }
 

@@ -109,6 +109,7 @@ pub(crate) async fn job_events(
     let recheck = state.sse_recheck;
     let stopping = state.stopping.clone();
     let queue_watch = state.queue.clone();
+    let status_only = query.status_only;
     let stream = async_stream::stream! {
         let _open = GaugeGuard::new(metrics::gauge!("sluice_sse_connections"));
         let mut position = resume_from;
@@ -116,7 +117,7 @@ pub(crate) async fn job_events(
         let mut grown = answer.watch();
         // Pieces go out once the reader has seen `running` (a resumed reader with part of the
         // answer has), and stop if the answer starts over under them.
-        let mut relaying = position.answer_bytes > 0;
+        let mut relaying = position.answer_bytes > 0 && !status_only;
         let mut restarts_seen: Option<u32> = None;
         let mut diverged = false;
         // While the last status pushed is `queued`, the job's position as this replica's
@@ -143,12 +144,13 @@ pub(crate) async fn job_events(
                     for event in events {
                         if event.status.is_terminal()
                             && !diverged
+                            && !status_only
                             && let Some(rest) = rest_of_answer(&event, &answer, position.answer_bytes)
                         {
                             pushes.push(Push::Delta(rest));
                         }
-                        relaying |= event.status == JobStatus::Running;
-                        queued = event.status == JobStatus::Queued;
+                        relaying |= event.status == JobStatus::Running && !status_only;
+                        queued = event.status == JobStatus::Queued && !status_only;
                         pushes.push(Push::Status(event));
                     }
                 }

@@ -13,6 +13,7 @@ pub mod notify;
 pub mod queue;
 pub mod state;
 pub mod store;
+mod webhooks;
 
 pub use api::ApiError;
 pub use cancel::Canceller;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub ingest_url: String,
     /// This service as clients reach it, for the `events_url`s it hands out.
     pub results_url: String,
+    /// Seals users' webhook signing secrets; `None` without `SLUICE_WEBHOOK_SECRET_KEY`.
+    pub webhook_key: Option<sluice_common::webhooks::secrets::SealingKey>,
     /// Cancelled when the service stops: open SSE streams end then.
     pub stopping: CancellationToken,
 }
@@ -80,7 +83,17 @@ pub fn router(state: AppState) -> Router {
         .route("/console/config.json", get(console::config))
         .route("/v1/jobs", get(list::list_jobs))
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::cancel_job))
-        .route("/v1/jobs/{id}/events", get(events::job_events));
+        .route("/v1/jobs/{id}/events", get(events::job_events))
+        .route("/v1/jobs/{id}/webhooks", get(webhooks::deliveries))
+        .route(
+            "/v1/jobs/{id}/webhooks/{delivery}/redeliver",
+            axum::routing::post(webhooks::redeliver),
+        )
+        .route("/v1/webhooks/secret", get(webhooks::secret))
+        .route(
+            "/v1/webhooks/secret/rotate",
+            axum::routing::post(webhooks::rotate),
+        );
     let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
@@ -170,6 +183,11 @@ impl Application {
             cors_origins: config.cors_origins.clone(),
             ingest_url: config.ingest_url.trim_end_matches('/').to_owned(),
             results_url: config.results_url.trim_end_matches('/').to_owned(),
+            webhook_key: config
+                .webhook_secret_key
+                .as_ref()
+                .map(sluice_common::webhooks::secrets::SealingKey::from_base64)
+                .transpose()?,
             canceller: Canceller {
                 producer: producer.clone(),
                 topic: config.topics.control.clone(),

@@ -110,6 +110,26 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "Server-Sent Event streams open now",
     ),
     (
+        "sluice_webhook_enqueued_total",
+        "Webhook deliveries enqueued from status events (webhooks)",
+    ),
+    (
+        "sluice_webhook_attempts_total",
+        "Webhook delivery attempts, by outcome (delivered, error, gone, refused)",
+    ),
+    (
+        "sluice_webhook_deliveries_total",
+        "Webhook deliveries that ended, by outcome (delivered, failed, stopped)",
+    ),
+    (
+        "sluice_webhook_delivery_delay_seconds",
+        "The job reaching a status until its webhook was delivered",
+    ),
+    (
+        "sluice_webhook_queue_depth",
+        "Webhook deliveries pending (sampled every 5 s)",
+    ),
+    (
         "sluice_embedding_batch_texts",
         "Texts per forward pass of the in-process embedding model",
     ),

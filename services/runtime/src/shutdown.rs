@@ -66,3 +66,32 @@ pub async fn retry_until_stopped<F, Fut, E>(
         }
     }
 }
+
+/// Runs `attempt` until it succeeds, waiting 50 ms after the first failure and twice as long
+/// after each next one (at most 5 s), logging each; `None` if `give_up` comes first. For writes
+/// on the at-least-once path, which must not be skipped: a database restart is waited out.
+pub async fn retry_until_done<T, F, Fut, E>(
+    what: &str,
+    give_up: &CancellationToken,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        match attempt().await {
+            Ok(done) => return Some(done),
+            Err(error) => {
+                tracing::warn!(error = %error, what, retry_in_ms = backoff.as_millis() as u64, "failed; retrying")
+            }
+        }
+        tokio::select! {
+            _ = give_up.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}

@@ -20,4 +20,5 @@ mod queue;
 mod results;
 mod streaming;
 mod telemetry;
+mod webhooks;
 mod worker;

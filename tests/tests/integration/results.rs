@@ -94,6 +94,7 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
         cors_origins: vec![ALLOWED_ORIGIN.to_owned()],
         ingest_url: "http://127.0.0.1:8080".into(),
         results_url: "http://127.0.0.1:8081".into(),
+        webhook_key: None,
     }
 }
 

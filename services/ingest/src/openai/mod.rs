@@ -92,6 +92,13 @@ async fn admit<T: serde::de::DeserializeOwned>(
         })
         .transpose()?;
     let mut job = to_job(request, timeout_ms)?;
+    // OpenAI's bodies have no place for it: a header asks for the terminal status as a webhook.
+    if let Some(value) = headers.get("x-sluice-webhook") {
+        let url = value
+            .to_str()
+            .map_err(|_| sluice_schemas::FieldError::new("X-Sluice-Webhook", "must be a URL"))?;
+        job.webhook = Some(sluice_schemas::Webhook::terminal(url.trim()));
+    }
     // With a key, the key's user owns the job; OpenAI's `user` is the caller's own end user
     // (it still reaches the backend in the params).
     if caller.is_some() {

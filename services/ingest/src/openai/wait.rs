@@ -46,7 +46,11 @@ impl JobFollower {
     }
 
     async fn follow(&self, job_id: JobId, auth: Option<&HeaderValue>) -> Result<JobView, String> {
-        let url = format!("{}/v1/jobs/{job_id}/events", self.results_url);
+        // Only the status changes: the pieces come from the deltas topic, here, directly.
+        let url = format!(
+            "{}/v1/jobs/{job_id}/events?status_only=true",
+            self.results_url
+        );
         let mut last_event_id: Option<String> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
