@@ -146,8 +146,9 @@ impl Scheduler {
 
     /// Leases up to `limit` due deliveries for one attempt each.
     async fn lease(&self, limit: usize) -> sqlx::Result<Vec<Due>> {
-        // The lease outlives the request's timeout: the row is not taken twice while in flight.
-        let lease = self.timeout + Duration::from_secs(30);
+        // The lease outlives the request's timeout (twice over, and 5 s): the row is not taken
+        // twice while in flight, and a replica that died holding it delays it this long at most.
+        let lease = self.timeout * 2 + Duration::from_secs(5);
         sqlx::query_as(
             "UPDATE webhook_deliveries d SET leased_until = now() + $2 * interval '1 millisecond'
              FROM (SELECT delivery_id FROM webhook_deliveries

@@ -464,3 +464,102 @@ async fn the_guard_refuses_internal_addresses_at_submit_and_at_delivery() {
     assert_eq!(row["attempts"], 1, "a refusal is not retried");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhooks_service_killed_mid_delivery_loses_nothing() {
+    // The pipeline in process; the webhooks service as a process, to be SIGKILLed.
+    let pipeline = Pipeline::start(PipelineOptions::default()).await;
+    // 100 ms a request, four at a time: about 40 deliveries a second, so the kill lands mid-way.
+    let (receiver, url) = Receiver::start("127.0.0.1:0", Duration::from_millis(100)).await;
+    let topics = &pipeline.topics;
+    let process_env = || -> HashMap<String, String> {
+        let port = sluice_tests::process::free_port();
+        [
+            ("SLUICE_WEBHOOKS_ADDR", format!("127.0.0.1:{port}")),
+            ("DATABASE_URL", pipeline.database.url.clone()),
+            ("KAFKA_BROKERS", pipeline.kafka.brokers.clone()),
+            ("SLUICE_REQUESTS_TOPIC", topics.requests.clone()),
+            ("SLUICE_STATUS_TOPIC", topics.status.clone()),
+            ("SLUICE_REQUESTS_DLQ_TOPIC", topics.requests_dlq.clone()),
+            ("SLUICE_STATUS_DLQ_TOPIC", topics.status_dlq.clone()),
+            ("SLUICE_CONTROL_TOPIC", topics.control.clone()),
+            ("SLUICE_DELTAS_TOPIC", topics.deltas.clone()),
+            (
+                "SLUICE_WEBHOOKS_GROUP",
+                format!("{}-webhooks", topics.requests),
+            ),
+            (
+                "SLUICE_WEBHOOK_SECRET_KEY",
+                sluice_tests::TEST_WEBHOOK_KEY.to_owned(),
+            ),
+            ("SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
+            ("SLUICE_WEBHOOK_RETRY_SCHEDULE_MS", "100,200,400".to_owned()),
+            ("SLUICE_WEBHOOK_POLL_MS", "20".to_owned()),
+            // Leases of 2 x 2 s + 5 s: what the killed one held is free again within 9 s.
+            ("SLUICE_WEBHOOK_TIMEOUT_MS", "2000".to_owned()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+    };
+    let first = sluice_tests::process::ServiceProcess::spawn(
+        "sluice-webhooks",
+        "webhooks-first",
+        &process_env(),
+    );
+    let mut jobs = HashSet::new();
+    for index in 0..300 {
+        jobs.insert(
+            submit(
+                &pipeline,
+                &format!("kill-user-{}", index % 10),
+                &format!("job {index}"),
+                json!({"url": url}),
+            )
+            .await,
+        );
+    }
+    wait_until("a third delivered", Duration::from_secs(60), || async {
+        (receiver.got().len() >= 100).then_some(())
+    })
+    .await;
+    let at_kill = receiver.got().len();
+    first.kill().await;
+    let second = sluice_tests::process::ServiceProcess::spawn(
+        "sluice-webhooks",
+        "webhooks-second",
+        &process_env(),
+    );
+    let delivered_jobs = |got: &[Received]| -> HashSet<String> {
+        got.iter()
+            .map(|received| {
+                let body: Value = serde_json::from_str(&received.body).unwrap();
+                body["data"]["job_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let got = wait_until(
+        "every job's event delivered after the kill",
+        Duration::from_secs(120),
+        || async {
+            let got = receiver.got();
+            (delivered_jobs(&got) == jobs).then_some(got)
+        },
+    )
+    .await;
+    let duplicates = got.len() - jobs.len();
+    println!(
+        "killed after {at_kill} deliveries; 300 events delivered, {duplicates} of them twice (at least once)"
+    );
+    let (delivered,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+            .fetch_one(&pipeline.database.pool)
+            .await
+            .unwrap();
+    assert_eq!(delivered, 300);
+    assert!(
+        second.terminate(Duration::from_secs(20)).await,
+        "a clean stop after the restart"
+    );
+    pipeline.stop().await;
+}
