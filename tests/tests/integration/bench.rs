@@ -13,6 +13,7 @@ fn config(pipeline: &Pipeline) -> sluice_bench::Config {
         timeout_secs: 30.0,
         model: "sim".into(),
         api_key: None,
+        webhook_url: None,
         json: None,
         progress: false,
     }

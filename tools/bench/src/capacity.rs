@@ -119,7 +119,7 @@ pub struct Overload {
     pub step: Step,
 }
 
-fn bench_config(target: &Target, model: &str, secs: f64) -> Config {
+pub(crate) fn bench_config(target: &Target, model: &str, secs: f64) -> Config {
     Config {
         ingest: target.ingest.clone(),
         rate: None,
@@ -129,13 +129,14 @@ fn bench_config(target: &Target, model: &str, secs: f64) -> Config {
         timeout_secs: 60.0,
         model: model.into(),
         api_key: None,
+        webhook_url: None,
         json: None,
         progress: false,
     }
 }
 
 /// Runs one load and judges it.
-async fn step(target: &Target, config: Config) -> anyhow::Result<Step> {
+pub(crate) async fn step(target: &Target, config: Config) -> anyhow::Result<Step> {
     let rate = config.rate.unwrap_or_default();
     let submit_secs = config.duration_secs;
     let mut sampler = Sampler::start(&target.watched);

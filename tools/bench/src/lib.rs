@@ -9,6 +9,7 @@ mod plot;
 mod procfs;
 mod report;
 pub mod streaming;
+pub mod webhooks;
 
 pub use hop::{HopProbe, HopReport};
 pub use markdown::ReportArgs;
@@ -60,6 +61,9 @@ pub struct Config {
     /// API key (`Authorization: Bearer`), when ingest has keys on; the key decides the user.
     #[arg(long, env = "SLUICE_BENCH_API_KEY")]
     pub api_key: Option<String>,
+    /// Every job asks for its terminal status as a webhook to this URL.
+    #[arg(long)]
+    pub webhook_url: Option<String>,
     /// Write the report as JSON here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -195,6 +199,9 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
         "messages": [{"role": "user", "content": format!("bench job {index} at {:?}", Instant::now())}],
         "timeout_ms": (config.timeout_secs * 1000.0) as u64,
     });
+    if let Some(url) = &config.webhook_url {
+        body["webhook"] = serde_json::json!({"url": url});
+    }
     // With an API key the key decides the user; without, the jobs are spread over `users`.
     if config.api_key.is_none() {
         body["user_id"] = format!("bench-user-{}", index % config.users).into();

@@ -243,6 +243,13 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     text.push('\n');
     usage_rows(&mut text, &overload.step);
 
+    let webhooks_file = args.dir.join("webhooks.json");
+    if webhooks_file.exists() {
+        let run: crate::webhooks::WebhooksRun = read_json(&webhooks_file)?;
+        text.push('\n');
+        text.push_str(&crate::webhooks::markdown(&run, &sweep.half_rate));
+    }
+
     let mut streaming: Vec<Streaming> = Vec::new();
     for entry in std::fs::read_dir(&args.dir)? {
         let path = entry?.path();

@@ -16,6 +16,8 @@ enum Command {
     Overload(capacity::OverloadArgs),
     /// Streamed answers through Sluice against the model's own stream.
     Streaming(sluice_bench::streaming::StreamingArgs),
+    /// Half the sustainable rate with a webhook on every job, to a receiver here.
+    Webhooks(sluice_bench::webhooks::WebhooksArgs),
     /// Write BENCHMARKS.md and the plot from the phases' JSON.
     Report(sluice_bench::ReportArgs),
 }
@@ -45,6 +47,15 @@ async fn main() -> anyhow::Result<()> {
             capacity::write_json(&args.out, &streaming)?;
             let failed = streaming.low.through_sluice.failed + streaming.half.through_sluice.failed;
             anyhow::ensure!(failed == 0, "{failed} streamed calls through Sluice failed");
+        }
+        Command::Webhooks(args) => {
+            let run = sluice_bench::webhooks::run(&args).await?;
+            capacity::write_json(&args.out, &run)?;
+            anyhow::ensure!(
+                run.step.report.lost == 0,
+                "{} accepted jobs were lost",
+                run.step.report.lost
+            );
         }
         Command::Report(args) => sluice_bench::markdown::write(&args)?,
     }
