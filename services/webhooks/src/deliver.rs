@@ -1,15 +1,18 @@
 //! The delivery scheduler: due deliveries are leased from Postgres by any replica (`FOR UPDATE
 //! SKIP LOCKED`, then a lease, so no lock is held during the call and a replica that dies
 //! mid-delivery only delays it until the lease ends), sent signed, and their outcome recorded.
-//! Each host has its own slots and breaker, so a slow or dead receiver holds only its own.
+//! Each host has its own slots and breaker, so a slow or dead receiver holds only its own;
+//! deliveries leased for a host whose slots are taken wait in its queue (their lease covers the
+//! wait) and take a slot as it frees, rather than going back to the table and being leased again.
 
 use crate::signer::Signer;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -57,14 +60,28 @@ pub(crate) struct Scheduler {
     pub(crate) breaker_cooldown: Duration,
     pub(crate) allow_private_networks: bool,
     hosts: Mutex<HashMap<String, Host>>,
+    /// Woken when a delivery ends, so that more are leased at once.
+    finished: Notify,
 }
 
-/// One receiving host: its deliveries in flight, and its breaker.
+/// One receiving host: its deliveries in flight, those leased and waiting for a slot, and its
+/// breaker.
 #[derive(Debug, Default)]
 struct Host {
     in_flight: usize,
+    waiting: VecDeque<(Due, OwnedSemaphorePermit)>,
     failures_in_a_row: u32,
     open_until: Option<Instant>,
+}
+
+/// What became of a leased delivery offered to its host.
+enum Admitted {
+    /// A slot is free: send it now.
+    Go(Due, OwnedSemaphorePermit),
+    /// Queued behind the host's deliveries in flight (its lease covers the wait).
+    Waiting,
+    /// The host's breaker is open, or its queue is full: give it back, due after this.
+    Open(Due, Duration),
 }
 
 impl Scheduler {
@@ -94,6 +111,7 @@ impl Scheduler {
             breaker_cooldown: breaker.1,
             allow_private_networks,
             hosts: Mutex::new(HashMap::new()),
+            finished: Notify::new(),
         }
     }
 
@@ -104,12 +122,14 @@ impl Scheduler {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = self.finished.notified() => {}
                 _ = tokio::time::sleep(self.poll) => {}
             }
             if depth_sampled.elapsed() >= Duration::from_secs(5) {
                 depth_sampled = Instant::now();
                 self.sample_depth().await;
             }
+            // Every slot taken, whether sending or waiting for its host: lease no more.
             let free = self.concurrency.available_permits();
             if free == 0 {
                 continue;
@@ -126,22 +146,37 @@ impl Scheduler {
                     self.release(&delivery, Duration::ZERO).await;
                     continue;
                 };
-                if let Err(wait) = self.enter_host(&delivery.host) {
-                    self.release(&delivery, wait).await;
-                    continue;
+                match self.admit(delivery, permit) {
+                    Admitted::Go(delivery, permit) => {
+                        let scheduler = self.clone();
+                        tracker.spawn(async move {
+                            scheduler.send_while_waiting(delivery, permit).await
+                        });
+                    }
+                    Admitted::Waiting => {}
+                    Admitted::Open(delivery, wait) => self.release(&delivery, wait).await,
                 }
-                let scheduler = self.clone();
-                tracker.spawn(async move {
-                    let attempted = scheduler.attempt(&delivery).await;
-                    scheduler.leave_host(&delivery.host, &attempted);
-                    scheduler.record(&delivery, &attempted).await;
-                    drop(permit);
-                });
             }
         }
         tracker.close();
         tracker.wait().await;
         Ok(())
+    }
+
+    /// Sends `delivery`, then, on the same slot, the next one waiting for its host, if any.
+    async fn send_while_waiting(&self, delivery: Due, permit: OwnedSemaphorePermit) {
+        let mut next = Some((delivery, permit));
+        while let Some((delivery, permit)) = next.take() {
+            let attempted = self.attempt(&delivery).await;
+            self.record(&delivery, &attempted).await;
+            drop(permit);
+            let (following, give_back) = self.leave_host(&delivery.host, &attempted);
+            for (waiting, _) in give_back {
+                self.release(&waiting, self.breaker_cooldown).await;
+            }
+            next = following;
+            self.finished.notify_one();
+        }
     }
 
     /// Leases up to `limit` due deliveries for one attempt each.
@@ -181,27 +216,43 @@ impl Scheduler {
         }
     }
 
-    /// A slot toward `host`, or how long until one may be free (its breaker's cool-down).
-    fn enter_host(&self, host: &str) -> Result<(), Duration> {
+    /// Offers a leased delivery to its host: a slot now, a place in its queue, or back.
+    fn admit(&self, delivery: Due, permit: OwnedSemaphorePermit) -> Admitted {
         let mut hosts = self.hosts.lock().expect("hosts");
-        let state = hosts.entry(host.to_owned()).or_default();
+        let state = hosts.entry(delivery.host.clone()).or_default();
         if let Some(until) = state.open_until {
             let now = Instant::now();
             if now < until {
-                return Err(until - now);
+                return Admitted::Open(delivery, until - now);
             }
         }
         if state.in_flight >= self.per_host {
-            return Err(Duration::from_millis(250));
+            // At most as many waiting as sending: a slow host holds no more than twice its
+            // slots of the scheduler's, and a waiting delivery's lease outlasts its wait.
+            if state.waiting.len() >= self.per_host {
+                return Admitted::Open(delivery, Duration::from_millis(250));
+            }
+            state.waiting.push_back((delivery, permit));
+            return Admitted::Waiting;
         }
         state.in_flight += 1;
-        Ok(())
+        Admitted::Go(delivery, permit)
     }
 
-    fn leave_host(&self, host: &str, attempted: &Attempted) {
+    /// An attempt to `host` ended: the breaker learns from it, and the slot goes to the next
+    /// delivery waiting for the host (returned first). If the breaker opened, the waiting ones
+    /// are handed back (second) to be given back to the table.
+    #[allow(clippy::type_complexity)] // Why: two small lists, named where they are used.
+    fn leave_host(
+        &self,
+        host: &str,
+        attempted: &Attempted,
+    ) -> (
+        Option<(Due, OwnedSemaphorePermit)>,
+        Vec<(Due, OwnedSemaphorePermit)>,
+    ) {
         let mut hosts = self.hosts.lock().expect("hosts");
         let state = hosts.entry(host.to_owned()).or_default();
-        state.in_flight = state.in_flight.saturating_sub(1);
         match attempted {
             Attempted::Delivered(_) | Attempted::Gone => {
                 state.failures_in_a_row = 0;
@@ -214,6 +265,18 @@ impl Scheduler {
                 }
             }
             Attempted::Refused(_) => {}
+        }
+        if state.open_until.is_some_and(|until| Instant::now() < until) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+            return (None, state.waiting.drain(..).collect());
+        }
+        match state.waiting.pop_front() {
+            // The slot passes on: in flight stays as it is.
+            Some(next) => (Some(next), Vec::new()),
+            None => {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                (None, Vec::new())
+            }
         }
     }
 
