@@ -181,7 +181,11 @@ pub(crate) async fn get_job(
     let user = job_reader(&state, &headers, &query, job_id).await?;
     let mut job = visible_job(&state, job_id, user.as_deref()).await?;
     if job.status == sluice_schemas::JobStatus::Queued {
-        job.queue = state.store.queue_position(job_id).await?;
+        job.queue = state
+            .store
+            .queue_positions(&[job_id])
+            .await?
+            .remove(&job_id);
     }
     let mut body = serde_json::to_value(&job).expect("a job serializes");
     // The owner (by key) gets a URL to hand to a browser, with a fresh token.

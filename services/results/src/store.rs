@@ -134,37 +134,6 @@ impl Store {
         rows.iter().map(job_from_row).collect()
     }
 
-    /// Where a queued job stands: the queued jobs before it in its partition, and an ETA from
-    /// the rate at which the partition's last 20 jobs started. `None` once it is not queued.
-    pub async fn queue_position(&self, job_id: JobId) -> sqlx::Result<Option<QueuePosition>> {
-        let row: Option<(i64, i64, Option<f64>, Option<f64>)> = sqlx::query_as(
-            "WITH me AS (
-                 SELECT request_partition AS partition, request_offset AS request_offset FROM jobs
-                 WHERE job_id = $1 AND status = 'queued' AND request_partition IS NOT NULL
-             ), recent AS (
-                 SELECT started_at FROM jobs, me
-                 WHERE jobs.request_partition = me.partition AND started_at IS NOT NULL
-                 ORDER BY started_at DESC LIMIT 20
-             )
-             SELECT
-                 (SELECT count(*) FROM jobs, me WHERE jobs.request_partition = me.partition
-                      AND jobs.request_offset < me.request_offset AND jobs.status = 'queued'),
-                 (SELECT count(*) FROM recent),
-                 (SELECT extract(epoch FROM max(started_at) - min(started_at))::float8 FROM recent),
-                 (SELECT extract(epoch FROM now() - max(started_at))::float8 FROM recent)
-             FROM me",
-        )
-        .bind(job_id.as_uuid())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(
-            |(position, started, span_secs, since_last_secs)| QueuePosition {
-                position,
-                eta_ms: eta_ms(position, started, span_secs, since_last_secs),
-            },
-        ))
-    }
-
     /// The positions of those of `job_ids` that are queued, in one query: every queued job
     /// ranked by offset within its partition, and each partition's recent start rate.
     pub async fn queue_positions(

@@ -20,5 +20,6 @@ mod queue;
 mod results;
 mod streaming;
 mod telemetry;
+mod webhook_faults;
 mod webhooks;
 mod worker;

@@ -1,0 +1,213 @@
+//! Webhooks under faults: a slow receiver beside a fast one, the private-network guard, and the
+//! webhooks service SIGKILLed in the middle of its deliveries.
+
+use crate::webhooks::{Received, Receiver, deliveries, options, submit};
+use serde_json::{Value, json};
+use sluice_tests::{Pipeline, PipelineOptions, wait_until};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_receiver_does_not_delay_deliveries_to_another_host() {
+    let pipeline = Pipeline::start(options()).await;
+    // Two hosts: 127.0.0.1 answers after 5 s, 127.0.0.2 at once.
+    let (slow, slow_url) = Receiver::start("127.0.0.1:0", Duration::from_secs(5)).await;
+    let (fast, fast_url) = Receiver::start("127.0.0.2:0", Duration::ZERO).await;
+    for index in 0..20 {
+        submit(
+            &pipeline,
+            "busy",
+            &format!("slow {index}"),
+            json!({"url": slow_url}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    for index in 0..5 {
+        submit(
+            &pipeline,
+            "quick",
+            &format!("fast {index}"),
+            json!({"url": fast_url}),
+        )
+        .await;
+    }
+    let got = wait_until("the fast host's five", Duration::from_secs(30), || async {
+        let got = fast.got();
+        (got.len() >= 5).then_some(got)
+    })
+    .await;
+    let took = got
+        .iter()
+        .map(|received| received.at.duration_since(started))
+        .max()
+        .unwrap();
+    println!(
+        "fast host: 5 deliveries within {took:?}; slow host so far: {}",
+        slow.got().len()
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        slow.got().len() < 20,
+        "the slow host is still being worked through"
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_guard_refuses_internal_addresses_at_submit_and_at_delivery() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        webhook_guard: true,
+        ..options()
+    })
+    .await;
+    for url in [
+        "https://127.0.0.1/",
+        "https://[::ffff:127.0.0.1]/",
+        "https://169.254.169.254/latest/meta-data",
+    ] {
+        let response = pipeline
+            .http
+            .post(format!("{}/v1/jobs", pipeline.ingest_url))
+            .json(&json!({"user_id": "u", "model": "sim", "webhook": {"url": url}, "messages": [{"role": "user", "content": "x"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{url}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_field");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("webhook.url"),
+            "{body}"
+        );
+    }
+    // A name that resolves to loopback passes the submit check and is refused where it resolves.
+    let job = submit(
+        &pipeline,
+        "u",
+        "by name",
+        json!({"url": "http://localhost:9/hooks"}),
+    )
+    .await;
+    let row = wait_until(
+        "the delivery to be refused",
+        Duration::from_secs(30),
+        || async {
+            deliveries(&pipeline, &job)
+                .await
+                .into_iter()
+                .find(|row| row["state"] == "failed")
+        },
+    )
+    .await;
+    let error = row["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("private-network guard") && error.contains("loopback"),
+        "{error}"
+    );
+    assert_eq!(row["attempts"], 1, "a refusal is not retried");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhooks_service_killed_mid_delivery_loses_nothing() {
+    // The pipeline in process; the webhooks service as a process, to be SIGKILLed.
+    let pipeline = Pipeline::start(PipelineOptions::default()).await;
+    // 100 ms a request, four at a time: about 40 deliveries a second, so the kill lands mid-way.
+    let (receiver, url) = Receiver::start("127.0.0.1:0", Duration::from_millis(100)).await;
+    let topics = &pipeline.topics;
+    let process_env = || -> HashMap<String, String> {
+        let port = sluice_tests::process::free_port();
+        [
+            ("SLUICE_WEBHOOKS_ADDR", format!("127.0.0.1:{port}")),
+            ("DATABASE_URL", pipeline.database.url.clone()),
+            ("KAFKA_BROKERS", pipeline.kafka.brokers.clone()),
+            ("SLUICE_REQUESTS_TOPIC", topics.requests.clone()),
+            ("SLUICE_STATUS_TOPIC", topics.status.clone()),
+            ("SLUICE_REQUESTS_DLQ_TOPIC", topics.requests_dlq.clone()),
+            ("SLUICE_STATUS_DLQ_TOPIC", topics.status_dlq.clone()),
+            ("SLUICE_CONTROL_TOPIC", topics.control.clone()),
+            ("SLUICE_DELTAS_TOPIC", topics.deltas.clone()),
+            (
+                "SLUICE_WEBHOOKS_GROUP",
+                format!("{}-webhooks", topics.requests),
+            ),
+            (
+                "SLUICE_WEBHOOK_SECRET_KEY",
+                sluice_tests::TEST_WEBHOOK_KEY.to_owned(),
+            ),
+            ("SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
+            ("SLUICE_WEBHOOK_RETRY_SCHEDULE_MS", "100,200,400".to_owned()),
+            ("SLUICE_WEBHOOK_POLL_MS", "20".to_owned()),
+            // Leases of 2 x 2 s + 5 s: what the killed one held is free again within 9 s.
+            ("SLUICE_WEBHOOK_TIMEOUT_MS", "2000".to_owned()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+    };
+    let first = sluice_tests::process::ServiceProcess::spawn(
+        "sluice-webhooks",
+        "webhooks-first",
+        &process_env(),
+    );
+    let mut jobs = HashSet::new();
+    for index in 0..300 {
+        jobs.insert(
+            submit(
+                &pipeline,
+                &format!("kill-user-{}", index % 10),
+                &format!("job {index}"),
+                json!({"url": url}),
+            )
+            .await,
+        );
+    }
+    wait_until("a third delivered", Duration::from_secs(60), || async {
+        (receiver.got().len() >= 100).then_some(())
+    })
+    .await;
+    let at_kill = receiver.got().len();
+    first.kill().await;
+    let second = sluice_tests::process::ServiceProcess::spawn(
+        "sluice-webhooks",
+        "webhooks-second",
+        &process_env(),
+    );
+    let delivered_jobs = |got: &[Received]| -> HashSet<String> {
+        got.iter()
+            .map(|received| {
+                let body: Value = serde_json::from_str(&received.body).unwrap();
+                body["data"]["job_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let got = wait_until(
+        "every job's event delivered after the kill",
+        Duration::from_secs(120),
+        || async {
+            let got = receiver.got();
+            (delivered_jobs(&got) == jobs).then_some(got)
+        },
+    )
+    .await;
+    let duplicates = got.len() - jobs.len();
+    println!(
+        "killed after {at_kill} deliveries; 300 events delivered, {duplicates} of them twice (at least once)"
+    );
+    let (delivered,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+            .fetch_one(&pipeline.database.pool)
+            .await
+            .unwrap();
+    assert_eq!(delivered, 300);
+    assert!(
+        second.terminate(Duration::from_secs(20)).await,
+        "a clean stop after the restart"
+    );
+    pipeline.stop().await;
+}
