@@ -38,11 +38,30 @@ where
     if document == Document::OpenApi {
         router = router.route("/openapi.json", get(openapi));
     }
+    // Unknown paths and methods answer in the same JSON shape as every other error.
+    router = router
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method);
     // Outermost last: the id is set before anything else runs, and copied to the response.
     router
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> axum::response::Response {
+    // Only the path: a query may hold a stream token.
+    let message = format!("no route for {method} {}", uri.path());
+    crate::http::error_response(axum::http::StatusCode::NOT_FOUND, "not_found", &message)
+}
+
+async fn wrong_method(method: Method, uri: axum::http::Uri) -> axum::response::Response {
+    let message = format!("{} does not answer {method}", uri.path());
+    crate::http::error_response(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &message,
+    )
 }
 
 /// Cross-origin access for browsers served from `origins` (`*`: any). `None` when empty: no

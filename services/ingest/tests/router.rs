@@ -194,6 +194,38 @@ async fn an_unreachable_broker_is_a_prompt_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn unknown_paths_and_methods_answer_json_errors() {
+    for (request, status, code) in [
+        (
+            Request::get("/v2/nothing?token=secret"),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Request::delete("/healthz"),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ] {
+        let response = app()
+            .await
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["error"]["code"], code);
+        assert!(
+            !json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("secret")
+        );
+    }
+}
+
+#[tokio::test]
 async fn health_is_up_and_readiness_is_down_without_a_broker() {
     let response = app()
         .await

@@ -110,6 +110,45 @@ async fn the_guard_refuses_internal_addresses_at_submit_and_at_delivery() {
         "{error}"
     );
     assert_eq!(row["attempts"], 1, "a refusal is not retried");
+
+    // A producer publishing straight to Kafka skips ingest's check: a literal address is refused
+    // at delivery too.
+    let job_id = sluice_schemas::JobId::new();
+    let now = chrono::Utc::now();
+    let event = json!({
+        "schema_version": 1, "job_id": job_id, "user_id": "producer", "model": "sim",
+        "messages": [{"role": "user", "content": "straight to Kafka"}],
+        "submitted_at": now, "deadline": now + chrono::Duration::seconds(60),
+        "webhook": {"url": "https://[::ffff:127.0.0.1]/hooks"},
+    });
+    let payload = event.to_string();
+    pipeline
+        .producer()
+        .send(
+            rdkafka::producer::FutureRecord::to(&pipeline.topics.requests)
+                .key("producer")
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("publishing a request event");
+    let job = job_id.to_string();
+    let row = wait_until(
+        "the literal address refused at delivery",
+        Duration::from_secs(30),
+        || async {
+            deliveries(&pipeline, &job)
+                .await
+                .into_iter()
+                .find(|row| row["state"] == "failed")
+        },
+    )
+    .await;
+    let error = row["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("private-network guard") && error.contains("127.0.0.1"),
+        "{error}"
+    );
     pipeline.stop().await;
 }
 
