@@ -1,7 +1,7 @@
 //! Webhooks under faults: a slow receiver beside a fast one, the private-network guard, and the
 //! webhooks service SIGKILLed in the middle of its deliveries.
 
-use crate::webhooks::{Received, Receiver, deliveries, options, submit};
+use crate::webhooks::{Received, Receiver, delivery_in_state, options, submit};
 use serde_json::{Value, json};
 use sluice_tests::{Pipeline, PipelineOptions, wait_until};
 use std::collections::{HashMap, HashSet};
@@ -93,17 +93,7 @@ async fn the_guard_refuses_internal_addresses_at_submit_and_at_delivery() {
         json!({"url": "http://localhost:9/hooks"}),
     )
     .await;
-    let row = wait_until(
-        "the delivery to be refused",
-        Duration::from_secs(30),
-        || async {
-            deliveries(&pipeline, &job)
-                .await
-                .into_iter()
-                .find(|row| row["state"] == "failed")
-        },
-    )
-    .await;
+    let row = delivery_in_state(&pipeline, &job, "failed").await;
     let error = row["last_error"].as_str().unwrap();
     assert!(
         error.contains("private-network guard") && error.contains("loopback"),
@@ -133,17 +123,7 @@ async fn the_guard_refuses_internal_addresses_at_submit_and_at_delivery() {
         .await
         .expect("publishing a request event");
     let job = job_id.to_string();
-    let row = wait_until(
-        "the literal address refused at delivery",
-        Duration::from_secs(30),
-        || async {
-            deliveries(&pipeline, &job)
-                .await
-                .into_iter()
-                .find(|row| row["state"] == "failed")
-        },
-    )
-    .await;
+    let row = delivery_in_state(&pipeline, &job, "failed").await;
     let error = row["last_error"].as_str().unwrap();
     assert!(
         error.contains("private-network guard") && error.contains("127.0.0.1"),

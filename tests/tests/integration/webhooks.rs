@@ -115,6 +115,21 @@ pub(crate) async fn deliveries(pipeline: &Pipeline, job_id: &str) -> Vec<Value> 
     list["data"].as_array().unwrap().clone()
 }
 
+/// Waits for one of the job's deliveries to reach `state`; that delivery.
+pub(crate) async fn delivery_in_state(pipeline: &Pipeline, job_id: &str, state: &str) -> Value {
+    wait_until(
+        &format!("a delivery {state}"),
+        Duration::from_secs(30),
+        || async {
+            deliveries(pipeline, job_id)
+                .await
+                .into_iter()
+                .find(|row| row["state"] == state)
+        },
+    )
+    .await
+}
+
 /// Runs the reference verifier over `got`, with each user's secrets.
 async fn verify_with_reference(got: &[Received], secrets: &HashMap<String, Vec<String>>) -> String {
     let python = std::env::var("SLUICE_TEST_PYTHON")
@@ -301,17 +316,7 @@ async fn deliveries_retry_through_an_outage_stop_on_410_and_fail_visibly() {
         json!({"url": format!("http://{address}/hooks")}),
     )
     .await;
-    let row = wait_until(
-        "the delivery to fail for good",
-        Duration::from_secs(30),
-        || async {
-            deliveries(&pipeline, &failing)
-                .await
-                .into_iter()
-                .find(|row| row["state"] == "failed")
-        },
-    )
-    .await;
+    let row = delivery_in_state(&pipeline, &failing, "failed").await;
     assert_eq!(
         row["attempts"], 6,
         "the first attempt and five retries: {row}"
@@ -328,17 +333,7 @@ async fn deliveries_retry_through_an_outage_stop_on_410_and_fail_visibly() {
         json!({"url": format!("http://{address}/hooks")}),
     )
     .await;
-    let row = wait_until(
-        "410 to stop the delivery",
-        Duration::from_secs(30),
-        || async {
-            deliveries(&pipeline, &gone)
-                .await
-                .into_iter()
-                .find(|row| row["state"] == "stopped")
-        },
-    )
-    .await;
+    let row = delivery_in_state(&pipeline, &gone, "stopped").await;
     assert_eq!(row["attempts"], 1);
 
     // Redelivered on request: attempted again now, and delivered once the receiver takes it.
@@ -354,12 +349,6 @@ async fn deliveries_retry_through_an_outage_stop_on_410_and_fail_visibly() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    wait_until("the redelivery", Duration::from_secs(30), || async {
-        deliveries(&pipeline, &gone)
-            .await
-            .into_iter()
-            .find(|row| row["state"] == "delivered")
-    })
-    .await;
+    delivery_in_state(&pipeline, &gone, "delivered").await;
     pipeline.stop().await;
 }
