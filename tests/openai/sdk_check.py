@@ -145,82 +145,57 @@ pieces = [c.choices[0].delta.content for c in sim_chunks if c.choices and c.choi
 check("sim streams tokens", pieces == ["echo:", " one", " two", " three"], pieces)
 check("sim stream usage", sim_chunks[-1].usage.completion_tokens == 4, sim_chunks[-1])
 tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-called = sim.chat.completions.create(
-    model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools
-)
-call = called.choices[0].message.tool_calls[0]
-check(
-    "sim tool call",
-    called.choices[0].finish_reason == "tool_calls"
-    and call.function.name == "lookup"
-    and call.function.arguments == '{"text":"find it"}',
-    called,
-)
-answered = sim.chat.completions.create(
-    model="sim",
-    messages=[
-        {"role": "user", "content": "find it"},
-        called.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": "found"},
-    ],
-    tools=tools,
-)
-check("sim tool result", answered.choices[0].message.content == "echo: found", answered)
-streamed_call = [
-    c
-    for c in sim.chat.completions.create(
-        model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools, stream=True
-    )
-]
-arguments = "".join(
-    c.choices[0].delta.tool_calls[0].function.arguments or ""
-    for c in streamed_call
-    if c.choices and c.choices[0].delta.tool_calls
-)
-check("sim streamed tool call", arguments == '{"text":"find it"}', arguments)
 
-# The same tool call round trip through Sluice: the job's output keeps the model's whole
-# message, so the SDK gets the tool call, and the tool's result goes back as the next job.
-called = client.chat.completions.create(
-    model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools
-)
-call = called.choices[0].message.tool_calls[0]
-check(
-    "tool call through sluice",
-    called.choices[0].finish_reason == "tool_calls"
-    and called.choices[0].message.content is None
-    and call.function.name == "lookup"
-    and call.function.arguments == '{"text":"find it"}',
-    called,
-)
-answered = client.chat.completions.create(
-    model="sim",
-    messages=[
-        {"role": "user", "content": "find it"},
-        called.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": "found"},
-    ],
-    tools=tools,
-)
-check("tool result through sluice", answered.choices[0].message.content == "echo: found", answered)
-streamed_call = list(
-    client.chat.completions.create(
-        model="sim", messages=[{"role": "user", "content": "find it, streamed"}], tools=tools, stream=True
+
+def tool_round_trip(api, label):
+    """A tool call, its result sent back, and a streamed tool call, through `api`."""
+    called = api.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "find it"}], tools=tools
     )
-)
-calls = [
-    tool_call
-    for c in streamed_call
-    if c.choices and c.choices[0].delta.tool_calls
-    for tool_call in c.choices[0].delta.tool_calls
-]
-check(
-    "streamed tool call through sluice",
-    len(calls) == 1
-    and calls[0].function.name == "lookup"
-    and calls[0].function.arguments == '{"text":"find it, streamed"}'
-    and streamed_call[-1].choices[0].finish_reason == "tool_calls",
-    streamed_call,
-)
+    call = called.choices[0].message.tool_calls[0]
+    check(
+        f"tool call {label}",
+        called.choices[0].finish_reason == "tool_calls"
+        and called.choices[0].message.content is None
+        and call.function.name == "lookup"
+        and call.function.arguments == '{"text":"find it"}',
+        called,
+    )
+    answered = api.chat.completions.create(
+        model="sim",
+        messages=[
+            {"role": "user", "content": "find it"},
+            called.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "found"},
+        ],
+        tools=tools,
+    )
+    check(f"tool result {label}", answered.choices[0].message.content == "echo: found", answered)
+    streamed = list(
+        api.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "find it, streamed"}], tools=tools, stream=True
+        )
+    )
+    pieces = [
+        tool_call
+        for c in streamed
+        if c.choices and c.choices[0].delta.tool_calls
+        for tool_call in c.choices[0].delta.tool_calls
+    ]
+    arguments = "".join(piece.function.arguments or "" for piece in pieces)
+    finish = [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason]
+    check(
+        f"streamed tool call {label}",
+        pieces[0].function.name == "lookup"
+        and arguments == '{"text":"find it, streamed"}'
+        and finish == ["tool_calls"],
+        streamed,
+    )
+
+
+tool_round_trip(sim, "from the sim")
+# The same through Sluice: the job's output keeps the model's whole message, so the SDK gets the
+# tool call, and the tool's result goes back as the next job.
+tool_round_trip(client, "through sluice")
 
 print("all OpenAI SDK checks passed")

@@ -49,6 +49,20 @@ where
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
 }
 
+/// `/readyz` of a service that stores in Postgres what it consumes from Kafka: ready when the
+/// database answers and the consumer has its assignment.
+pub async fn store_and_source_readiness(
+    pool: &sqlx::PgPool,
+    consumer: &crate::kafka::SourceHealth,
+) -> axum::response::Response {
+    let mut problems = Vec::new();
+    if let Err(error) = sqlx::query("SELECT 1").execute(pool).await {
+        problems.push(format!("postgres unreachable: {error}"));
+    }
+    problems.extend(consumer.problems().await);
+    crate::http::readiness(problems)
+}
+
 async fn no_route(method: Method, uri: axum::http::Uri) -> axum::response::Response {
     // Only the path: a query may hold a stream token.
     let message = format!("no route for {method} {}", uri.path());

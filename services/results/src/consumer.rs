@@ -6,7 +6,7 @@ use crate::notify::JobChanges;
 use crate::state::Update;
 use crate::store::Store;
 use rdkafka::producer::FutureProducer;
-use sluice_common::kafka::{self, KafkaSource, Received, Record};
+use sluice_common::kafka::{self, KafkaSource, Record};
 use sluice_common::telemetry;
 use sluice_schemas::{RequestEvent, StatusEvent};
 use std::collections::HashSet;
@@ -30,24 +30,8 @@ impl EventLoop {
         stop: CancellationToken,
         give_up: CancellationToken,
     ) -> anyhow::Result<()> {
-        loop {
-            let first = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                received = self.source.recv() => received,
-            };
-            let Received::Record(first) = first else {
-                continue;
-            };
-            // Why recv_ready: take what librdkafka has already fetched, without waiting, so a
-            // burst becomes one transaction and a lone event is written at once.
-            let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match self.source.recv_ready() {
-                    Some(Received::Record(record)) => batch.push(record),
-                    _ => break,
-                }
-            }
+        // A burst becomes one transaction; a lone event is written at once.
+        while let Some(batch) = self.source.next_batch(self.max_batch, &stop).await {
             if !self.process(&batch, &give_up).await {
                 break;
             }

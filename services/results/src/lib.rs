@@ -102,12 +102,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let mut problems = Vec::new();
-    if let Err(error) = sqlx::query("SELECT 1").execute(state.store.pool()).await {
-        problems.push(format!("postgres unreachable: {error}"));
-    }
-    problems.extend(state.consumer.problems().await);
-    sluice_common::http::readiness(problems)
+    sluice_common::http::store_and_source_readiness(state.store.pool(), &state.consumer).await
 }
 
 /// A built results service: migrated, subscribed, bound, not yet serving.

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sluice_common::webhooks::secrets::{self, SigningSecrets};
+use sluice_common::webhooks::secrets::{self, SealingKey, SigningSecrets};
 use sluice_common::webhooks::sign::display_secret;
 
 /// With keys off, whose secret (`?user_id=`).
@@ -60,8 +60,7 @@ pub(crate) async fn secret(
     Query(query): Query<UserQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user = secret_owner(&state, &headers, query).await?;
-    let key = state.webhook_key.as_ref().ok_or(ApiError::WebhooksOff)?;
+    let (user, key) = owner_and_key(&state, &headers, query).await?;
     let secrets = secrets::secrets_of(state.store.pool(), key, &user)
         .await
         .map_err(unavailable)?;
@@ -74,13 +73,23 @@ pub(crate) async fn rotate(
     Query(query): Query<UserQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user = secret_owner(&state, &headers, query).await?;
-    let key = state.webhook_key.as_ref().ok_or(ApiError::WebhooksOff)?;
+    let (user, key) = owner_and_key(&state, &headers, query).await?;
     let secrets = secrets::rotate(state.store.pool(), key, &user)
         .await
         .map_err(unavailable)?;
     tracing::info!(user_id = %user, "webhook signing secret rotated");
     Ok(Json(shown(&secrets)))
+}
+
+/// Whose secret, and the key it is sealed with (none: webhooks are off here).
+async fn owner_and_key<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    query: UserQuery,
+) -> Result<(String, &'a SealingKey), ApiError> {
+    let user = secret_owner(state, headers, query).await?;
+    let key = state.webhook_key.as_ref().ok_or(ApiError::WebhooksOff)?;
+    Ok((user, key))
 }
 
 /// One delivery, as the list shows it.

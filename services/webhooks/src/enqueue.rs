@@ -4,7 +4,7 @@
 //! records; the rows are keyed by their webhook id, so a redelivered change is not enqueued twice.
 
 use serde_json::{Value, json};
-use sluice_common::kafka::{KafkaSource, Received, Record};
+use sluice_common::kafka::{KafkaSource, Record};
 use sluice_schemas::StatusEvent;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -113,22 +113,7 @@ pub async fn run(
     stop: CancellationToken,
     give_up: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            received = source.recv() => received,
-        };
-        let Received::Record(first) = first else {
-            continue;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match source.recv_ready() {
-                Some(Received::Record(record)) => batch.push(record),
-                _ => break,
-            }
-        }
+    while let Some(batch) = source.next_batch(MAX_BATCH, &stop).await {
         let deliveries: Vec<NewDelivery> = batch.iter().filter_map(decode).collect();
         // Why retry until stored: the offsets must not move past changes not yet enqueued.
         let stored = sluice_common::shutdown::retry_until_done(

@@ -35,12 +35,7 @@ struct Health {
 }
 
 async fn readyz(State(health): State<Health>) -> Response {
-    let mut problems = Vec::new();
-    if let Err(error) = sqlx::query("SELECT 1").execute(&health.pool).await {
-        problems.push(format!("postgres unreachable: {error}"));
-    }
-    problems.extend(health.consumer.problems().await);
-    sluice_common::http::readiness(problems)
+    sluice_common::http::store_and_source_readiness(&health.pool, &health.consumer).await
 }
 
 /// A built webhooks service: connected, subscribed, bound, not yet running.

@@ -16,6 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 type GroupConsumer = StreamConsumer<RebalanceContext>;
 
@@ -197,6 +198,34 @@ impl KafkaSource {
             }
             return self.started(record);
         }
+    }
+
+    /// The next batch of records: waits for one (or for `stop`: `None`), then takes what
+    /// librdkafka has already fetched, without waiting, up to `max`. So a burst becomes one batch
+    /// and a lone record goes at once. Revocations are handled inside and not returned.
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        stop: &CancellationToken,
+    ) -> Option<Vec<Record>> {
+        let first = loop {
+            let received = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                received = self.recv() => received,
+            };
+            if let Received::Record(record) = received {
+                break record;
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.recv_ready() {
+                Some(Received::Record(record)) => batch.push(record),
+                _ => break,
+            }
+        }
+        Some(batch)
     }
 
     /// What has already been fetched, without waiting: `None` if nothing is ready.
