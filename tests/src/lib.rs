@@ -10,3 +10,22 @@ pub mod sse;
 pub use infra::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
 pub use pipeline::{Pipeline, PipelineOptions, TEST_WEBHOOK_KEY, test_webhooks};
 pub use sse::{SseEvent, read_sse, read_sse_until};
+
+/// A chat job for the simulated model, as a producer publishing straight to Kafka makes it.
+pub fn chat_event(user: &str, content: &str, deadline_in_ms: i64) -> sluice_schemas::RequestEvent {
+    use sluice_schemas::{JobId, Message, ModelName, Role, SCHEMA_VERSION, Task, UserId};
+    let now = chrono::Utc::now();
+    sluice_schemas::RequestEvent {
+        schema_version: SCHEMA_VERSION,
+        job_id: JobId::new(),
+        user_id: UserId::parse(user).expect("a valid user id"),
+        model: ModelName::parse("sim").expect("a valid model name"),
+        task: Task::Chat(vec![Message::text(Role::User, content)]),
+        params: Default::default(),
+        submitted_at: now,
+        deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
+        cache: true,
+        stream: false,
+        webhook: None,
+    }
+}

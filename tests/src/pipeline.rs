@@ -209,6 +209,8 @@ impl Pipeline {
         ingest_config.cors_origins = vec![results_url.clone()];
         ingest_config.kafka = kafka.clone();
         ingest_config.topics = topics.args();
+        // Capacity-aware admission reads the workers' group.
+        ingest_config.capacity.worker_group = format!("{}-workers", topics.requests);
         ingest_config.results_url = results_url.clone();
         ingest_config.publish_timeout = Duration::from_millis(options.publish_timeout_ms);
         ingest_config.auth = auth_mode(options.api_keys);

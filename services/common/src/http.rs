@@ -15,8 +15,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Which documents a service serves besides its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Document {
-    /// `/openapi.json`: the ingest and results APIs.
-    OpenApi,
+    /// `/openapi.json`: the ingest and results APIs, as this deployment's auth mode serves them.
+    OpenApi(crate::auth::AuthMode),
     None,
 }
 
@@ -35,8 +35,15 @@ where
         .route("/healthz", get(healthz))
         .route("/readyz", readyz)
         .route("/metrics", get(crate::metrics::render));
-    if document == Document::OpenApi {
-        router = router.route("/openapi.json", get(openapi));
+    if let Document::OpenApi(auth) = document {
+        let text = openapi_document(auth);
+        let serve = move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                text,
+            )
+        };
+        router = router.route("/openapi.json", get(serve));
     }
     // Unknown paths and methods answer in the same JSON shape as every other error.
     router = router
@@ -47,6 +54,48 @@ where
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+}
+
+/// Answers `503 request_timeout` (with `Retry-After: 1`) for a request whose response head is not
+/// ready within `timeout`. For routes that answer at once: a stream's head is sent when it opens,
+/// so an SSE route may have it; a route that waits for a job's answer may not.
+pub fn with_request_timeout<S>(routes: Router<S>, timeout: Duration) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let answer_in_time = move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+        match tokio::time::timeout(timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_elapsed) => {
+                let message = format!(
+                    "the request was not answered within {} ms; retry shortly",
+                    timeout.as_millis()
+                );
+                let mut response = crate::http::error_response(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "request_timeout",
+                    &message,
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
+        }
+    };
+    routes.layer(axum::middleware::from_fn(answer_in_time))
+}
+
+/// Whether a body could not be read because `tower_http`'s body timeout passed.
+pub fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// `/readyz` of a service that stores in Postgres what it consumes from Kafka: ready when the
@@ -146,17 +195,79 @@ pub fn parse_origin(text: &str) -> Result<String, String> {
 /// The OpenAPI document for the ingest and results APIs.
 pub const OPENAPI_JSON: &str = include_str!("../../../schemas/openapi.json");
 
-/// `GET /openapi.json`.
-pub async fn openapi() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON,
-    )
+/// The document a deployment serves: the file as it is with API keys; without them, no security
+/// requirement and `user_id` required on a submission (the server answers `422 user_id: is
+/// required` without it), so that the document says what this server does.
+pub fn openapi_document(auth: crate::auth::AuthMode) -> &'static str {
+    static WITHOUT_KEYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let mut document: serde_json::Value =
+            serde_json::from_str(OPENAPI_JSON).expect("schemas/openapi.json is JSON");
+        document["security"] = serde_json::json!([]);
+        if let Some(required) = document
+            .pointer_mut("/components/schemas/SubmitJob/required")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            required.push("user_id".into());
+        }
+        document.to_string()
+    });
+    match auth {
+        crate::auth::AuthMode::ApiKeys => OPENAPI_JSON,
+        crate::auth::AuthMode::Off => &WITHOUT_KEYS,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_not_answered_in_time_gets_a_json_503() {
+        use tower::ServiceExt;
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "late"
+        };
+        let routes = Router::new()
+            .route("/slow", get(slow))
+            .route("/fast", get(|| async { "fast" }));
+        let router = with_request_timeout(routes, Duration::from_millis(50));
+        let request = |path: &str| {
+            axum::http::Request::builder()
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        let response = router.clone().oneshot(request("/slow")).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "request_timeout");
+        let response = router.oneshot(request("/fast")).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    #[test]
+    fn without_keys_the_document_requires_user_id_and_no_key() {
+        let served: serde_json::Value =
+            serde_json::from_str(openapi_document(crate::auth::AuthMode::Off)).unwrap();
+        assert_eq!(served["security"], serde_json::json!([]));
+        let required = &served["components"]["schemas"]["SubmitJob"]["required"];
+        assert!(
+            required.as_array().unwrap().contains(&"user_id".into()),
+            "{required}"
+        );
+        let with_keys: serde_json::Value =
+            serde_json::from_str(openapi_document(crate::auth::AuthMode::ApiKeys)).unwrap();
+        let required = &with_keys["components"]["schemas"]["SubmitJob"]["required"];
+        assert!(
+            !required.as_array().unwrap().contains(&"user_id".into()),
+            "{required}"
+        );
+    }
 
     #[test]
     fn origins_are_scheme_and_host_only() {

@@ -39,6 +39,9 @@ pub struct Config {
     #[command(flatten)]
     pub stream_tokens: sluice_common::tokens::StreamTokenArgs,
 
+    #[command(flatten)]
+    pub capacity: crate::admission::capacity::CapacityArgs,
+
     /// Accept `http://` webhook URLs, not only `https://`.
     #[arg(long, env = "SLUICE_WEBHOOK_ALLOW_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
     pub webhook_allow_http: bool,
@@ -47,6 +50,16 @@ pub struct Config {
     /// development and tests only (`scripts/run` sets it); the webhooks service has its own.
     #[arg(long, env = "SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", default_value_t = false, action = clap::ArgAction::Set)]
     pub webhook_allow_private_networks: bool,
+
+    /// Longest a client may take to send a request body once its head has arrived; slower ones
+    /// get `408 request_body_timeout`.
+    #[arg(long = "body-timeout-ms", env = "SLUICE_BODY_TIMEOUT_MS", default_value = "30000", value_parser = sluice_common::settings::millis)]
+    pub body_timeout: std::time::Duration,
+
+    /// Longest `POST /v1/jobs` may take to answer (admission and the broker's acknowledgement);
+    /// past it `503 request_timeout`. The OpenAI routes wait for their job's deadline instead.
+    #[arg(long = "request-timeout-ms", env = "SLUICE_REQUEST_TIMEOUT_MS", default_value = "30000", value_parser = sluice_common::settings::millis)]
+    pub request_timeout: std::time::Duration,
 
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
@@ -176,7 +189,7 @@ impl Config {
             !self.publish_timeout.is_zero(),
             "SLUICE_PUBLISH_TIMEOUT_MS must be above 0"
         );
-        Ok(())
+        self.capacity.validate()
     }
 }
 

@@ -5,6 +5,24 @@ use axum::response::{IntoResponse, Response};
 use sluice_common::http::error_response;
 use sluice_schemas::FieldError;
 
+/// Which rate limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateGate {
+    /// The user's tier's requests per second.
+    User,
+    /// The deployment's requests per second, over every user.
+    Global,
+}
+
+impl RateGate {
+    fn name(self) -> &'static str {
+        match self {
+            RateGate::User => "the user's",
+            RateGate::Global => "the global",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("request body is not valid JSON: {0}")]
@@ -22,14 +40,29 @@ pub enum ApiError {
     },
     #[error("failed to read the request body")]
     BodyRead,
+    #[error("the request body did not arrive within SLUICE_BODY_TIMEOUT_MS")]
+    BodyTimeout,
     #[error(transparent)]
     Unauthorized(#[from] sluice_common::auth::AuthError),
     #[error("user_id does not match the API key's user")]
     Forbidden,
-    #[error("rate limit reached; retry after {retry_after_secs} s")]
+    #[error("{} rate limit reached; retry after {retry_after_secs} s", gate.name())]
     RateLimited {
+        gate: RateGate,
         retry_after_secs: u64,
         headers: HeaderMap,
+    },
+    #[error(
+        "the pipeline cannot finish this job before its deadline: the jobs ahead of it would take about {:.1} s ({backlog} jobs at {rate_per_sec:.0}/s) and its deadline is {:.1} s away; retry after {retry_after_secs} s or ask for a longer timeout_ms",
+        wait.as_secs_f64(),
+        time_left.as_secs_f64()
+    )]
+    DeadlineUnreachable {
+        wait: std::time::Duration,
+        backlog: u64,
+        rate_per_sec: f64,
+        time_left: std::time::Duration,
+        retry_after_secs: u64,
     },
     #[error("ingest is handling as many submissions as it can; retry shortly")]
     Overloaded,
@@ -47,12 +80,14 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::InvalidJson(_) | ApiError::BodyRead => StatusCode::BAD_REQUEST,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::InvalidField(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable { .. } | ApiError::Overloaded | ApiError::LimiterUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable { .. }
+            | ApiError::Overloaded
+            | ApiError::LimiterUnavailable
+            | ApiError::DeadlineUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
@@ -70,7 +105,16 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::BodyRead => "bad_request",
-            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::BodyTimeout => "request_body_timeout",
+            ApiError::RateLimited {
+                gate: RateGate::User,
+                ..
+            } => "user_rate_limited",
+            ApiError::RateLimited {
+                gate: RateGate::Global,
+                ..
+            } => "global_rate_limited",
+            ApiError::DeadlineUnreachable { .. } => "deadline_unreachable",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::Overloaded => "overloaded",
@@ -80,6 +124,26 @@ impl ApiError {
             ApiError::IdempotencyKeyInProgress => "idempotency_key_in_progress",
         }
     }
+
+    /// The admission gate that refused the request, for the metric's `gate` label; `None` for a
+    /// request that was not refused by admission (a bad body, a wrong key).
+    pub fn gate(&self) -> Option<&'static str> {
+        match self {
+            ApiError::RateLimited {
+                gate: RateGate::User,
+                ..
+            } => Some("user_limit"),
+            ApiError::RateLimited {
+                gate: RateGate::Global,
+                ..
+            } => Some("global_limit"),
+            ApiError::DeadlineUnreachable { .. } => Some("capacity"),
+            ApiError::Overloaded => Some("submissions"),
+            ApiError::Unavailable { .. } => Some("broker"),
+            ApiError::LimiterUnavailable => Some("limiter_store"),
+            _ => None,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -87,14 +151,8 @@ impl IntoResponse for ApiError {
         if let ApiError::Unauthorized(error) = self {
             return error.into_response();
         }
-        if matches!(
-            self,
-            ApiError::RateLimited { .. }
-                | ApiError::Overloaded
-                | ApiError::Unavailable { .. }
-                | ApiError::LimiterUnavailable
-        ) {
-            metrics::counter!("sluice_admission_rejections_total", "reason" => self.code())
+        if let Some(gate) = self.gate() {
+            metrics::counter!("sluice_admission_rejections_total", "reason" => self.code(), "gate" => gate)
                 .increment(1);
         }
         let mut response = error_response(self.status_code(), self.code(), &self.to_string());
@@ -109,10 +167,14 @@ impl IntoResponse for ApiError {
             ApiError::RateLimited {
                 retry_after_secs,
                 headers,
+                ..
             } => {
                 response.headers_mut().extend(headers.clone());
                 Some(*retry_after_secs)
             }
+            ApiError::DeadlineUnreachable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             ApiError::Overloaded | ApiError::LimiterUnavailable => Some(1),
             _ => None,
         };

@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod keys;
 mod openai;
+mod oversized;
 mod publisher;
 mod submit;
 
@@ -47,6 +48,8 @@ pub struct AppState {
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
     /// Signs each job's stream token; `None` when API keys are off (anyone reads any job).
     pub tokens: Option<sluice_common::tokens::StreamTokens>,
+    /// The pipeline's estimated wait, which refuses jobs whose deadline it would pass.
+    pub capacity: Arc<admission::capacity::Capacity>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
     pub cache: Arc<sluice_common::cache::ResponseCache>,
     /// Where the OpenAI routes wait for their jobs: the results service.
@@ -120,6 +123,7 @@ impl AppState {
             config.publish_timeout,
         );
         Ok(Self {
+            capacity: Arc::new(admission::capacity::Capacity::new(config.capacity.clone())),
             deltas: openai::DeltaRoutes::default(),
             follower: openai::JobFollower::new(
                 config
@@ -145,13 +149,21 @@ pub fn router(state: AppState) -> Router {
     let cors = sluice_common::http::cors(&state.config.cors_origins);
     // Why axum's body limit rather than tower-http's: its rejection reaches the handler, which
     // answers with the JSON 413 naming the limit.
-    let api = Router::new()
-        .route("/v1/jobs", post(submit::submit))
+    let jobs = Router::new().route("/v1/jobs", post(submit::submit));
+    let api = sluice_common::http::with_request_timeout(jobs, state.config.request_timeout)
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.config.body_timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            oversized::refuse_oversized,
+        ))
         .route("/v1/models", get(openai::models));
-    let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
+    let auth = state.config.auth;
+    let router = with_operations(api, get(readyz), Document::OpenApi(auth)).with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
         None => router,
@@ -207,6 +219,19 @@ impl Application {
                 stop.clone(),
             ),
         );
+        let config = &self.state.config;
+        if config.capacity.enabled {
+            let lag = sluice_common::kafka::GroupLag::new(
+                &config.kafka,
+                &config.capacity.worker_group,
+                vec![config.topics.requests.clone()],
+            )
+            .context("creating the reader of the workers' lag")?;
+            lifecycle.spawn(
+                "capacity estimate",
+                self.state.capacity.clone().run(lag, stop.clone()),
+            );
+        }
         lifecycle.spawn("HTTP server", async move {
             sluice_common::http::serve(self.listener, router(self.state), stop).await?;
             sluice_common::kafka::flush(producer).await

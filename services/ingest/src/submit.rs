@@ -4,7 +4,7 @@ use crate::AppState;
 use crate::admission::idempotency::{self, Claim, Remembered};
 use crate::admission::limiter::FailureMode;
 use crate::admission::{DEFAULT_TIER, rate_limit_headers};
-use crate::error::ApiError;
+use crate::error::{ApiError, RateGate};
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -188,6 +188,8 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
             ApiError::PayloadTooLarge {
                 limit: max_body_bytes,
             }
+        } else if sluice_common::http::is_body_timeout(&rejection) {
+            ApiError::BodyTimeout
         } else {
             ApiError::BodyRead
         }
@@ -422,8 +424,13 @@ async fn admit_and_publish(
         Ok(verdict) => {
             limit_headers = rate_limit_headers(tier, &quota, &state.limiter.global, &verdict);
             if !verdict.allowed() {
+                let gate = match verdict.user.allowed {
+                    false => RateGate::User,
+                    true => RateGate::Global,
+                };
                 let retry_after_secs = verdict.retry_after().as_secs_f64().ceil().max(1.0) as u64;
                 return Err(ApiError::RateLimited {
+                    gate,
                     retry_after_secs,
                     headers: limit_headers,
                 });
@@ -433,7 +440,11 @@ async fn admit_and_publish(
     }
     let output = answer_from_cache(state, event).await?;
     if output.is_none() {
+        // After the cache: an answer already known needs no capacity.
+        let time_left = (event.deadline - Utc::now()).to_std().unwrap_or_default();
+        state.capacity.check(time_left)?;
         state.publisher.publish(event).await?;
+        state.capacity.published();
         metrics::counter!("sluice_jobs_accepted_total").increment(1);
         tracing::debug!("job accepted");
     }

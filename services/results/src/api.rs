@@ -36,6 +36,10 @@ pub enum ApiError {
     Unauthorized(#[from] sluice_common::auth::AuthError),
     #[error(transparent)]
     Token(TokenError),
+    #[error("this reader already holds {0} open event streams; close one first")]
+    TooManyStreams(usize),
+    #[error("this replica already serves {0} event streams; retry shortly")]
+    StreamsFull(usize),
     #[error("internal error")]
     Database(#[from] sqlx::Error),
 }
@@ -49,7 +53,8 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::NoDelivery(_) => StatusCode::NOT_FOUND,
             ApiError::WebhooksOff => StatusCode::NOT_IMPLEMENTED,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StreamsFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) | ApiError::Token(_) => StatusCode::UNAUTHORIZED,
             ApiError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -65,6 +70,8 @@ impl ApiError {
             ApiError::InvalidLastEventId => "invalid_last_event_id",
             ApiError::AlreadyFinished { .. } => "job_finished",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::TooManyStreams(_) => "too_many_streams",
+            ApiError::StreamsFull(_) => "streams_full",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Token(error) => error.code(),
             ApiError::Database(_) => "internal",
@@ -81,7 +88,10 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %error, "database error");
         }
         let mut response = error_response(self.status_code(), self.code(), &self.to_string());
-        if matches!(self, ApiError::Unavailable(_)) {
+        if matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::TooManyStreams(_) | ApiError::StreamsFull(_)
+        ) {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(5),
@@ -106,7 +116,7 @@ pub(crate) async fn caller_user(
 #[derive(Debug, Default, serde::Deserialize)]
 pub(crate) struct TokenQuery {
     #[serde(default)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     /// For a client that cannot send `Last-Event-ID` (a new `EventSource` after the old one
     /// gave up): the same, in the query. The header wins.
     #[serde(default)]

@@ -106,6 +106,14 @@ pub struct Config {
     )]
     pub deltas_max_jobs: u64,
 
+    #[command(flatten)]
+    pub streams: crate::streams::StreamLimitArgs,
+
+    /// Longest a request may take until its answer starts (an SSE stream's head included); past
+    /// it `503 request_timeout`.
+    #[arg(long = "request-timeout-ms", env = "SLUICE_REQUEST_TIMEOUT_MS", default_value = "30000", value_parser = sluice_common::settings::millis)]
+    pub request_timeout: std::time::Duration,
+
     /// After a stop signal, how long the batch being written and open requests get before the
     /// service leaves anyway (what is not stored by then is redelivered), in ms.
     #[arg(long = "drain-timeout-ms", env = "SLUICE_DRAIN_TIMEOUT_MS", default_value = "10000", value_parser = sluice_common::settings::millis)]

@@ -8,6 +8,7 @@ use crate::deltas::Answer;
 use crate::notify::Wake;
 use crate::state::QueuePosition;
 use crate::store::JobEvent;
+use crate::streams::Reader;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -94,6 +95,13 @@ pub(crate) async fn job_events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let user = job_reader(&state, &headers, &query, job_id).await?;
+    let reader = match (&user, &query.token, &state.tokens) {
+        (Some(user), _, _) => Reader::User(user.clone()),
+        (None, Some(_), Some(_)) => Reader::Token(job_id),
+        _ => Reader::Anyone,
+    };
+    let slot = state.streams.open(reader)?;
+    let idle = state.streams.idle();
     let last_event_id = match headers.get("last-event-id") {
         Some(value) => Some(value.to_str().map_err(|_| ApiError::InvalidLastEventId)?),
         None => query.last_event_id.as_deref(),
@@ -112,6 +120,9 @@ pub(crate) async fn job_events(
     let status_only = query.status_only;
     let stream = async_stream::stream! {
         let _open = GaugeGuard::new(metrics::gauge!("sluice_sse_connections"));
+        let _slot = slot;
+        // Silent for `idle` (keep-alives aside): the stream ends, and the reader reconnects.
+        let mut quiet_until = tokio::time::Instant::now() + idle;
         let mut position = resume_from;
         let mut answer: Arc<Answer> = answers.answer(job_id);
         let mut grown = answer.watch();
@@ -171,6 +182,9 @@ pub(crate) async fn job_events(
             {
                 pushes.push(Push::Queue(queue));
             }
+            if !pushes.is_empty() {
+                quiet_until = tokio::time::Instant::now() + idle;
+            }
             for push in pushes {
                 match push {
                     Push::Delta(text) => {
@@ -206,6 +220,7 @@ pub(crate) async fn job_events(
             // Why: graceful shutdown waits for open responses, and a stream may wait for ever.
             wake = tokio::select! {
                 _ = stopping.cancelled() => return,
+                _ = tokio::time::sleep_until(quiet_until) => return,
                 Ok(()) = grown.changed(), if relaying => Wake::Grown,
                 Ok(()) = positions.receiver.changed(), if queued => Wake::QueueTick,
                 wake = changes.changed(recheck) => wake,

@@ -13,6 +13,7 @@ pub mod notify;
 pub mod queue;
 pub mod state;
 pub mod store;
+pub mod streams;
 mod webhooks;
 
 pub use api::ApiError;
@@ -74,6 +75,10 @@ pub struct AppState {
     pub webhook_key: Option<sluice_common::webhooks::secrets::SealingKey>,
     /// Cancelled when the service stops: open SSE streams end then.
     pub stopping: CancellationToken,
+    /// Longest a request may take until its answer starts.
+    pub request_timeout: std::time::Duration,
+    /// The event streams open here, under their caps.
+    pub streams: streams::Streams,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -94,7 +99,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhooks/secret/rotate",
             axum::routing::post(webhooks::rotate),
         );
-    let router = with_operations(api, get(readyz), Document::OpenApi).with_state(state);
+    let api = sluice_common::http::with_request_timeout(api, state.request_timeout);
+    let auth = match state.keys {
+        Some(_) => sluice_common::auth::AuthMode::ApiKeys,
+        None => sluice_common::auth::AuthMode::Off,
+    };
+    let router = with_operations(api, get(readyz), Document::OpenApi(auth)).with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
         None => router,
@@ -175,6 +185,8 @@ impl Application {
                 None
             },
             stopping: lifecycle.stop().clone(),
+            request_timeout: config.request_timeout,
+            streams: streams::Streams::new(config.streams),
             cors_origins: config.cors_origins.clone(),
             ingest_url: config.ingest_url.trim_end_matches('/').to_owned(),
             results_url: config.results_url.trim_end_matches('/').to_owned(),

@@ -60,15 +60,64 @@ pub fn no_delay(
     listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream))
 }
 
-/// Serves `router` on `listener` (with `no_delay`) until `stop`, then lets open requests end.
+/// Longest a client may take to send a request's head (the slowloris defence): past it the
+/// connection is closed.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest request head (the start line and the header fields): `431` past it.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in one request.
+pub const MAX_HEADERS: usize = 100;
+
+/// Serves `router` on `listener` until `stop`, then lets open requests end. Each connection has
+/// Nagle off (see `no_delay`), `HEADER_READ_TIMEOUT` to send a request head, at most
+/// `MAX_HEADER_BYTES` of it and `MAX_HEADERS` fields.
+///
+/// Why hyper's builder rather than `axum::serve`: axum's sets no timer, and without one hyper
+/// waits for a request head forever: one slow client per connection could hold them all.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
-    axum::serve(no_delay(listener), router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .context("serving HTTP")
+    use hyper::server::conn::http1::Builder;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    // HTTP/1.1 only, as `axum::serve` without its `http2` feature served it.
+    let mut builder = Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Why go on: running out of file descriptors passes; the server must not.
+                    tracing::warn!(error = %error, "could not accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(error = %error, "could not set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::trace!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

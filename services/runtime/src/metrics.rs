@@ -30,7 +30,19 @@ pub const CATALOGUE: &[(&str, &str)] = &[
     ),
     (
         "sluice_admission_rejections_total",
-        "Submissions refused by admission control, by reason (rate_limited, overloaded, unavailable, ...)",
+        "Submissions refused by admission control, by reason (the error code) and gate (user_limit, global_limit, capacity, submissions, broker, limiter_store)",
+    ),
+    (
+        "sluice_admission_estimated_wait_seconds",
+        "The time a new job would spend in the pipeline, as ingest estimates it (backlog over throughput)",
+    ),
+    (
+        "sluice_admission_backlog",
+        "Jobs in the pipeline (the workers' consumer group lag on the request topic) at the last reading",
+    ),
+    (
+        "sluice_admission_throughput_per_second",
+        "Jobs the workers finish per second, measured over SLUICE_CAPACITY_WINDOW_SECS",
     ),
     (
         "sluice_jobs_accepted_total",

@@ -103,7 +103,7 @@ async fn burst_of_thirty(shared: bool) {
                     .unwrap()
                     .to_owned();
                 let body: Value = response.json().await.unwrap();
-                assert_eq!(body["error"]["code"], "rate_limited");
+                assert_eq!(body["error"]["code"], "user_rate_limited");
                 refused.push(retry_after);
             }
             other => panic!("unexpected {other}"),
@@ -165,6 +165,15 @@ async fn the_global_limit_holds_across_two_ingest_instances_sharing_redis() {
         accepted, 10,
         "the global burst of 10 is shared by both instances"
     );
+    for response in responses {
+        if response.status() != StatusCode::ACCEPTED {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(
+                body["error"]["code"], "global_rate_limited",
+                "the refusal names the global gate: {body}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -22,7 +22,7 @@ async fn a_light_user_behind_a_heavy_burst_on_the_same_partition_finishes_long_b
     // The heavy user publishes straight to Kafka, as high-volume producers do.
     let producer = pipeline.producer();
     let heavy: Vec<RequestEvent> = (0..2000)
-        .map(|index| request_event("heavy", &format!("burst {index}")))
+        .map(|index| sluice_tests::chat_event("heavy", &format!("burst {index}"), 300_000))
         .collect();
     let sends = heavy.iter().map(|event| {
         let payload = event.encode();
@@ -70,24 +70,4 @@ async fn a_light_user_behind_a_heavy_burst_on_the_same_partition_finishes_long_b
     assert_eq!(stats.calls, 2001);
     assert!(stats.peak_open <= 16);
     pipeline.stop().await;
-}
-
-fn request_event(user: &str, content: &str) -> RequestEvent {
-    let now = chrono::Utc::now();
-    RequestEvent {
-        schema_version: sluice_schemas::SCHEMA_VERSION,
-        job_id: sluice_schemas::JobId::new(),
-        user_id: sluice_schemas::UserId::parse(user).unwrap(),
-        model: sluice_schemas::ModelName::parse("sim").unwrap(),
-        task: sluice_schemas::Task::Chat(vec![sluice_schemas::Message::text(
-            sluice_schemas::Role::User,
-            content,
-        )]),
-        params: Default::default(),
-        submitted_at: now,
-        deadline: now + chrono::Duration::minutes(5),
-        cache: true,
-        stream: false,
-        webhook: None,
-    }
 }

@@ -67,6 +67,7 @@ impl Cluster {
         ingest.addr = "127.0.0.1:0".into();
         ingest.kafka = kafka;
         ingest.topics = topics.args();
+        ingest.capacity.worker_group = format!("{}-workers", topics.requests);
         ingest.auth = sluice_common::auth::AuthMode::Off;
         ingest.tiers = sluice_ingest::admission::Tiers::parse(
             r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#,
@@ -190,10 +191,13 @@ impl Cluster {
                     .send()
                     .await
                     .expect("POST /v1/jobs");
-                if response.status() == 202 {
-                    let accepted_body: serde_json::Value = response.json().await.unwrap();
-                    accepted
-                        .push(Uuid::parse_str(accepted_body["job_id"].as_str().unwrap()).unwrap());
+                let status = response.status();
+                let answer: serde_json::Value = response.json().await.unwrap_or_default();
+                match status.as_u16() {
+                    202 => {
+                        accepted.push(Uuid::parse_str(answer["job_id"].as_str().unwrap()).unwrap())
+                    }
+                    _ => println!("job {index} refused: {status} {answer}"),
                 }
             }
             accepted

@@ -52,7 +52,7 @@ const ALLOWED_ORIGIN: &str = "https://app.example";
 
 /// The service's state with its real parts: a consumer on test topics (for `/readyz`) and a
 /// producer to the test broker (for cancellations).
-async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
+pub(crate) async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
     let kafka = kafka_args(1);
     let topics = TestTopics::unique();
     topics.create(&kafka).await;
@@ -91,6 +91,8 @@ async fn state(database: &TestDatabase, recheck: Duration) -> AppState {
         keys: None,
         tokens: None,
         stopping: CancellationToken::new(),
+        request_timeout: Duration::from_secs(30),
+        streams: sluice_results::streams::Streams::new(sluice_results::Config::defaults().streams),
         cors_origins: vec![ALLOWED_ORIGIN.to_owned()],
         ingest_url: "http://127.0.0.1:8080".into(),
         results_url: "http://127.0.0.1:8081".into(),

@@ -2,11 +2,10 @@
 //! deadlines, retries with backoff and `Retry-After`, fallbacks, the circuit breaker, and dead
 //! letters. Each test reads back the status events it produced.
 
-use chrono::Utc;
 use rdkafka::Message;
 use sluice_schemas::{
-    ErrorCode, JobId, JobStatus, Message as ChatMessage, ModelName, RequestEvent, Role,
-    SCHEMA_VERSION, StatusEvent, UserId,
+    ErrorCode, JobStatus, Message as ChatMessage, ModelName, RequestEvent, Role, StatusEvent,
+    UserId,
 };
 use sluice_tests::infra::read_topic;
 use sluice_tests::{TestTopics, kafka_args};
@@ -90,20 +89,9 @@ impl Harness {
 }
 
 pub(crate) fn request(model: &str, deadline_in_ms: i64) -> RequestEvent {
-    let now = Utc::now();
-    RequestEvent {
-        schema_version: SCHEMA_VERSION,
-        job_id: JobId::new(),
-        user_id: UserId::parse("bob").unwrap(),
-        model: ModelName::parse(model).unwrap(),
-        task: sluice_schemas::Task::Chat(vec![ChatMessage::text(Role::User, "direct")]),
-        params: Default::default(),
-        submitted_at: now,
-        deadline: now + chrono::Duration::milliseconds(deadline_in_ms),
-        cache: true,
-        stream: false,
-        webhook: None,
-    }
+    let mut job = sluice_tests::chat_event("bob", "direct", deadline_in_ms);
+    job.model = ModelName::parse(model).unwrap();
+    job
 }
 
 /// `running` for attempts 1, 2 and 3, then `succeeded` on the third.

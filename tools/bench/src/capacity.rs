@@ -85,6 +85,12 @@ pub struct OverloadArgs {
     pub global_limit: f64,
     #[arg(long, default_value_t = 30.0)]
     pub duration_secs: f64,
+    /// Each job's `timeout_ms`, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout_secs: f64,
+    /// How ingest was configured, for the report (e.g. `capacity admission off`).
+    #[arg(long, default_value = "")]
+    pub setting: String,
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -116,7 +122,15 @@ pub struct Overload {
     pub rate: f64,
     pub duration_secs: f64,
     pub global_limit: f64,
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: f64,
+    #[serde(default)]
+    pub setting: String,
     pub step: Step,
+}
+
+fn default_timeout_secs() -> f64 {
+    60.0
 }
 
 pub(crate) fn bench_config(target: &Target, model: &str, secs: f64) -> Config {
@@ -275,6 +289,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<Sweep> {
 pub async fn overload(args: OverloadArgs) -> anyhow::Result<Overload> {
     let config = Config {
         rate: Some(args.rate),
+        timeout_secs: args.timeout_secs,
         ..bench_config(&args.target, &args.model, args.duration_secs)
     };
     let step = step(&args.target, config).await?;
@@ -282,6 +297,8 @@ pub async fn overload(args: OverloadArgs) -> anyhow::Result<Overload> {
         rate: args.rate,
         duration_secs: args.duration_secs,
         global_limit: args.global_limit,
+        timeout_secs: args.timeout_secs,
+        setting: args.setting,
         step,
     })
 }

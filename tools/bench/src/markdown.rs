@@ -243,6 +243,26 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     text.push('\n');
     usage_rows(&mut text, &overload.step);
 
+    let mut defaults: Vec<Overload> = Vec::new();
+    for entry in std::fs::read_dir(&args.dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        if name.starts_with("defaults-") && name.ends_with(".json") {
+            defaults.push(read_json(&path)?);
+        }
+    }
+    if !defaults.is_empty() {
+        defaults.sort_by(|a, b| a.rate.total_cmp(&b.rate).then(a.setting.cmp(&b.setting)));
+        text.push('\n');
+        text.push_str(&default_settings_overload(
+            &defaults,
+            sweep.sustainable_rate,
+        ));
+    }
+
     let webhooks_file = args.dir.join("webhooks.json");
     if webhooks_file.exists() {
         let run: crate::webhooks::WebhooksRun = read_json(&webhooks_file)?;
@@ -273,4 +293,51 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, text)?;
     Ok(())
+}
+
+/// The overload runs with ingest's default limits, capacity-aware admission off and on.
+fn default_settings_overload(runs: &[Overload], sustainable: f64) -> String {
+    let mut text = format!(
+        "## Overload with default settings: capacity-aware admission off and on\n\n\
+         Ingest with its defaults (per user 10/s, burst 20; global 1,000/s, burst 2,000), 100 \
+         users, every job with a {:.0} s timeout; offered at multiples of the sustainable rate \
+         ({sustainable:.0}/s) for {:.0} s each. \"Within deadline\" is the accepted jobs that \
+         succeeded (a job the worker reaches after its deadline ends `expired`).\n\n\
+         | offered /s | ingest | accepted | refused, by code | accepted: succeeded (within deadline) | expired | lost | submit p50 / p99 ms, accepted | refusal p50 / p99 ms | end to end p99 ms | peak RSS MiB: ingest, results |\n\
+         |---:|---|---:|---|---:|---:|---:|---|---|---:|---|\n",
+        runs.first().map_or(0.0, |run| run.timeout_secs),
+        runs.first().map_or(0.0, |run| run.duration_secs),
+    );
+    for run in runs {
+        let report = &run.step.report;
+        let succeeded = report.completed.get("succeeded").copied().unwrap_or(0);
+        let expired = report.completed.get("expired").copied().unwrap_or(0);
+        let refused: Vec<String> = report
+            .rejected
+            .iter()
+            .map(|(code, count)| format!("{code}: {count}"))
+            .collect();
+        let rss = |name: &str| {
+            run.step
+                .usage
+                .get(name)
+                .map_or("-".to_owned(), |usage| format!("{:.0}", usage.max_rss_mib))
+        };
+        let _ = writeln!(
+            text,
+            "| {:.0} | {} | {} | {} | {succeeded} = **{:.1}%** | {expired} | **{}** | {} | {} | {:.0} | {}, {} |",
+            report.offered_per_sec,
+            run.setting,
+            report.accepted,
+            refused.join(", "),
+            100.0 * succeeded as f64 / report.accepted.max(1) as f64,
+            report.lost,
+            p50_p99(&report.latency.submit),
+            p50_p99(&report.latency.rejection),
+            report.latency.end_to_end.p99_ms,
+            rss("ingest"),
+            rss("results"),
+        );
+    }
+    text
 }

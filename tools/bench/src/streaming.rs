@@ -57,6 +57,9 @@ pub struct StreamTimes {
     pub first_token: Percentiles,
     pub whole: Percentiles,
     pub failed: u64,
+    /// Refused at admission (`429`, `503` with `Retry-After`): not started, not failed.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,7 +101,13 @@ struct Times {
     first_token: Histogram<u64>,
     whole: Histogram<u64>,
     failed: u64,
+    refused: u64,
 }
+
+/// An answer refusing the call at admission.
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+struct Refused(reqwest::StatusCode);
 
 impl Times {
     fn new() -> Self {
@@ -107,6 +116,7 @@ impl Times {
             first_token: histogram(),
             whole: histogram(),
             failed: 0,
+            refused: 0,
         }
     }
 
@@ -115,6 +125,7 @@ impl Times {
             first_token: Percentiles::of(&self.first_token),
             whole: Percentiles::of(&self.whole),
             failed: self.failed,
+            refused: self.refused,
         }
     }
 }
@@ -175,10 +186,11 @@ async fn load(args: &StreamingArgs, rate: f64, streamed: bool) -> anyhow::Result
     let records_after = records(&args.kafka, &args.count_topics)?;
     let (sluice, alone) = (sluice.lock().unwrap(), alone.lock().unwrap());
     eprintln!(
-        "streaming {rate}/s (streamed {streamed}): first token p50 {:.1} ms through Sluice, {:.1} ms alone; {} failed",
+        "streaming {rate}/s (streamed {streamed}): first token p50 {:.1} ms through Sluice, {:.1} ms alone; {} failed, {} refused",
         sluice.report().first_token.p50_ms,
         alone.report().first_token.p50_ms,
-        sluice.failed
+        sluice.failed,
+        sluice.refused
     );
     Ok(StreamingLoad {
         rate,
@@ -201,6 +213,7 @@ async fn timed(http: reqwest::Client, url: String, body: Value, into: Arc<Mutex<
             let _ = times.first_token.record(micros(first.unwrap_or(whole)));
             let _ = times.whole.record(micros(whole));
         }
+        Err(error) if error.is::<Refused>() => times.refused += 1,
         Err(error) => {
             times.failed += 1;
             eprintln!("a streamed call failed: {error:#}");
@@ -216,7 +229,16 @@ async fn read_answer(
 ) -> anyhow::Result<Option<Duration>> {
     let sent = Instant::now();
     let response = http.post(url).json(body).send().await?;
-    anyhow::ensure!(response.status().is_success(), "{}", response.status());
+    let status = response.status();
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || (status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && response
+                .headers()
+                .contains_key(reqwest::header::RETRY_AFTER))
+    {
+        return Err(Refused(status).into());
+    }
+    anyhow::ensure!(status.is_success(), "{status}");
     if body["stream"] != json!(true) {
         response.bytes().await?;
         return Ok(None);
@@ -278,7 +300,7 @@ pub fn markdown(runs: &[Streaming]) -> String {
         "Each job asks `POST /v1/chat/completions` with `\"stream\": true` for a {}-token answer from a model that takes {} ms per token; at the same moment the same request goes to the model directly. Overhead is Sluice's p50 (p99) minus the model's own p50 (p99); a streamed token crosses the broker twice (the request, then its delta) before it reaches the client.\n",
         first.answer_tokens, first.token_time_ms
     );
-    text.push_str("| flush ms | rate /s | first token: Sluice p50 / p99 ms | model alone p50 / p99 | **overhead p50 / p99** | whole answer: Sluice p50 / p99 | model alone p50 / p99 | overhead p50 / p99 | broker hop p50 / p99 | failed | records per job (streamed / not) |\n|---:|---:|---|---|---|---|---|---|---|---:|---|\n");
+    text.push_str("| flush ms | rate /s | first token: Sluice p50 / p99 ms | model alone p50 / p99 | **overhead p50 / p99** | whole answer: Sluice p50 / p99 | model alone p50 / p99 | overhead p50 / p99 | broker hop p50 / p99 | failed | refused at admission | records per job (streamed / not) |\n|---:|---:|---|---|---|---|---|---|---|---:|---:|---|\n");
     for run in runs {
         for load in [&run.low, &run.half] {
             let (sluice, alone) = (&load.through_sluice, &load.model_alone);
@@ -288,7 +310,7 @@ pub fn markdown(runs: &[Streaming]) -> String {
             };
             let _ = writeln!(
                 text,
-                "| {} | {:.0} | {} | {} | **{}** | {} | {} | {} | {} | {} | {:.1} / {:.1} |",
+                "| {} | {:.0} | {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} |",
                 run.flush_ms,
                 load.rate,
                 pair(&sluice.first_token),
@@ -299,6 +321,7 @@ pub fn markdown(runs: &[Streaming]) -> String {
                 minus(&sluice.whole, &alone.whole),
                 pair(&load.hop.latency),
                 sluice.failed,
+                sluice.refused,
                 load.records_per_job,
                 run.records_per_job_unstreamed,
             );

@@ -3,12 +3,14 @@
 
 mod consume;
 mod follow;
+mod lag;
 mod offsets;
 mod produce;
 mod rebalance;
 
 pub use consume::{KafkaSource, Received, Record, SourceHealth};
 pub use follow::{Start, follow};
+pub use lag::{GroupLag, LagReading};
 pub use offsets::OffsetTracker;
 pub use produce::{Abandoned, Rejection, dead_letter, event_headers, flush, send_until_acked};
 pub use rebalance::{RebalanceContext, RebalanceState, commit_stored};

@@ -152,7 +152,11 @@ impl From<ApiError> for OpenAiError {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
             ApiError::IdempotencyKeyInProgress => (StatusCode::CONFLICT, "invalid_request_error"),
-            ApiError::Unavailable { .. } | ApiError::Overloaded | ApiError::LimiterUnavailable => {
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error"),
+            ApiError::Unavailable { .. }
+            | ApiError::Overloaded
+            | ApiError::LimiterUnavailable
+            | ApiError::DeadlineUnreachable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error")
             }
         };

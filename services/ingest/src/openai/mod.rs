@@ -11,6 +11,7 @@ mod wait;
 mod wire;
 
 pub(crate) use deltas::{DeltaRoutes, follow as follow_deltas};
+pub(crate) use error::OpenAiError;
 pub(crate) use wait::JobFollower;
 
 use crate::AppState;
@@ -24,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use deltas::Subscription;
-use error::OpenAiError;
 use serde_json::{Value, json};
 use sluice_schemas::{DeltaEvent, FieldError, JobId, JobStatus, Output};
 use std::convert::Infallible;

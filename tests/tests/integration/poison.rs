@@ -1,0 +1,176 @@
+//! Poison on every topic. Each kind (a wrong schema version, truncated JSON, valid JSON of the
+//! wrong type, a payload near the producer's size limit, no key and no payload) is dead-lettered
+//! with its reason by the topic's owner (requests: the worker; status: results), skipped by the
+//! services that follow a topic outside any group (control: every worker; deltas: results and
+//! ingest), and the jobs after it complete, a streamed one with its pieces.
+
+use rdkafka::Message;
+use rdkafka::message::Headers;
+use rdkafka::producer::FutureRecord;
+use serde_json::{Value, json};
+use sluice_schemas::{CancelEvent, DeltaEvent, JobId, SCHEMA_VERSION, StatusEvent, UserId};
+use sluice_tests::infra::read_topic;
+use sluice_tests::{Pipeline, PipelineOptions, chat_event};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const KINDS: usize = 5;
+
+/// The poisons made from one valid event of a topic: (kind, payload); the last has no key.
+fn poisons(valid: &[u8]) -> Vec<(&'static str, Option<Vec<u8>>)> {
+    let mut wrong_version: Value = serde_json::from_slice(valid).unwrap();
+    wrong_version["schema_version"] = json!(99);
+    let near_the_limit = format!(
+        "{{\"schema_version\": 1, \"junk\": \"{}\"}}",
+        "x".repeat(900_000)
+    );
+    vec![
+        (
+            "wrong schema version",
+            Some(serde_json::to_vec(&wrong_version).unwrap()),
+        ),
+        ("truncated JSON", Some(valid[..valid.len() / 2].to_vec())),
+        ("JSON of the wrong type", Some(b"[1, 2, 3]".to_vec())),
+        ("900 KB payload", Some(near_the_limit.into_bytes())),
+        ("no key and no payload", None),
+    ]
+}
+
+async fn publish_poisons(pipeline: &Pipeline, topic: &str, valid: &[u8]) {
+    let producer = pipeline.producer();
+    for (kind, payload) in poisons(valid) {
+        let sent = match &payload {
+            Some(payload) => {
+                let record = FutureRecord::to(topic).key("poisoner").payload(payload);
+                producer.send(record, Duration::from_secs(10)).await
+            }
+            None => {
+                let record = FutureRecord::<str, [u8]>::to(topic);
+                producer.send(record, Duration::from_secs(10)).await
+            }
+        };
+        sent.unwrap_or_else(|(error, _)| panic!("publishing {kind} to {topic}: {error}"));
+    }
+}
+
+/// The dead letters of a topic, each as (key, reason, source topic).
+fn dead_letters(topic: &str, partitions: i32) -> Vec<(Option<Vec<u8>>, String, String)> {
+    read_topic(topic, partitions, KINDS, Duration::from_secs(30))
+        .iter()
+        .map(|record| {
+            let headers: HashMap<String, String> = record
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|header| {
+                            (
+                                header.key.to_owned(),
+                                String::from_utf8_lossy(header.value.unwrap_or_default())
+                                    .into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                record.key().map(<[u8]>::to_vec),
+                headers.get("dlq-reason").cloned().unwrap_or_default(),
+                headers.get("dlq-source-topic").cloned().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn check_dead_letters(topic: &str, dlq: &str, partitions: i32) {
+    let dead = dead_letters(dlq, partitions);
+    for (key, reason, _) in &dead {
+        println!(
+            "poison on {topic}: key {:?}, dlq-reason {reason}",
+            key.as_deref().map(String::from_utf8_lossy)
+        );
+    }
+    assert_eq!(
+        dead.len(),
+        KINDS,
+        "every poison on {topic} is dead-lettered"
+    );
+    assert!(
+        dead.iter()
+            .all(|(_, reason, source)| !reason.is_empty() && source == topic),
+        "each with its reason and source: {dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|(_, reason, _)| reason.contains("schema_version") || reason.contains("99")),
+        "the wrong version is named: {dead:?}"
+    );
+    assert!(
+        dead.iter().any(|(key, _, _)| key.is_none()),
+        "the keyless poison keeps no key: {dead:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_of_every_kind_on_every_topic_is_set_aside_and_jobs_after_it_complete() {
+    let mut options = PipelineOptions::default();
+    options.sim.token_time_ms = 20;
+    let pipeline = Pipeline::start(options).await;
+    let topics = pipeline.topics.clone();
+
+    let request = chat_event("poisoner", "a valid request", 60_000);
+    let status = StatusEvent::queued(&request);
+    let cancel = CancelEvent {
+        schema_version: SCHEMA_VERSION,
+        job_id: JobId::new(),
+        user_id: UserId::parse("poisoner").unwrap(),
+        requested_at: chrono::Utc::now(),
+        deadline: None,
+    };
+    let delta = DeltaEvent {
+        schema_version: SCHEMA_VERSION,
+        job_id: JobId::new(),
+        user_id: UserId::parse("poisoner").unwrap(),
+        attempt: 1,
+        index: 0,
+        text: "a piece".into(),
+        emitted_at: chrono::Utc::now(),
+    };
+    publish_poisons(&pipeline, &topics.requests, &request.encode()).await;
+    publish_poisons(&pipeline, &topics.status, &status.encode()).await;
+    publish_poisons(
+        &pipeline,
+        &topics.control,
+        &serde_json::to_vec(&cancel).unwrap(),
+    )
+    .await;
+    publish_poisons(
+        &pipeline,
+        &topics.deltas,
+        &serde_json::to_vec(&delta).unwrap(),
+    )
+    .await;
+
+    // The jobs after the poison complete: every consumer and follower is still running.
+    let plain = pipeline.submit("after", "after the poison").await;
+    let streamed = pipeline
+        .submit_body(&json!({
+            "user_id": "after", "model": "sim", "stream": true,
+            "messages": [{"role": "user", "content": "stream after the poison"}],
+        }))
+        .await;
+    let ids = [plain.job_id.as_uuid(), streamed.job_id.as_uuid()];
+    pipeline.wait_terminal(&ids, Duration::from_secs(30)).await;
+    for id in ids {
+        assert_eq!(pipeline.job(id).await.unwrap()["status"], "succeeded");
+    }
+    let events = pipeline.event_names(streamed.job_id).await;
+    assert!(
+        events.iter().any(|event| event == "delta"),
+        "the streamed job's pieces still flow: {events:?}"
+    );
+
+    check_dead_letters(&topics.requests, &topics.requests_dlq, 4);
+    check_dead_letters(&topics.status, &topics.status_dlq, 4);
+    pipeline.stop().await;
+}
