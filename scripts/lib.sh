@@ -293,6 +293,18 @@ ensure_browser() {
   SLUICE_TEST_CHROMIUM=$(command -v chromium)
 }
 
+# --- cargo-fuzz, for scripts/fuzz -------------------------------------------------------
+
+CARGO_FUZZ_VERSION=0.13.1
+ensure_cargo_fuzz() {
+  local root="$SLUICE_TOOLS_DIR/cargo-fuzz-$CARGO_FUZZ_VERSION"
+  if [ ! -x "$root/bin/cargo-fuzz" ]; then
+    log "installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io into $root"
+    cargo install --quiet --locked --root "$root" --version "$CARGO_FUZZ_VERSION" cargo-fuzz
+  fi
+  export PATH="$root/bin:$PATH"
+}
+
 stop_started() {
   for pid in "${STARTED_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${STARTED_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done

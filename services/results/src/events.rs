@@ -27,7 +27,7 @@ use std::sync::Arc;
 /// answer went out, so `Last-Event-ID` resumes on any replica without a repeated or lost event
 /// or character.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Position {
+pub struct Position {
     seq: i64,
     answer_bytes: usize,
     queue: Option<i64>,
@@ -40,7 +40,8 @@ impl Position {
         queue: None,
     };
 
-    fn parse(text: &str) -> Option<Self> {
+    /// A `Last-Event-ID` (or `?last_event_id=`), or `None` if this stream never sent it.
+    pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
         let number = |text: &str| text.parse::<i64>().ok().filter(|value| *value >= 0);
         let position = if let Some((seq, bytes)) = text.split_once('.') {
@@ -64,7 +65,8 @@ impl Position {
         Some(position)
     }
 
-    fn id(self) -> String {
+    /// The event id a stream sends for this position.
+    pub fn id(self) -> String {
         match (self.answer_bytes, self.queue) {
             (0, None) => self.seq.to_string(),
             (0, Some(queue)) => format!("{}q{queue}", self.seq),

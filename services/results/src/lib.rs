@@ -19,6 +19,7 @@ mod webhooks;
 pub use api::ApiError;
 pub use cancel::Canceller;
 pub use config::Config;
+pub use events::Position;
 pub use state::{Job, Update};
 pub use store::Store;
 
