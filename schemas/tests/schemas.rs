@@ -227,3 +227,16 @@ fn decode_errors_name_the_field() {
     let error = RequestEvent::decode(b"{not json").unwrap_err();
     assert_eq!(error.kind(), "invalid_json");
 }
+
+/// Found by fuzzing (`fuzz/fuzz_targets/request_event.rs`): a parameter or a logprob with more
+/// digits than an `f64` holds must pass through the pipeline unchanged, however many times it is
+/// decoded and encoded (serde_json's `float_roundtrip`).
+#[test]
+fn numbers_pass_through_decoding_and_encoding_unchanged() {
+    let mut request = sample_request();
+    request.params = serde_json::from_str(r#"{"temperature": 3.3333333333333334e85}"#).unwrap();
+    let once = RequestEvent::decode(&request.encode()).unwrap();
+    let twice = RequestEvent::decode(&once.encode()).unwrap();
+    assert_eq!(once.encode(), twice.encode());
+    assert_eq!(once.params["temperature"], request.params["temperature"]);
+}

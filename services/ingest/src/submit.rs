@@ -1,7 +1,7 @@
 //! `POST /v1/jobs`: parse the body once into a request event, publish it, answer 202.
 
 use crate::AppState;
-use crate::admission::idempotency::{self, Claim, Remembered};
+use crate::admission::idempotency::{self, Claim, Pending, Remembered};
 use crate::admission::limiter::FailureMode;
 use crate::admission::{DEFAULT_TIER, rate_limit_headers};
 use crate::error::{ApiError, RateGate};
@@ -348,24 +348,38 @@ pub(crate) async fn accept(
         max_timeout: state.config.max_timeout,
     };
     // The one conversion: from here on the job is a validated event, nothing is re-checked.
-    let event = to_request_event(body, UserId::parse(given)?, limits, Utc::now())?;
+    let mut event = to_request_event(body, UserId::parse(given)?, limits, Utc::now())?;
     if let Some(webhook) = &event.webhook {
         check_webhook(webhook, &state.config)?;
     }
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
-    let user_id = &event.user_id;
+    let user_id = event.user_id.clone();
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
     let key = idempotency_key(headers)?;
     let retention = state.config.idempotency_ttl;
     let body_hash = idempotency::body_hash(raw);
     let mut claimed = false;
     if let Some(key) = &key {
+        let pending = Pending {
+            body_hash: body_hash.clone(),
+            job_id: event.job_id,
+            claimed_at: Utc::now(),
+        };
+        // Why the publish timeout and more: by then a submission that is still alive has had
+        // its answer from the broker, so a pending key that old was left by a dead ingest.
+        let takeover_after = state.config.publish_timeout * 2 + std::time::Duration::from_secs(1);
         match state
             .idempotency
-            .claim(user_id.as_str(), key, &body_hash, retention)
+            .claim(user_id.as_str(), key, &pending, retention, takeover_after)
             .await
         {
             Ok(Claim::New) => claimed = true,
+            Ok(Claim::Abandoned(job_id)) => {
+                tracing::info!(job_id = %job_id, "taking over an idempotency key left pending");
+                event.job_id = job_id;
+                tracing::Span::current().record("job_id", tracing::field::display(job_id));
+                claimed = true;
+            }
             Ok(Claim::Replay(accepted)) => return Ok(Admission::Replayed(accepted)),
             Ok(Claim::Mismatch) => return Err(ApiError::IdempotencyKeyReused),
             Ok(Claim::InProgress) => return Err(ApiError::IdempotencyKeyInProgress),

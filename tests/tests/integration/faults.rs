@@ -25,19 +25,20 @@ const JOBS: usize = 300;
 const RESTART_AFTER: Duration = Duration::from_secs(2);
 const JOBS_PER_SECOND: u64 = 60;
 
-struct Cluster {
+pub(crate) struct Cluster {
     name: &'static str,
     topics: TestTopics,
-    database: TestDatabase,
+    pub(crate) database: TestDatabase,
     sim: Arc<Stats>,
-    sim_url: String,
-    ingest_url: String,
-    http: reqwest::Client,
+    /// Where the workers started from now on call the model.
+    pub(crate) sim_url: String,
+    pub(crate) ingest_url: String,
+    pub(crate) http: reqwest::Client,
     stop: CancellationToken,
 }
 
 impl Cluster {
-    async fn start(name: &'static str) -> Self {
+    pub(crate) async fn start(name: &'static str) -> Self {
         Self::with_model_time(name, 100).await
     }
 
@@ -90,7 +91,7 @@ impl Cluster {
         }
     }
 
-    fn env(&self) -> HashMap<String, String> {
+    pub(crate) fn env(&self) -> HashMap<String, String> {
         let kafka = kafka_args(6);
         [
             ("KAFKA_BROKERS", kafka.brokers.as_str()),
@@ -114,7 +115,7 @@ impl Cluster {
         .collect()
     }
 
-    async fn worker(&self, label: &str) -> ServiceProcess {
+    pub(crate) async fn worker(&self, label: &str) -> ServiceProcess {
         let port = free_port();
         let mut env = self.env();
         env.insert("SLUICE_WORKER_ADDR".into(), format!("127.0.0.1:{port}"));
@@ -128,7 +129,7 @@ impl Cluster {
         process
     }
 
-    async fn results(&self, label: &str) -> ServiceProcess {
+    pub(crate) async fn results(&self, label: &str) -> ServiceProcess {
         let port = free_port();
         let mut env = self.env();
         env.insert("SLUICE_RESULTS_ADDR".into(), format!("127.0.0.1:{port}"));
@@ -140,7 +141,7 @@ impl Cluster {
         process
     }
 
-    async fn wait_ready(&self, process: &ServiceProcess, port: u16) {
+    pub(crate) async fn wait_ready(&self, process: &ServiceProcess, port: u16) {
         let url = format!("http://127.0.0.1:{port}/readyz");
         let started = Instant::now();
         loop {

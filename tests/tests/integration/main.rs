@@ -6,6 +6,7 @@
 mod access;
 mod admission;
 mod auth;
+mod backend_faults;
 mod bench;
 mod browser;
 mod cache;
@@ -15,6 +16,7 @@ mod embedding;
 mod fairness;
 mod faults;
 mod ingest;
+mod ingest_faults;
 mod openai;
 mod pipeline;
 mod poison;
