@@ -98,6 +98,8 @@ async fn the_model_backend_killed_mid_call_leaves_no_job_running() {
 
     let during = submit(&cluster, 40, "during").await;
     let stats = format!("http://127.0.0.1:{port}/stats");
+    // Why 4: the worker's adaptive limit lets 8 calls at once to a new backend, and grows only
+    // as calls succeed.
     sluice_tests::wait_until(
         "calls in flight at the backend",
         Duration::from_secs(30),
@@ -111,7 +113,7 @@ async fn the_model_backend_killed_mid_call_leaves_no_job_running() {
                 .json()
                 .await
                 .ok()?;
-            (stats["open"].as_u64()? >= 10).then_some(())
+            (stats["open"].as_u64()? >= 4).then_some(())
         },
     )
     .await;
