@@ -3,11 +3,13 @@
 //! the test with a message saying how to start it; nothing is ever skipped.
 
 pub mod infra;
+pub mod jobs;
 pub mod pipeline;
 pub mod process;
 pub mod sse;
 
 pub use infra::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
+pub use jobs::{terminal_not_once, wait_terminal};
 pub use pipeline::{Pipeline, PipelineOptions, TEST_WEBHOOK_KEY, test_webhooks};
 pub use sse::{SseEvent, read_sse, read_sse_until};
 

@@ -357,22 +357,7 @@ impl Pipeline {
 
     /// Waits until every job in `ids` has a terminal status in Postgres.
     pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) {
-        let pool = &self.database.pool;
-        wait_until(
-            &format!("{} jobs to finish", ids.len()),
-            timeout,
-            || async {
-                let done: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND status_rank = 2",
-                )
-                .bind(ids)
-                .fetch_one(pool)
-                .await
-                .ok()?;
-                (done == ids.len() as i64).then_some(())
-            },
-        )
-        .await;
+        crate::jobs::wait_terminal(&self.database.pool, ids, timeout).await;
     }
 
     /// Stops the results service, leaves it down for `down_for`, and starts it again on the

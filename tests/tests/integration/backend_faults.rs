@@ -53,26 +53,8 @@ async fn submit(cluster: &Cluster, count: usize, label: &str) -> Vec<Uuid> {
 /// Waits until every job in `ids` has a terminal status; their statuses, counted.
 async fn settle(cluster: &Cluster, ids: &[Uuid]) -> HashMap<String, i64> {
     let pool = &cluster.database.pool;
-    sluice_tests::wait_until("every job to end", Duration::from_secs(120), || async {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND status_rank = 2",
-        )
-        .bind(ids)
-        .fetch_one(pool)
-        .await
-        .ok()?;
-        (done == ids.len() as i64).then_some(())
-    })
-    .await;
-    let not_once: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT job_id FROM job_events WHERE job_id = ANY($1)
-             AND status IN ('succeeded', 'failed', 'expired', 'cancelled')
-             GROUP BY job_id HAVING count(*) <> 1) AS odd",
-    )
-    .bind(ids)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    sluice_tests::wait_terminal(pool, ids, Duration::from_secs(120)).await;
+    let not_once = sluice_tests::terminal_not_once(pool, ids).await;
     assert_eq!(not_once, 0, "every job ended exactly once");
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT status || COALESCE(' ' || (error->>'code'), ''), count(*) FROM jobs

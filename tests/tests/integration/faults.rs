@@ -212,21 +212,7 @@ impl Cluster {
         assert_eq!(ids.len(), JOBS, "every submission was accepted");
         let pool = &self.database.pool;
         let started = Instant::now();
-        wait_until(
-            "every accepted job to finish",
-            Duration::from_secs(180),
-            || async {
-                let done: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND status_rank = 2",
-                )
-                .bind(&ids)
-                .fetch_one(pool)
-                .await
-                .ok()?;
-                (done == JOBS as i64).then_some(())
-            },
-        )
-        .await;
+        sluice_tests::wait_terminal(pool, &ids, Duration::from_secs(180)).await;
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
             .fetch_one(pool)
             .await
@@ -238,14 +224,7 @@ impl Cluster {
                 .await
                 .unwrap();
         assert_eq!(statuses, [("succeeded".to_owned(), JOBS as i64)]);
-        let not_once: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT job_id FROM job_events
-                 WHERE status IN ('succeeded', 'failed', 'expired', 'cancelled')
-                 GROUP BY job_id HAVING count(*) <> 1) AS odd",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let not_once = sluice_tests::terminal_not_once(pool, &ids).await;
         assert_eq!(
             not_once, 0,
             "every job recorded exactly one terminal status"

@@ -8,22 +8,35 @@ use sluice_tests::{TestTopics, kafka_args};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_publishes_a_keyed_record_with_headers_and_answers_202_with_location() {
-    let kafka = kafka_args(3);
+/// Ingest alone on fresh topics, keys off, as `configure` sets it; its URL, topics and stop.
+async fn ingest(
+    configure: impl FnOnce(&mut sluice_ingest::Config),
+) -> (
+    String,
+    TestTopics,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let topics = TestTopics::unique();
     let mut config = sluice_ingest::Config::defaults();
     config.addr = "127.0.0.1:0".into();
-    config.kafka = kafka;
+    config.kafka = kafka_args(3);
     config.topics = topics.args();
     config.auth = sluice_common::auth::AuthMode::Off;
-    config.results_url = "http://results.example".into();
+    configure(&mut config);
     let app = sluice_ingest::Application::build(config)
         .await
-        .expect("ingest builds (creates its topic)");
+        .expect("ingest builds (creates its topics)");
     let url = format!("http://{}", app.local_addr());
     let stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(stop.clone()));
+    (url, topics, stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_publishes_a_keyed_record_with_headers_and_answers_202_with_location() {
+    let (url, topics, stop, server) =
+        ingest(|config| config.results_url = "http://results.example".into()).await;
 
     let body = serde_json::json!({
         "user_id": "alice", "model": "sim", "timeout_ms": 5000,
@@ -78,18 +91,7 @@ async fn ingest_publishes_a_keyed_record_with_headers_and_answers_202_with_locat
 async fn a_client_that_sends_a_4_mb_body_before_reading_gets_the_413() {
     let python = std::env::var("SLUICE_TEST_PYTHON")
         .expect("SLUICE_TEST_PYTHON: a python 3 (scripts/test sets it)");
-    let topics = TestTopics::unique();
-    let mut config = sluice_ingest::Config::defaults();
-    config.addr = "127.0.0.1:0".into();
-    config.kafka = kafka_args(3);
-    config.topics = topics.args();
-    config.auth = sluice_common::auth::AuthMode::Off;
-    let app = sluice_ingest::Application::build(config)
-        .await
-        .expect("ingest builds");
-    let url = format!("http://{}", app.local_addr());
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let (url, _topics, stop, server) = ingest(|_| {}).await;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/oversized_body.py");
     let output = tokio::process::Command::new(&python)
@@ -133,19 +135,9 @@ async fn slow_or_oversized_request_heads_and_stalled_bodies_are_cut() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    let topics = TestTopics::unique();
-    let mut config = sluice_ingest::Config::defaults();
-    config.addr = "127.0.0.1:0".into();
-    config.kafka = kafka_args(3);
-    config.topics = topics.args();
-    config.auth = sluice_common::auth::AuthMode::Off;
-    config.body_timeout = Duration::from_secs(1);
-    let app = sluice_ingest::Application::build(config)
-        .await
-        .expect("ingest builds");
-    let address = app.local_addr();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let (url, _topics, stop, server) =
+        ingest(|config| config.body_timeout = Duration::from_secs(1)).await;
+    let address = url.trim_start_matches("http://").to_owned();
 
     async fn answer(stream: &mut TcpStream, within: Duration) -> String {
         let mut text = Vec::new();
@@ -157,7 +149,7 @@ async fn slow_or_oversized_request_heads_and_stalled_bodies_are_cut() {
     }
 
     // A head that never ends: the connection is closed (hyper may say 408 first).
-    let mut slow = TcpStream::connect(address).await.unwrap();
+    let mut slow = TcpStream::connect(&address).await.unwrap();
     slow.write_all(b"POST /v1/jobs HTTP/1.1\r\nHost: ingest\r\nX-Slow: ")
         .await
         .unwrap();
@@ -175,7 +167,7 @@ async fn slow_or_oversized_request_heads_and_stalled_bodies_are_cut() {
     );
 
     // A head of 80 KiB: 431.
-    let mut big = TcpStream::connect(address).await.unwrap();
+    let mut big = TcpStream::connect(&address).await.unwrap();
     let head = format!(
         "GET /healthz HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
         "a".repeat(80 * 1024)
@@ -185,7 +177,7 @@ async fn slow_or_oversized_request_heads_and_stalled_bodies_are_cut() {
     assert!(big_answer.starts_with("HTTP/1.1 431"), "{big_answer}");
 
     // A body that stops after 10 of its 100 bytes: 408 with the JSON error.
-    let mut stalled = TcpStream::connect(address).await.unwrap();
+    let mut stalled = TcpStream::connect(&address).await.unwrap();
     stalled
         .write_all(
             b"POST /v1/jobs HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user_id\"",

@@ -148,30 +148,13 @@ async fn ingest_killed_under_load_loses_no_job_and_makes_none_twice() {
     assert_eq!(jobs.len(), JOBS, "one job per key");
     let ids: Vec<Uuid> = jobs.into_iter().collect();
     let pool = &cluster.database.pool;
-    sluice_tests::wait_until("every job to end", Duration::from_secs(120), || async {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE job_id = ANY($1) AND status_rank = 2",
-        )
-        .bind(&ids)
-        .fetch_one(pool)
-        .await
-        .ok()?;
-        (done == JOBS as i64).then_some(())
-    })
-    .await;
+    sluice_tests::wait_terminal(pool, &ids, Duration::from_secs(120)).await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
         .fetch_one(pool)
         .await
         .unwrap();
     assert_eq!(rows, JOBS as i64, "no job that no client knows of");
-    let not_once: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT job_id FROM job_events
-             WHERE status IN ('succeeded', 'failed', 'expired', 'cancelled')
-             GROUP BY job_id HAVING count(*) <> 1) AS odd",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let not_once = sluice_tests::terminal_not_once(pool, &ids).await;
     assert_eq!(
         not_once, 0,
         "every job recorded exactly one terminal status"

@@ -243,17 +243,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     text.push('\n');
     usage_rows(&mut text, &overload.step);
 
-    let mut defaults: Vec<Overload> = Vec::new();
-    for entry in std::fs::read_dir(&args.dir)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .unwrap_or("");
-        if name.starts_with("defaults-") && name.ends_with(".json") {
-            defaults.push(read_json(&path)?);
-        }
-    }
+    let mut defaults: Vec<Overload> = read_phases(&args.dir, "defaults-")?;
     if !defaults.is_empty() {
         defaults.sort_by(|a, b| a.rate.total_cmp(&b.rate).then(a.setting.cmp(&b.setting)));
         text.push('\n');
@@ -270,17 +260,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
         text.push_str(&crate::webhooks::markdown(&run, &sweep.half_rate));
     }
 
-    let mut streaming: Vec<Streaming> = Vec::new();
-    for entry in std::fs::read_dir(&args.dir)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .unwrap_or("");
-        if name.starts_with("streaming-") && name.ends_with(".json") {
-            streaming.push(read_json(&path)?);
-        }
-    }
+    let mut streaming: Vec<Streaming> = read_phases(&args.dir, "streaming-")?;
     if !streaming.is_empty() {
         streaming.sort_by_key(|run| run.flush_ms);
         text.push('\n');
@@ -293,6 +273,25 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, text)?;
     Ok(())
+}
+
+/// Every `<prefix>*.json` phase file in `dir`.
+fn read_phases<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    prefix: &str,
+) -> anyhow::Result<Vec<T>> {
+    let mut phases = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        if name.starts_with(prefix) && name.ends_with(".json") {
+            phases.push(read_json(&path)?);
+        }
+    }
+    Ok(phases)
 }
 
 /// The overload runs with ingest's default limits, capacity-aware admission off and on.
