@@ -170,6 +170,46 @@ impl From<ModelName> for String {
     }
 }
 
+/// The longest tier name.
+pub const MAX_TIER_LEN: usize = 64;
+
+/// A tier of `SLUICE_TIERS`: 1 to 64 ASCII letters, digits, `.`, `_` or `-`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TierName(String);
+
+impl TierName {
+    pub fn parse(text: impl Into<String>) -> Result<Self, FieldError> {
+        let text = text.into();
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if text.is_empty() || text.len() > MAX_TIER_LEN || !text.chars().all(allowed) {
+            return Err(FieldError::new(
+                "tier",
+                format!("must be 1 to {MAX_TIER_LEN} ASCII letters, digits, '.', '_' or '-'"),
+            ));
+        }
+        Ok(Self(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TierName {
+    type Error = FieldError;
+
+    fn try_from(text: String) -> Result<Self, FieldError> {
+        Self::parse(text)
+    }
+}
+
+impl From<TierName> for String {
+    fn from(name: TierName) -> String {
+        name.0
+    }
+}
+
 impl fmt::Display for ModelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -3,16 +3,18 @@
 //! `request.schema.json` and `status.schema.json` beside this crate are the public form of the
 //! same contract; `tests/schemas.rs` proves that the two agree.
 
+mod cost;
 mod delta;
 mod domain;
 mod events;
 mod request;
 mod webhook;
 
+pub use cost::{BYTES_PER_TOKEN, TOKENS_PER_MESSAGE, TokenEstimate};
 pub use delta::DeltaEvent;
 pub use domain::{
-    FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_USER_ID_LEN, Message, ModelName, Params, Role,
-    UserId, deserialize_input,
+    FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_TIER_LEN, MAX_USER_ID_LEN, Message, ModelName,
+    Params, Role, TierName, UserId, deserialize_input,
 };
 pub use events::{
     CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, SCHEMA_VERSION, StatusEvent,

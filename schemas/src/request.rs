@@ -3,7 +3,7 @@
 //! keeps the schema file's shape (`messages` or `input` at the top level).
 
 use crate::domain::{
-    FieldError, JobId, Message, ModelName, Params, UserId, check_input, check_messages,
+    FieldError, JobId, Message, ModelName, Params, TierName, UserId, check_input, check_messages,
     deserialize_input,
 };
 use crate::events::{DecodeError, check_version, decode_json};
@@ -32,6 +32,9 @@ pub struct RequestEvent {
     pub stream: bool,
     /// Where the job's status changes are delivered as signed webhooks, if anywhere.
     pub webhook: Option<Webhook>,
+    /// The submitter's tier (`SLUICE_TIERS`), which weighs its share of the workers; absent
+    /// means `default`. Ingest sets it from the API key; a direct producer sets it itself.
+    pub tier: Option<TierName>,
 }
 
 /// What a job asks of its model.
@@ -115,6 +118,8 @@ struct WireRequest {
     stream: bool,
     #[serde(default)]
     webhook: Option<Webhook>,
+    #[serde(default)]
+    tier: Option<TierName>,
 }
 
 impl TryFrom<WireRequest> for RequestEvent {
@@ -144,6 +149,7 @@ impl TryFrom<WireRequest> for RequestEvent {
             cache: wire.cache.unwrap_or(true),
             stream: wire.stream,
             webhook: wire.webhook,
+            tier: wire.tier,
         };
         event.validate()?;
         Ok(event)
@@ -170,6 +176,8 @@ struct WireRequestRef<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     webhook: Option<&'a Webhook>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tier: Option<&'a TierName>,
 }
 
 impl Serialize for RequestEvent {
@@ -192,6 +200,7 @@ impl Serialize for RequestEvent {
             cache: (!self.cache).then_some(false),
             stream: self.stream,
             webhook: self.webhook.as_ref(),
+            tier: self.tier.as_ref(),
         }
         .serialize(serializer)
     }

@@ -49,6 +49,7 @@ fn sample_request() -> RequestEvent {
         cache: true,
         stream: false,
         webhook: None,
+        tier: None,
     }
 }
 

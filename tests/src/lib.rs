@@ -29,5 +29,6 @@ pub fn chat_event(user: &str, content: &str, deadline_in_ms: i64) -> sluice_sche
         cache: true,
         stream: false,
         webhook: None,
+        tier: None,
     }
 }

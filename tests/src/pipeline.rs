@@ -226,7 +226,8 @@ impl Pipeline {
             .tiers
             .clone()
             .unwrap_or_else(|| r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into());
-        ingest_config.tiers = sluice_ingest::admission::Tiers::parse(&tiers).expect("test tiers");
+        ingest_config.tiers.by_name =
+            sluice_ingest::admission::Tiers::parse(&tiers).expect("test tiers");
         ingest_config.global_burst = 100_000;
         ingest_config.global_rate_per_sec = 100_000.0;
         let ingest = sluice_ingest::Application::build(ingest_config)
@@ -274,6 +275,10 @@ impl Pipeline {
         config.worker_id = Some(format!("test-worker-{index}"));
         config.drain_timeout = Duration::from_secs(5);
         config.embedding_model_dir = options.embedding_model_dir.clone();
+        // The same tiers as ingest: their weights share the worker.
+        if let Some(tiers) = &options.tiers {
+            config.tiers.by_name = sluice_common::tiers::Tiers::parse(tiers).expect("test tiers");
+        }
         config
     }
 

@@ -171,3 +171,11 @@ affinity:
       key: {{ if .Values.webhooks.existingSecret }}{{ .Values.webhooks.existingSecretKey }}{{ else }}webhook-secret-key{{ end }}
 {{- end }}
 {{- end -}}
+
+{{/* What ingest and the workers both read about tiers and token estimates. */}}
+{{- define "sluice.tierEnv" -}}
+- name: SLUICE_TIERS
+  value: {{ .Values.tiers | quote }}
+- name: SLUICE_DEFAULT_MAX_TOKENS
+  value: {{ .Values.defaultMaxTokens | quote }}
+{{- end }}

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod http;
 pub mod kafka;
 pub mod propagation;
+pub mod tiers;
 pub mod tokens;
 pub mod webhooks;
 

@@ -98,15 +98,10 @@ pub struct Config {
     #[arg(long = "key-cache-secs", env = "SLUICE_KEY_CACHE_SECS", default_value = "30", value_parser = sluice_common::settings::secs)]
     pub key_cache_ttl: std::time::Duration,
 
-    /// Per-user quotas by tier, JSON: `{"default": {"rate_per_sec": 10, "burst": 20}, "pro": ...}`.
-    /// Without API keys every user is in `default`.
-    #[arg(
-        long,
-        env = "SLUICE_TIERS",
-        default_value = r#"{"default": {"rate_per_sec": 10, "burst": 20}}"#,
-        value_parser = crate::admission::Tiers::setting
-    )]
-    pub tiers: crate::admission::Tiers,
+    /// Tiers (`SLUICE_TIERS`: per-user limits on requests and tokens) and the default cap on
+    /// an answer's tokens in estimates (`SLUICE_DEFAULT_MAX_TOKENS`).
+    #[command(flatten)]
+    pub tiers: sluice_common::tiers::TierArgs,
 
     /// Sustained submissions per second over all users together.
     #[arg(long, env = "SLUICE_GLOBAL_RATE_PER_SEC", default_value_t = 1000.0)]

@@ -12,6 +12,8 @@ pub enum RateGate {
     User,
     /// The deployment's requests per second, over every user.
     Global,
+    /// The user's tier's model tokens per minute.
+    Tokens,
 }
 
 impl RateGate {
@@ -19,6 +21,7 @@ impl RateGate {
         match self {
             RateGate::User => "the user's",
             RateGate::Global => "the global",
+            RateGate::Tokens => "the user's token",
         }
     }
 }
@@ -64,6 +67,16 @@ pub enum ApiError {
         time_left: std::time::Duration,
         retry_after_secs: u64,
     },
+    #[error(
+        "the job is estimated at {} tokens ({} of prompt, {} of answer: its max_tokens or SLUICE_DEFAULT_MAX_TOKENS) and tier `{tier}` holds at most {burst} at once; lower max_tokens or shorten the prompt",
+        prompt + completion, prompt, completion
+    )]
+    TokensExceedLimit {
+        prompt: u64,
+        completion: u64,
+        tier: String,
+        burst: u32,
+    },
     #[error("ingest is handling as many submissions as it can; retry shortly")]
     Overloaded,
     #[error("the rate limiter's store is unreachable and SLUICE_REDIS_FAILURE_MODE is closed")]
@@ -91,7 +104,9 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+            ApiError::InvalidIdempotencyKey | ApiError::TokensExceedLimit { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::IdempotencyKeyInProgress => StatusCode::CONFLICT,
         }
@@ -114,6 +129,11 @@ impl ApiError {
                 gate: RateGate::Global,
                 ..
             } => "global_rate_limited",
+            ApiError::RateLimited {
+                gate: RateGate::Tokens,
+                ..
+            } => "token_rate_limited",
+            ApiError::TokensExceedLimit { .. } => "tokens_exceed_limit",
             ApiError::DeadlineUnreachable { .. } => "deadline_unreachable",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden => "forbidden",
@@ -137,6 +157,11 @@ impl ApiError {
                 gate: RateGate::Global,
                 ..
             } => Some("global_limit"),
+            ApiError::RateLimited {
+                gate: RateGate::Tokens,
+                ..
+            }
+            | ApiError::TokensExceedLimit { .. } => Some("tokens"),
             ApiError::DeadlineUnreachable { .. } => Some("capacity"),
             ApiError::Overloaded => Some("submissions"),
             ApiError::Unavailable { .. } => Some("broker"),

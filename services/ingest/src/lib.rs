@@ -3,6 +3,7 @@
 //! (`openai/`) make the same jobs and wait for their answers.
 
 pub mod admission;
+mod admit;
 mod config;
 mod error;
 mod keys;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub keys: Option<Arc<sluice_common::auth::KeyStore>>,
     /// Signs each job's stream token; `None` when API keys are off (anyone reads any job).
     pub tokens: Option<sluice_common::tokens::StreamTokens>,
+    /// Token reservations of jobs this replica admitted, until their terminal status settles them.
+    pub reservations: Arc<admission::tokens::Reservations>,
     /// The pipeline's estimated wait, which refuses jobs whose deadline it would pass.
     pub capacity: Arc<admission::capacity::Capacity>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
@@ -62,7 +65,7 @@ impl AppState {
     /// Creates the producer (librdkafka connects in the background, so this needs no broker)
     /// and the admission stores (Redis, if `REDIS_URL` is set, is connected here).
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let tiers = Arc::new(config.tiers.clone());
+        let tiers = Arc::new(config.tiers.by_name.clone());
         let limiter = Arc::new(admission::build_limiter(&config).await?);
         let idempotency = Arc::new(match &config.redis_url {
             Some(url) => IdempotencyStore::Redis {
@@ -124,6 +127,7 @@ impl AppState {
         );
         Ok(Self {
             capacity: Arc::new(admission::capacity::Capacity::new(config.capacity.clone())),
+            reservations: Arc::default(),
             deltas: openai::DeltaRoutes::default(),
             follower: openai::JobFollower::new(
                 config
@@ -220,6 +224,18 @@ impl Application {
             ),
         );
         let config = &self.state.config;
+        if config.tiers.by_name.any_token_limit() {
+            lifecycle.spawn(
+                "token settlement",
+                admission::tokens::follow(
+                    config.kafka.clone(),
+                    config.topics.status.clone(),
+                    self.state.reservations.clone(),
+                    self.state.limiter.clone(),
+                    stop.clone(),
+                ),
+            );
+        }
         if config.capacity.enabled {
             let lag = sluice_common::kafka::GroupLag::new(
                 &config.kafka,

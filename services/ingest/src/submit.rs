@@ -1,10 +1,10 @@
 //! `POST /v1/jobs`: parse the body once into a request event, publish it, answer 202.
 
 use crate::AppState;
+use crate::admission::DEFAULT_TIER;
 use crate::admission::idempotency::{self, Claim, Pending, Remembered};
-use crate::admission::limiter::FailureMode;
-use crate::admission::{DEFAULT_TIER, rate_limit_headers};
-use crate::error::{ApiError, RateGate};
+use crate::admit::on_store_failure;
+use crate::error::ApiError;
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -14,11 +14,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_common::auth::Caller;
-use sluice_common::cache::cache_key;
 use sluice_common::{propagation, telemetry};
 use sluice_schemas::{
     DecodeError, FieldError, JobId, JobStatus, Message, ModelName, Output, Params, RequestEvent,
-    SCHEMA_VERSION, StatusEvent, Task, Timings, UserId,
+    SCHEMA_VERSION, Task, TierName, UserId,
 };
 use std::time::Duration;
 use tracing::Instrument;
@@ -128,6 +127,7 @@ pub fn to_request_event(
         cache: body.cache.unwrap_or(true),
         stream: body.stream,
         webhook: body.webhook,
+        tier: None,
     };
     // The rules every consumer applies (message count, empty content, ...): ingest never
     // publishes what a worker would dead-letter.
@@ -229,25 +229,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         return Err(ApiError::InvalidIdempotencyKey);
     }
     Ok(Some(key.to_owned()))
-}
-
-/// A store failure under the configured failure mode: `open` goes on (logged and counted),
-/// `closed` refuses with 503.
-fn on_store_failure(
-    state: &AppState,
-    what: &str,
-    error: &redis::RedisError,
-) -> Result<(), ApiError> {
-    let failures = state
-        .limiter
-        .store_failures
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        + 1;
-    tracing::warn!(error = %error, failures, what, "admission store unreachable");
-    match state.limiter.failure_mode {
-        FailureMode::Open => Ok(()),
-        FailureMode::Closed => Err(ApiError::LimiterUnavailable),
-    }
 }
 
 /// `POST /v1/jobs`, in the job's root span: a child of the caller's `traceparent` if it sent
@@ -355,6 +336,10 @@ pub(crate) async fn accept(
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
     let user_id = event.user_id.clone();
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
+    // The worker weighs the user's share by it; absent is the default tier.
+    event.tier = Some(tier.as_str())
+        .filter(|tier| *tier != DEFAULT_TIER)
+        .and_then(|tier| TierName::parse(tier).ok());
     let key = idempotency_key(headers)?;
     let retention = state.config.idempotency_ttl;
     let body_hash = idempotency::body_hash(raw);
@@ -386,7 +371,7 @@ pub(crate) async fn accept(
             Err(error) => on_store_failure(state, "idempotency", &error)?,
         }
     }
-    let result = admit_and_publish(state, &event, &tier).await;
+    let result = crate::admit::admit_and_publish(state, &event, &tier).await;
     if let (Some(key), true) = (&key, claimed) {
         match &result {
             Ok((accepted, _)) => {
@@ -423,103 +408,4 @@ fn replayed(accepted: serde_json::Value) -> Response {
         .headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
-}
-
-/// Rate limits, then the event, then the broker's acknowledgement.
-async fn admit_and_publish(
-    state: &AppState,
-    event: &RequestEvent,
-    tier: &str,
-) -> Result<(Accepted, HeaderMap), ApiError> {
-    let user_id = &event.user_id;
-    let (tier, quota) = state.tiers.quota(tier);
-    let mut limit_headers = HeaderMap::new();
-    match state.limiter.check(user_id.as_str(), &quota).await {
-        Ok(verdict) => {
-            limit_headers = rate_limit_headers(tier, &quota, &state.limiter.global, &verdict);
-            if !verdict.allowed() {
-                let gate = match verdict.user.allowed {
-                    false => RateGate::User,
-                    true => RateGate::Global,
-                };
-                let retry_after_secs = verdict.retry_after().as_secs_f64().ceil().max(1.0) as u64;
-                return Err(ApiError::RateLimited {
-                    gate,
-                    retry_after_secs,
-                    headers: limit_headers,
-                });
-            }
-        }
-        Err(error) => on_store_failure(state, "rate limit", &error)?,
-    }
-    let output = answer_from_cache(state, event).await?;
-    if output.is_none() {
-        // After the cache: an answer already known needs no capacity.
-        let time_left = (event.deadline - Utc::now()).to_std().unwrap_or_default();
-        state.capacity.check(time_left)?;
-        state.publisher.publish(event).await?;
-        state.capacity.published();
-        metrics::counter!("sluice_jobs_accepted_total").increment(1);
-        tracing::debug!("job accepted");
-    }
-
-    let status_url = format!(
-        "{}/v1/jobs/{}",
-        state.config.results_url.trim_end_matches('/'),
-        event.job_id
-    );
-    // With API keys on, the events URL carries the job's stream token: a backend can hand it to
-    // a browser, which reads this job and nothing else with it.
-    let events_url = match &state.tokens {
-        Some(tokens) => format!(
-            "{status_url}/events?token={}",
-            tokens.issue(event.job_id, Utc::now())
-        ),
-        None => format!("{status_url}/events"),
-    };
-    let accepted = Accepted {
-        job_id: event.job_id,
-        status: if output.is_some() {
-            JobStatus::Succeeded
-        } else {
-            JobStatus::Queued
-        },
-        deadline: event.deadline,
-        events_url,
-        status_url,
-        output,
-    };
-    Ok((accepted, limit_headers))
-}
-
-/// With a shared (Redis) cache, a hit is answered now, without a worker or a model: the job is
-/// recorded by publishing its `succeeded` status (results makes the row from it).
-async fn answer_from_cache(
-    state: &AppState,
-    event: &RequestEvent,
-) -> Result<Option<Output>, ApiError> {
-    if !event.cache || !state.cache.is_shared() {
-        return Ok(None);
-    }
-    let Some(mut output) = state.cache.get(&cache_key(event)).await else {
-        return Ok(None);
-    };
-    // A streamed job's readers take the whole answer as one delta from this output.
-    output.streamed = event.stream;
-    let now = Utc::now();
-    let mut status = StatusEvent::queued(event);
-    status.status = JobStatus::Succeeded;
-    status.output = Some(output.clone());
-    status.timings = Timings {
-        queued_at: event.submitted_at,
-        started_at: Some(now),
-        finished_at: Some(now),
-    };
-    status.worker_id = Some("ingest-cache".to_owned());
-    status.emitted_at = now;
-    state
-        .publisher
-        .publish_status(&state.config.topics.status, &status)
-        .await?;
-    Ok(Some(output))
 }

@@ -33,6 +33,16 @@ pub struct Config {
     #[arg(long, env = "SLUICE_PER_USER_IN_FLIGHT", default_value_t = 8)]
     pub per_user_in_flight: usize,
 
+    /// Tokens a user's turn in the fair queue adds to its deficit (times its tier's weight):
+    /// smaller interleaves users more finely, larger lets a user start more jobs in a row.
+    #[arg(long, env = "SLUICE_FAIR_QUANTUM_TOKENS", default_value_t = 1024)]
+    pub fair_quantum_tokens: u64,
+
+    /// The tiers (`SLUICE_TIERS`: their `weight` is a user's share here) and the default cap on
+    /// an answer's tokens in estimates (`SLUICE_DEFAULT_MAX_TOKENS`), as ingest reads them.
+    #[command(flatten)]
+    pub tiers: sluice_common::tiers::TierArgs,
+
     /// Records read ahead of the window, so users queued behind a burst are seen; past it
     /// (or past `SLUICE_READ_AHEAD_BYTES`) the partitions are paused.
     #[arg(long, env = "SLUICE_READ_AHEAD", default_value_t = 4096)]

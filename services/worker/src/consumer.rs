@@ -2,20 +2,28 @@
 //! the fair queue, start within the in-flight window, and are done (their offsets storable) when
 //! their terminal status is acknowledged; the partitions pause while the read-ahead is full.
 
-use crate::fair::FairQueue;
-use crate::job::{self, JobContext, Outcome, Record};
+use crate::fair::{FairQueue, Queued};
+use crate::job::{self, JobContext, Outcome, Ran, Record};
 use sluice_common::kafka::{KafkaSource, Received};
+use sluice_common::tiers::Tiers;
+use sluice_schemas::TokenEstimate;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoopSettings {
     /// Jobs running at once, all users together.
     pub max_in_flight: usize,
     /// Jobs of one user running at once.
     pub per_user_in_flight: usize,
+    /// Tokens a user's turn in the fair queue adds to its deficit, times its tier's weight.
+    pub fair_quantum_tokens: u64,
+    /// The tiers' weights.
+    pub tiers: Tiers,
+    /// The answer's tokens a job without `max_tokens` is estimated at.
+    pub default_max_tokens: u64,
     /// Records read but not started, at most; beyond it the partitions are paused.
     pub read_ahead: usize,
     /// Bytes of records read but not started, at most.
@@ -23,7 +31,8 @@ pub struct LoopSettings {
     pub drain_timeout: Duration,
 }
 
-type Finished = (Record, Outcome);
+/// A job's record, what the fair queue estimated and charged for it, and how it ran.
+type Finished = (Record, (TokenEstimate, f64), Ran);
 
 /// Runs until `stop`, then lets running jobs finish until `give_up` (the service's drain
 /// deadline) and closes the source: the final commit.
@@ -34,16 +43,16 @@ pub(crate) async fn consume(
     stop: CancellationToken,
     give_up: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut waiting = FairQueue::new(settings.per_user_in_flight);
+    let mut waiting = FairQueue::new(settings.per_user_in_flight, settings.fair_quantum_tokens);
     let mut running: JoinSet<Finished> = JoinSet::new();
     metrics::gauge!("sluice_worker_window_capacity").set(settings.read_ahead as f64);
 
     loop {
         while running.len() < settings.max_in_flight {
-            let Some(record) = waiting.pop() else {
+            let Some(queued) = waiting.pop() else {
                 break;
             };
-            spawn_job(&mut running, &context, record);
+            spawn_job(&mut running, &context, queued);
         }
         // Paused when the read-ahead buffer is full, not when the window is: reading on while
         // every slot is busy is what lets other users' records behind a burst be seen.
@@ -62,13 +71,19 @@ pub(crate) async fn consume(
             _ = stop.cancelled() => break,
             Some(finished) = running.join_next() => {
                 let finished = finished?;
-                waiting.finished(&finished.0);
+                let (record, (estimate, charged), ran) = &finished;
+                let user = record.key.as_deref().unwrap_or_default();
+                waiting.finished(user, *estimate, *charged, ran);
                 finish(&mut source, finished);
             }
             // Polled even while paused: it serves rebalances and keeps this member within
             // max.poll.interval.ms. What a paused partition had already fetched is buffered.
             received = source.recv() => match received {
-                Received::Record(record) => waiting.push(record),
+                Received::Record(record) => waiting.push(Queued::new(
+                    record,
+                    &settings.tiers,
+                    settings.default_max_tokens,
+                )),
                 Received::Revoked(partitions) => {
                     for (topic, partition) in partitions {
                         waiting.retain(|record| !(record.topic == topic && record.partition == partition));
@@ -83,15 +98,16 @@ pub(crate) async fn consume(
     Ok(())
 }
 
-fn spawn_job(running: &mut JoinSet<Finished>, context: &JobContext, record: Record) {
+fn spawn_job(running: &mut JoinSet<Finished>, context: &JobContext, queued: Queued) {
     let context = context.clone();
     running.spawn(async move {
-        let outcome = job::run(&context, &record).await;
-        (record, outcome)
+        let ran = job::run_decoded(&context, &queued.record, queued.request).await;
+        (queued.record, (queued.estimate, queued.charged), ran)
     });
 }
 
-fn finish(source: &mut KafkaSource, (record, outcome): Finished) {
+fn finish(source: &mut KafkaSource, (record, _, ran): Finished) {
+    let outcome = ran.outcome;
     tracing::debug!(
         partition = record.partition,
         offset = record.offset,

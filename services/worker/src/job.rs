@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sluice_common::cache::cache_key;
 pub use sluice_common::kafka::Record;
 use sluice_common::telemetry;
-use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
+use sluice_schemas::{DecodeError, ErrorCode, JobError, JobStatus, Output, RequestEvent};
 use std::sync::atomic::Ordering;
 use tracing::Instrument;
 
@@ -32,8 +32,26 @@ impl From<Abandoned> for Outcome {
     }
 }
 
+/// A job's end as the consumer loop sees it: the outcome, and the answer it published (the fair
+/// queue settles the user's share against its usage).
+pub(crate) struct Ran {
+    pub outcome: Outcome,
+    pub output: Option<Output>,
+}
+
 /// Runs one request record in the job's worker span, a child of the span that published it.
 pub async fn run(context: &JobContext, record: &Record) -> Outcome {
+    run_decoded(context, record, RequestEvent::decode(record.payload()))
+        .await
+        .outcome
+}
+
+/// [`run`], for a record the consumer loop has already decoded (to schedule it by its tokens).
+pub(crate) async fn run_decoded(
+    context: &JobContext,
+    record: &Record,
+    request: Result<RequestEvent, DecodeError>,
+) -> Ran {
     let span = tracing::info_span!(
         "worker job",
         otel.kind = "consumer",
@@ -43,18 +61,26 @@ pub async fn run(context: &JobContext, record: &Record) -> Outcome {
         trace_id = tracing::field::Empty,
     );
     telemetry::adopt(&span, record.trace.context());
-    run_in_span(context, record).instrument(span).await
+    run_in_span(context, record, request).instrument(span).await
 }
 
-async fn run_in_span(context: &JobContext, record: &Record) -> Outcome {
-    let request = match RequestEvent::decode(record.payload()) {
+async fn run_in_span(
+    context: &JobContext,
+    record: &Record,
+    request: Result<RequestEvent, DecodeError>,
+) -> Ran {
+    let request = match request {
         Ok(request) => request,
         Err(error) => {
             tracing::warn!(reason = %error, "dead-lettering an undecodable request event");
             let reason = format!("{}: {error}", error.kind());
-            return match context.publisher.dead_letter(record, &reason).await {
+            let outcome = match context.publisher.dead_letter(record, &reason).await {
                 Ok(()) => Outcome::DeadLettered,
                 Err(abandoned) => abandoned.into(),
+            };
+            return Ran {
+                outcome,
+                output: None,
             };
         }
     };
@@ -76,10 +102,16 @@ async fn run_in_span(context: &JobContext, record: &Record) -> Outcome {
     finished(result)
 }
 
-fn finished(result: Result<JobStatus, Abandoned>) -> Outcome {
+fn finished(result: Result<(JobStatus, Option<Output>), Abandoned>) -> Ran {
     match result {
-        Ok(status) => Outcome::Finished(status),
-        Err(abandoned) => abandoned.into(),
+        Ok((status, output)) => Ran {
+            outcome: Outcome::Finished(status),
+            output,
+        },
+        Err(abandoned) => Ran {
+            outcome: abandoned.into(),
+            output: None,
+        },
     }
 }
 
@@ -88,7 +120,7 @@ async fn cancel(
     request: &RequestEvent,
     attempt: u32,
     message: &str,
-) -> Result<JobStatus, Abandoned> {
+) -> Result<(JobStatus, Option<Output>), Abandoned> {
     let now = Utc::now();
     let mut cancelled = status_event(context, request, JobStatus::Cancelled, attempt, now);
     cancelled.timings.finished_at = Some(now);
@@ -98,7 +130,7 @@ async fn cancel(
     });
     tracing::info!(message, "job cancelled");
     context.publisher.publish(&cancelled).await?;
-    Ok(JobStatus::Cancelled)
+    Ok((JobStatus::Cancelled, None))
 }
 
 /// Runs a decoded request: for each model in its chain, up to `max_attempts` calls with
@@ -107,7 +139,7 @@ async fn execute(
     context: &JobContext,
     request: &RequestEvent,
     progress: &Progress,
-) -> Result<JobStatus, Abandoned> {
+) -> Result<(JobStatus, Option<Output>), Abandoned> {
     let started_at = Utc::now();
     let waited = (started_at - request.submitted_at)
         .to_std()
@@ -124,7 +156,7 @@ async fn execute(
             ),
         });
         context.publisher.publish(&expired).await?;
-        return Ok(JobStatus::Expired);
+        return Ok((JobStatus::Expired, None));
     }
 
     let answer = answer(context, request, started_at, progress).await?;
@@ -177,7 +209,7 @@ async fn execute(
     metrics::counter!("sluice_jobs_finished_total", "status" => terminal.status.as_str())
         .increment(1);
     tracing::debug!(status = terminal.status.as_str(), "job finished");
-    Ok(terminal.status)
+    Ok((terminal.status, terminal.output))
 }
 
 /// The answer from the cache, from an identical call in flight, or from the models.

@@ -81,6 +81,9 @@ impl Application {
         let settings = LoopSettings {
             max_in_flight: config.max_in_flight,
             per_user_in_flight: config.per_user_in_flight,
+            fair_quantum_tokens: config.fair_quantum_tokens,
+            tiers: config.tiers.by_name.clone(),
+            default_max_tokens: config.tiers.default_max_tokens,
             read_ahead: config.read_ahead,
             read_ahead_bytes: config.read_ahead_bytes,
             drain_timeout: config.drain_timeout,
@@ -125,11 +128,12 @@ impl Application {
         );
         let producer = self.context.publisher.producer().clone();
         let give_up = lifecycle.give_up().clone();
+        let drain_timeout = self.settings.drain_timeout;
         lifecycle.spawn("consumer", async move {
             consumer::consume(self.source, self.context, self.settings, stop, give_up).await?;
             sluice_common::kafka::flush(producer).await
         });
-        lifecycle.run(shutdown, self.settings.drain_timeout).await
+        lifecycle.run(shutdown, drain_timeout).await
     }
 }
 

@@ -71,7 +71,7 @@ async fn burst_of_thirty(shared: bool) {
     let topics = TestTopics::unique();
     let prefix = unique_prefix();
     let app = ingest(&topics, |config| {
-        config.tiers = tiers(1.0, 10);
+        config.tiers.by_name = tiers(1.0, 10);
         if shared {
             config.redis_url = Some(redis_url().into());
             config.redis_prefix = prefix;
@@ -137,7 +137,7 @@ async fn the_global_limit_holds_across_two_ingest_instances_sharing_redis() {
     let topics = TestTopics::unique();
     let prefix = unique_prefix();
     let configure = |config: &mut sluice_ingest::Config| {
-        config.tiers = tiers(100.0, 100);
+        config.tiers.by_name = tiers(100.0, 100);
         config.global_rate_per_sec = 0.1;
         config.global_burst = 10;
         config.redis_url = Some(redis_url().into());
@@ -179,7 +179,7 @@ async fn the_global_limit_holds_across_two_ingest_instances_sharing_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_user_at_its_limit_does_not_reduce_another_users_allowance() {
     let topics = TestTopics::unique();
-    let app = ingest(&topics, |config| config.tiers = tiers(0.5, 5)).await;
+    let app = ingest(&topics, |config| config.tiers.by_name = tiers(0.5, 5)).await;
     let client = reqwest::Client::new();
     let heavy =
         futures::future::join_all((0..15).map(|_| post(&client, &app.url, "heavy", None, "x")))

@@ -71,3 +71,96 @@ async fn a_light_user_behind_a_heavy_burst_on_the_same_partition_finishes_long_b
     assert!(stats.peak_open <= 16);
     pipeline.stop().await;
 }
+
+/// Model tokens of each user's succeeded jobs, as the backend reported them.
+async fn tokens_by_user(pipeline: &Pipeline) -> std::collections::HashMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT user_id, sum((output->'usage'->>'total_tokens')::bigint)::bigint FROM jobs \
+         WHERE status = 'succeeded' GROUP BY user_id",
+    )
+    .fetch_all(&pipeline.database.pool)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+/// Two users backlogged at once on one worker whose window (4 calls of 50 ms) is the
+/// bottleneck, each with `jobs` jobs of `words` words; returns their model tokens after 8 s.
+async fn token_shares(users: [(&str, Option<&str>, usize, usize); 2]) -> (i64, i64) {
+    let mut options = PipelineOptions {
+        partitions: 1,
+        max_in_flight: 4,
+        per_user_in_flight: 4,
+        tiers: Some(
+            r#"{"default": {"rate_per_sec": 100000, "burst": 100000},
+                "pro": {"rate_per_sec": 100000, "burst": 100000, "weight": 2}}"#
+                .into(),
+        ),
+        ..Default::default()
+    };
+    options.sim.service_time_ms = 50;
+    options.sim.capacity = 100;
+    let pipeline = Pipeline::start(options).await;
+    // Interleaved on the one partition, as a shared partition has them; straight to Kafka.
+    let producer = pipeline.producer();
+    let most = users.iter().map(|user| user.2).max().unwrap();
+    let mut events = Vec::new();
+    for index in 0..most {
+        for (user, tier, jobs, words) in users {
+            if index < jobs {
+                let mut event = sluice_tests::chat_event(user, &"word ".repeat(words), 300_000);
+                event.tier = tier.map(|tier| sluice_schemas::TierName::parse(tier).unwrap());
+                // Every call made: no answer shared from the cache or an identical call.
+                event.cache = false;
+                events.push(event);
+            }
+        }
+    }
+    let sends = events.iter().map(|event| {
+        let payload = event.encode();
+        let producer = &producer;
+        let topic = &pipeline.topics.requests;
+        async move {
+            let record = FutureRecord::to(topic)
+                .key(event.user_id.as_str())
+                .payload(&payload);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .expect("publishing the backlog");
+        }
+    });
+    futures::future::join_all(sends).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let tokens = tokens_by_user(&pipeline).await;
+    let counted = |user: &str| tokens.get(user).copied().unwrap_or(0);
+    let shares = (counted(users[0].0), counted(users[1].0));
+    pipeline.stop().await;
+    shares
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backlogged_users_share_a_worker_by_model_tokens_and_tier_weights() {
+    // Prompts ten times longer: the simulated model answers with the prompt echoed, so each
+    // of "long"'s jobs uses ten times the tokens of "short"'s (401 against 41). Neither sets
+    // max_tokens: both are estimated at the default cap, and only the settlement against the
+    // reported usage can share the tokens fairly.
+    let (long, short) = token_shares([("long", None, 400, 200), ("short", None, 4000, 20)]).await;
+    let ratio = long as f64 / short as f64;
+    println!("token fairness: long {long} tokens, short {short} tokens in 8 s, ratio {ratio:.2}");
+    assert!(long > 0 && short > 0);
+    assert!(
+        (0.75..=1.25).contains(&ratio),
+        "equal weights: the token ratio {ratio:.2} is not within 25% of 1"
+    );
+
+    // Weights 2:1 (tier `pro` against `default`), the same prompts.
+    let (pro, free) =
+        token_shares([("pro", Some("pro"), 4000, 20), ("free", None, 4000, 20)]).await;
+    let ratio = pro as f64 / free as f64;
+    println!("token fairness: pro {pro} tokens, free {free} tokens in 8 s, ratio {ratio:.2}");
+    assert!(
+        (1.5..=2.5).contains(&ratio),
+        "weights 2:1: the token ratio {ratio:.2} is not within 25% of 2"
+    );
+}

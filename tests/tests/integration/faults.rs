@@ -70,7 +70,7 @@ impl Cluster {
         ingest.topics = topics.args();
         ingest.capacity.worker_group = format!("{}-workers", topics.requests);
         ingest.auth = sluice_common::auth::AuthMode::Off;
-        ingest.tiers = sluice_ingest::admission::Tiers::parse(
+        ingest.tiers.by_name = sluice_ingest::admission::Tiers::parse(
             r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#,
         )
         .unwrap();

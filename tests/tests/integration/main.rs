@@ -26,6 +26,7 @@ mod secrets;
 mod streaming;
 mod streams;
 mod telemetry;
+mod tokens;
 mod webhook_faults;
 mod webhooks;
 mod worker;

@@ -61,15 +61,23 @@ pub struct Decision {
 /// Decides one request at `now_ms` against the stored `tat_ms` (absent: never seen), and
 /// returns the decision with the TAT to store (unchanged when refused).
 pub fn decide(quota: &Quota, tat_ms: Option<f64>, now_ms: f64) -> (Decision, f64) {
+    decide_cost(quota, 1, tat_ms, now_ms)
+}
+
+/// Decides a request that costs `cost` units (tokens, for a token limit) at once; `remaining`
+/// and `retry_after` are in the same units.
+pub fn decide_cost(quota: &Quota, cost: u64, tat_ms: Option<f64>, now_ms: f64) -> (Decision, f64) {
     let interval = quota.emission_interval_ms();
     let window = quota.burst_window_ms();
     let tat = tat_ms.unwrap_or(now_ms).max(now_ms);
-    let new_tat = tat + interval;
+    let new_tat = tat + interval * cost as f64;
     let ahead = new_tat - now_ms;
     if ahead > window + 1e-6 {
         let decision = Decision {
             allowed: false,
-            remaining: 0,
+            remaining: ((window - (tat - now_ms)) / interval + 1e-6)
+                .floor()
+                .max(0.0) as u32,
             retry_after: millis(ahead - window),
             reset_after: millis(tat - now_ms),
         };
@@ -82,6 +90,12 @@ pub fn decide(quota: &Quota, tat_ms: Option<f64>, now_ms: f64) -> (Decision, f64
         reset_after: millis(ahead),
     };
     (decision, new_tat)
+}
+
+/// The TAT after `delta` units are given back (negative) or charged (positive) once the real
+/// cost of an admitted request is known; never before now, so a refund cannot bank capacity.
+pub fn settle(quota: &Quota, delta: i64, tat_ms: f64, now_ms: f64) -> f64 {
+    (tat_ms + quota.emission_interval_ms() * delta as f64).max(now_ms)
 }
 
 fn millis(value: f64) -> Duration {
@@ -117,6 +131,31 @@ mod tests {
         let (later, _) = decide(&quota, tat, 1000.0);
         assert!(later.allowed, "one more a second later");
         assert_eq!(later.remaining, 0);
+    }
+
+    #[test]
+    fn a_token_limit_charges_the_cost_and_settles_to_the_real_count() {
+        // 6,000 tokens a minute: 100 a second, a burst of 1,000.
+        let quota = Quota {
+            rate_per_sec: 100.0,
+            burst: 1000,
+        };
+        let (first, tat) = decide_cost(&quota, 700, None, 0.0);
+        assert_eq!((first.allowed, first.remaining), (true, 300));
+        let (refused, same) = decide_cost(&quota, 400, Some(tat), 0.0);
+        assert!(!refused.allowed);
+        assert_eq!(same, tat, "a refusal spends nothing");
+        assert_eq!(refused.remaining, 300);
+        assert_eq!(
+            refused.retry_after,
+            Duration::from_secs(1),
+            "100 tokens short at 100/s"
+        );
+        // The job used 200 tokens, not 700: 500 come back, and then 400 fit.
+        let settled = settle(&quota, 200 - 700, tat, 0.0);
+        let (again, _) = decide_cost(&quota, 400, Some(settled), 0.0);
+        assert_eq!((again.allowed, again.remaining), (true, 400));
+        assert_eq!(settle(&quota, -5000, settled, 0.0), 0.0, "never before now");
     }
 
     #[test]

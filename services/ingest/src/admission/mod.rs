@@ -5,46 +5,30 @@ pub mod capacity;
 pub mod gcra;
 pub mod idempotency;
 pub mod limiter;
+pub mod tokens;
 
 use crate::config::Config;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use gcra::Quota;
 use limiter::{RateLimiter, Verdict};
-use std::collections::HashMap;
 
-/// The tier of users without one of their own.
-pub const DEFAULT_TIER: &str = "default";
+pub use sluice_common::tiers::{DEFAULT_TIER, Tier, Tiers};
 
-/// Tiers and their per-user quotas, from `SLUICE_TIERS`.
-#[derive(Debug, Clone)]
-pub struct Tiers(HashMap<String, Quota>);
-
-impl Tiers {
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let tiers: HashMap<String, Quota> = serde_json::from_str(text)
-            .map_err(|error| anyhow::anyhow!("SLUICE_TIERS is not valid: {error}"))?;
-        anyhow::ensure!(
-            tiers.contains_key(DEFAULT_TIER),
-            "SLUICE_TIERS must define the `default` tier"
-        );
-        for (name, quota) in &tiers {
-            quota.validate(&format!("SLUICE_TIERS.{name}"))?;
-        }
-        Ok(Self(tiers))
+/// A tier's limit on a user's submissions.
+pub fn user_quota(tier: &Tier) -> Quota {
+    Quota {
+        rate_per_sec: tier.rate_per_sec,
+        burst: tier.burst,
     }
+}
 
-    /// `SLUICE_TIERS` as clap reads it: a bad value stops the process before anything starts.
-    pub fn setting(text: &str) -> Result<Self, String> {
-        Self::parse(text).map_err(|error| format!("{error:#}"))
-    }
-
-    /// The quota of `tier`, or the default tier's for an unknown one.
-    pub fn quota(&self, tier: &str) -> (&str, Quota) {
-        match self.0.get_key_value(tier) {
-            Some((name, quota)) => (name, *quota),
-            None => (DEFAULT_TIER, self.0[DEFAULT_TIER]),
-        }
-    }
+/// A tier's limit on a user's tokens, if it has one.
+pub fn token_quota(tier: &Tier) -> Option<Quota> {
+    let (rate_per_sec, burst) = tier.token_rate()?;
+    Some(Quota {
+        rate_per_sec,
+        burst,
+    })
 }
 
 /// Builds the limiter the configuration asks for: Redis if `REDIS_URL` is set, else local.
@@ -70,27 +54,41 @@ pub async fn build_limiter(config: &Config) -> anyhow::Result<RateLimiter> {
 
 /// The IETF `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers):
 /// `q` the burst, `w` the seconds to earn it back, `r` what is left, `t` the seconds until full.
+/// A tier's token limit is the policy `"<tier>-tokens"`, counted in tokens.
 pub fn rate_limit_headers(
     tier: &str,
     user_quota: &Quota,
     global_quota: &Quota,
+    token_quota: Option<&Quota>,
     verdict: &Verdict,
 ) -> HeaderMap {
     let reset = |decision: &gcra::Decision| decision.reset_after.as_secs_f64().ceil() as u64;
-    let policy = format!(
+    let mut policy = format!(
         "\"{tier}\";q={};w={}, \"global\";q={};w={}",
         user_quota.burst,
         user_quota.window_secs(),
         global_quota.burst,
         global_quota.window_secs()
     );
-    let state = format!(
+    let mut state = format!(
         "\"{tier}\";r={};t={}, \"global\";r={};t={}",
         verdict.user.remaining,
         reset(&verdict.user),
         verdict.global.remaining,
         reset(&verdict.global)
     );
+    if let (Some(quota), Some(tokens)) = (token_quota, &verdict.tokens) {
+        policy.push_str(&format!(
+            ", \"{tier}-tokens\";q={};w={}",
+            quota.burst,
+            quota.window_secs()
+        ));
+        state.push_str(&format!(
+            ", \"{tier}-tokens\";r={};t={}",
+            tokens.remaining,
+            reset(tokens)
+        ));
+    }
     let mut headers = HeaderMap::new();
     for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
         if let Ok(value) = HeaderValue::from_str(&value) {

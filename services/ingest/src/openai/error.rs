@@ -148,7 +148,9 @@ impl From<ApiError> for OpenAiError {
             ApiError::InvalidField(_) | ApiError::InvalidJson(_) | ApiError::BodyRead => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
-            ApiError::IdempotencyKeyReused | ApiError::InvalidIdempotencyKey => {
+            ApiError::IdempotencyKeyReused
+            | ApiError::InvalidIdempotencyKey
+            | ApiError::TokensExceedLimit { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
             ApiError::IdempotencyKeyInProgress => (StatusCode::CONFLICT, "invalid_request_error"),
@@ -162,6 +164,7 @@ impl From<ApiError> for OpenAiError {
         };
         let param = match &error {
             ApiError::InvalidField(field) => Some(field.field.clone()),
+            ApiError::TokensExceedLimit { .. } => Some("max_tokens".to_owned()),
             _ => None,
         };
         // Retry-After and the rate-limit headers, as `/v1/jobs` answers them.
