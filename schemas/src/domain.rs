@@ -216,6 +216,32 @@ impl fmt::Display for ModelName {
     }
 }
 
+/// A job's lane: `interactive` (the default: someone is waiting) or `batch` (throughput over
+/// latency). Each lane is its own request topic, so batch work never sits ahead of interactive
+/// work in a partition; workers read both and give batch the share left over.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        }
+    }
+
+    pub fn is_interactive(&self) -> bool {
+        *self == Priority::Interactive
+    }
+}
+
 /// The author of a chat message, as in OpenAI's chat completions API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -14,7 +14,7 @@ pub use cost::{BYTES_PER_TOKEN, TOKENS_PER_MESSAGE, TokenEstimate};
 pub use delta::DeltaEvent;
 pub use domain::{
     FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_TIER_LEN, MAX_USER_ID_LEN, Message, ModelName,
-    Params, Role, TierName, UserId, deserialize_input,
+    Params, Priority, Role, TierName, UserId, deserialize_input,
 };
 pub use events::{
     CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, SCHEMA_VERSION, StatusEvent,
@@ -46,6 +46,8 @@ pub mod topics {
     pub const REQUESTS: &str = "sluice.requests";
     pub const STATUS: &str = "sluice.status";
     pub const REQUESTS_DLQ: &str = "sluice.requests.dlq";
+    /// Request events of the `batch` lane (`priority: "batch"`).
+    pub const BATCH_REQUESTS: &str = "sluice.requests.batch";
     pub const STATUS_DLQ: &str = "sluice.status.dlq";
     pub const CONTROL: &str = "sluice.control";
     pub const DELTAS: &str = "sluice.deltas";

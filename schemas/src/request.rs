@@ -3,8 +3,8 @@
 //! keeps the schema file's shape (`messages` or `input` at the top level).
 
 use crate::domain::{
-    FieldError, JobId, Message, ModelName, Params, TierName, UserId, check_input, check_messages,
-    deserialize_input,
+    FieldError, JobId, Message, ModelName, Params, Priority, TierName, UserId, check_input,
+    check_messages, deserialize_input,
 };
 use crate::events::{DecodeError, check_version, decode_json};
 use crate::webhook::Webhook;
@@ -35,6 +35,8 @@ pub struct RequestEvent {
     /// The submitter's tier (`SLUICE_TIERS`), which weighs its share of the workers; absent
     /// means `default`. Ingest sets it from the API key; a direct producer sets it itself.
     pub tier: Option<TierName>,
+    /// The job's lane, which is also the topic it is published to. Absent means interactive.
+    pub priority: Priority,
 }
 
 /// What a job asks of its model.
@@ -120,6 +122,8 @@ struct WireRequest {
     webhook: Option<Webhook>,
     #[serde(default)]
     tier: Option<TierName>,
+    #[serde(default)]
+    priority: Priority,
 }
 
 impl TryFrom<WireRequest> for RequestEvent {
@@ -150,6 +154,7 @@ impl TryFrom<WireRequest> for RequestEvent {
             stream: wire.stream,
             webhook: wire.webhook,
             tier: wire.tier,
+            priority: wire.priority,
         };
         event.validate()?;
         Ok(event)
@@ -178,6 +183,8 @@ struct WireRequestRef<'a> {
     webhook: Option<&'a Webhook>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tier: Option<&'a TierName>,
+    #[serde(skip_serializing_if = "Priority::is_interactive")]
+    priority: Priority,
 }
 
 impl Serialize for RequestEvent {
@@ -201,6 +208,7 @@ impl Serialize for RequestEvent {
             stream: self.stream,
             webhook: self.webhook.as_ref(),
             tier: self.tier.as_ref(),
+            priority: self.priority,
         }
         .serialize(serializer)
     }

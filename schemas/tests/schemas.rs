@@ -50,17 +50,27 @@ fn sample_request() -> RequestEvent {
         stream: false,
         webhook: None,
         tier: None,
+        priority: Default::default(),
     }
 }
 
 #[test]
 fn examples_validate_against_the_schema_files_and_decode_in_rust() {
     let request_validator = validator("request.schema.json");
-    for name in ["request", "request-embedding", "request-tools"] {
+    for name in [
+        "request",
+        "request-embedding",
+        "request-tools",
+        "request-batch",
+    ] {
         let example = read_json(&format!("examples/{name}.json"));
         assert_valid(&request_validator, &example);
         let decoded = RequestEvent::decode(example.to_string().as_bytes()).expect(name);
         assert_eq!(decoded.task.is_embedding(), name == "request-embedding");
+        assert_eq!(
+            decoded.priority == sluice_schemas::Priority::Batch,
+            name == "request-batch"
+        );
         // Encoding gives back the schema file's shape, which decodes to the same event.
         let encoded = decoded.encode();
         assert_valid(

@@ -35,6 +35,7 @@ pub fn kafka_args(partitions: i32) -> KafkaArgs {
 #[derive(Debug, Clone)]
 pub struct TestTopics {
     pub requests: String,
+    pub batch_requests: String,
     pub status: String,
     pub requests_dlq: String,
     pub status_dlq: String,
@@ -47,6 +48,7 @@ impl TestTopics {
         let prefix = format!("test-{}", Uuid::now_v7().simple());
         Self {
             requests: format!("{prefix}.requests"),
+            batch_requests: format!("{prefix}.requests.batch"),
             status: format!("{prefix}.status"),
             requests_dlq: format!("{prefix}.requests.dlq"),
             status_dlq: format!("{prefix}.status.dlq"),
@@ -59,6 +61,7 @@ impl TestTopics {
     pub fn args(&self) -> TopicArgs {
         TopicArgs {
             requests: self.requests.clone(),
+            batch_requests: self.batch_requests.clone(),
             status: self.status.clone(),
             requests_dlq: self.requests_dlq.clone(),
             status_dlq: self.status_dlq.clone(),
@@ -67,6 +70,29 @@ impl TestTopics {
             deltas_retention_ms: 3_600_000,
             create: true,
         }
+    }
+
+    /// These topics, and consumer groups named after them, as the services' environment: for
+    /// tests that run the services as processes.
+    pub fn process_env(&self) -> std::collections::HashMap<String, String> {
+        [
+            ("SLUICE_REQUESTS_TOPIC", self.requests.clone()),
+            ("SLUICE_BATCH_REQUESTS_TOPIC", self.batch_requests.clone()),
+            ("SLUICE_STATUS_TOPIC", self.status.clone()),
+            ("SLUICE_REQUESTS_DLQ_TOPIC", self.requests_dlq.clone()),
+            ("SLUICE_STATUS_DLQ_TOPIC", self.status_dlq.clone()),
+            ("SLUICE_CONTROL_TOPIC", self.control.clone()),
+            ("SLUICE_DELTAS_TOPIC", self.deltas.clone()),
+            ("SLUICE_WORKER_GROUP", format!("{}-workers", self.requests)),
+            ("SLUICE_RESULTS_GROUP", format!("{}-results", self.requests)),
+            (
+                "SLUICE_WEBHOOKS_GROUP",
+                format!("{}-webhooks", self.requests),
+            ),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
     }
 
     pub async fn create(&self, kafka: &KafkaArgs) {

@@ -30,5 +30,6 @@ pub fn chat_event(user: &str, content: &str, deadline_in_ms: i64) -> sluice_sche
         stream: false,
         webhook: None,
         tier: None,
+        priority: Default::default(),
     }
 }

@@ -58,6 +58,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.kafka.createTopics | quote }}
 - name: SLUICE_REQUESTS_TOPIC
   value: {{ .Values.kafka.topics.requests | quote }}
+- name: SLUICE_BATCH_REQUESTS_TOPIC
+  value: {{ .Values.kafka.topics.batchRequests | quote }}
 - name: SLUICE_STATUS_TOPIC
   value: {{ .Values.kafka.topics.status | quote }}
 - name: SLUICE_REQUESTS_DLQ_TOPIC

@@ -27,6 +27,14 @@ pub struct Tier {
     /// tier of weight 2 gets twice the model tokens of one of weight 1.
     #[serde(default = "one")]
     pub weight: f64,
+    /// Whether the tier's users may submit `interactive` jobs; if not, every job of theirs
+    /// goes to the `batch` lane.
+    #[serde(default = "yes")]
+    pub interactive: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> f64 {

@@ -126,6 +126,7 @@ pub(crate) async fn admit_and_publish(
             JobStatus::Queued
         },
         deadline: event.deadline,
+        priority: event.priority,
         events_url,
         status_url,
         output,
@@ -143,9 +144,10 @@ async fn publish_unless_cached(
     if output.is_none() {
         // After the cache: an answer already known needs no capacity.
         let time_left = (event.deadline - Utc::now()).to_std().unwrap_or_default();
-        state.capacity.check(time_left)?;
+        let capacity = state.capacity.lane(event.priority);
+        capacity.check(time_left)?;
         state.publisher.publish(event).await?;
-        state.capacity.published();
+        capacity.published();
         metrics::counter!("sluice_jobs_accepted_total").increment(1);
         tracing::debug!("job accepted");
     }

@@ -29,6 +29,7 @@ use axum::routing::{get, post};
 use rdkafka::producer::FutureProducer;
 use sluice_common::http::{Document, with_operations};
 use sluice_common::lifecycle::Lifecycle;
+use sluice_schemas::Priority;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +53,7 @@ pub struct AppState {
     /// Token reservations of jobs this replica admitted, until their terminal status settles them.
     pub reservations: Arc<admission::tokens::Reservations>,
     /// The pipeline's estimated wait, which refuses jobs whose deadline it would pass.
-    pub capacity: Arc<admission::capacity::Capacity>,
+    pub capacity: Arc<admission::LaneCapacity>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
     pub cache: Arc<sluice_common::cache::ResponseCache>,
     /// Where the OpenAI routes wait for their jobs: the results service.
@@ -120,13 +121,9 @@ impl AppState {
             .producer_config("sluice-ingest")
             .create()
             .context("creating the Kafka producer")?;
-        let publisher = Publisher::new(
-            producer,
-            config.topics.requests.clone(),
-            config.publish_timeout,
-        );
+        let publisher = Publisher::new(producer, config.topics.clone(), config.publish_timeout);
         Ok(Self {
-            capacity: Arc::new(admission::capacity::Capacity::new(config.capacity.clone())),
+            capacity: Arc::new(admission::LaneCapacity::new(&config.capacity)),
             reservations: Arc::default(),
             deltas: openai::DeltaRoutes::default(),
             follower: openai::JobFollower::new(
@@ -237,16 +234,19 @@ impl Application {
             );
         }
         if config.capacity.enabled {
-            let lag = sluice_common::kafka::GroupLag::new(
-                &config.kafka,
-                &config.capacity.worker_group,
-                vec![config.topics.requests.clone()],
-            )
-            .context("creating the reader of the workers' lag")?;
-            lifecycle.spawn(
-                "capacity estimate",
-                self.state.capacity.clone().run(lag, stop.clone()),
-            );
+            let lanes = &self.state.capacity;
+            for (priority, capacity) in [
+                (Priority::Interactive, &lanes.interactive),
+                (Priority::Batch, &lanes.batch),
+            ] {
+                let lag = sluice_common::kafka::GroupLag::new(
+                    &config.kafka,
+                    &config.capacity.worker_group,
+                    vec![config.topics.requests_for(priority).to_owned()],
+                )
+                .context("creating the reader of the workers' lag")?;
+                lifecycle.spawn("capacity estimate", capacity.clone().run(lag, stop.clone()));
+            }
         }
         lifecycle.spawn("HTTP server", async move {
             sluice_common::http::serve(self.listener, router(self.state), stop).await?;

@@ -3,21 +3,22 @@
 use crate::error::ApiError;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sluice_common::kafka::TopicArgs;
 use sluice_schemas::{RequestEvent, StatusEvent};
 use std::time::Duration;
 
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,
-    topic: String,
+    topics: TopicArgs,
     timeout: Duration,
 }
 
 impl Publisher {
-    pub fn new(producer: FutureProducer, topic: String, timeout: Duration) -> Self {
+    pub fn new(producer: FutureProducer, topics: TopicArgs, timeout: Duration) -> Self {
         Self {
             producer,
-            topic,
+            topics,
             timeout,
         }
     }
@@ -26,14 +27,11 @@ impl Publisher {
         &self.producer
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Returns once the broker has acknowledged the event (`acks=all`), or fails within the
     /// publish timeout: a full local queue fails at once, an unreachable broker at the timeout.
     pub async fn publish(&self, event: &RequestEvent) -> Result<(), ApiError> {
-        self.send(&self.topic, event.user_id.as_str(), &event.encode())
+        let topic = self.topics.requests_for(event.priority);
+        self.send(topic, event.user_id.as_str(), &event.encode())
             .await
     }
 
@@ -80,7 +78,7 @@ impl Publisher {
     /// Asks the broker for the topic's metadata; used by `/readyz`.
     pub async fn check_broker(&self) -> Result<(), String> {
         let producer = self.producer.clone();
-        let topic = self.topic.clone();
+        let topic = self.topics.requests.clone();
         tokio::task::spawn_blocking(move || {
             let metadata = producer
                 .client()

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use sluice_common::auth::Caller;
 use sluice_common::{propagation, telemetry};
 use sluice_schemas::{
-    DecodeError, FieldError, JobId, JobStatus, Message, ModelName, Output, Params, RequestEvent,
-    SCHEMA_VERSION, Task, TierName, UserId,
+    DecodeError, FieldError, JobId, JobStatus, Message, ModelName, Output, Params, Priority,
+    RequestEvent, SCHEMA_VERSION, Task, TierName, UserId,
 };
 use std::time::Duration;
 use tracing::Instrument;
@@ -51,6 +51,9 @@ pub struct SubmitBody {
     /// `{"url": "https://...", "events": ["succeeded", ...]}` (default: the terminal statuses).
     #[serde(default)]
     pub webhook: Option<sluice_schemas::Webhook>,
+    /// `interactive` (default) or `batch`: the lane, which the key's tier may cap to `batch`.
+    #[serde(default)]
+    pub priority: Option<Priority>,
     /// Set by a front door that must know the job's id before it is published (to listen for
     /// its deltas first); otherwise a new one.
     #[serde(skip)]
@@ -64,6 +67,9 @@ pub struct Accepted {
     /// `queued`; `succeeded` when answered from the shared cache at submit time.
     pub status: JobStatus,
     pub deadline: DateTime<Utc>,
+    /// The job's lane: as asked, or `batch` where the key's tier allows no more.
+    #[serde(default)]
+    pub priority: Priority,
     pub status_url: String,
     pub events_url: String,
     /// The cached answer, on a cache hit.
@@ -128,6 +134,7 @@ pub fn to_request_event(
         stream: body.stream,
         webhook: body.webhook,
         tier: None,
+        priority: body.priority.unwrap_or_default(),
     };
     // The rules every consumer applies (message count, empty content, ...): ingest never
     // publishes what a worker would dead-letter.
@@ -336,6 +343,10 @@ pub(crate) async fn accept(
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
     let user_id = event.user_id.clone();
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
+    // A tier without the interactive lane has its jobs in the batch lane, whatever they ask.
+    if !state.tiers.get(Some(&tier)).1.interactive {
+        event.priority = Priority::Batch;
+    }
     // The worker weighs the user's share by it; absent is the default tier.
     event.tier = Some(tier.as_str())
         .filter(|tier| *tier != DEFAULT_TIER)

@@ -19,6 +19,8 @@ pub(crate) struct EventLoop {
     /// This replica's SSE streams, handed each committed change.
     pub changes: JobChanges,
     pub requests_topic: String,
+    /// The batch lane's request topic: its jobs are recorded as queued too.
+    pub batch_requests_topic: String,
     pub dlq_topic: String,
     pub max_batch: usize,
 }
@@ -47,7 +49,9 @@ impl EventLoop {
         // One span per event, each in its job's trace, open while the batch is written.
         let mut spans = Vec::with_capacity(batch.len());
         for record in batch {
-            let decoded = if record.topic == self.requests_topic {
+            let is_request =
+                record.topic == self.requests_topic || record.topic == self.batch_requests_topic;
+            let decoded = if is_request {
                 RequestEvent::decode(record.payload()).map(Update::from)
             } else {
                 StatusEvent::decode(record.payload()).map(Update::from)
@@ -64,13 +68,16 @@ impl EventLoop {
                     telemetry::adopt(&span, record.trace.context());
                     spans.push(span);
                     update.traceparent = record.trace.traceparent.clone();
+                    // Queue positions rank the interactive lane's partitions only: a batch job
+                    // waits behind a lane that yields to interactive work, so its place in
+                    // its partition says little.
                     if record.topic == self.requests_topic {
                         update.request_record = Some((record.partition, record.offset));
                     }
                     updates.push(update);
                 }
                 // The worker dead-letters bad request events; here they are only skipped.
-                Err(error) if record.topic == self.requests_topic => {
+                Err(error) if is_request => {
                     tracing::debug!(reason = %error, offset = record.offset, "skipping an undecodable request event");
                 }
                 Err(error) => {

@@ -144,7 +144,11 @@ impl Application {
             &config.kafka,
             "sluice-results",
             &config.group_id,
-            &[&config.topics.requests, &config.topics.status],
+            &[
+                &config.topics.requests,
+                &config.topics.batch_requests,
+                &config.topics.status,
+            ],
         )?;
         let producer: FutureProducer = config
             .kafka
@@ -207,6 +211,7 @@ impl Application {
             store,
             changes: state.changes.clone(),
             requests_topic: config.topics.requests,
+            batch_requests_topic: config.topics.batch_requests,
             dlq_topic: config.topics.status_dlq,
             max_batch: config.max_batch,
         };

@@ -43,6 +43,15 @@ pub struct Config {
     #[command(flatten)]
     pub tiers: sluice_common::tiers::TierArgs,
 
+    /// The batch lane's share of the jobs started while both lanes have work (0 to 0.5).
+    #[arg(long, env = "SLUICE_BATCH_SHARE", default_value_t = 0.1)]
+    pub batch_share: f64,
+
+    /// Aging: each time this passes for the oldest waiting batch job, the batch lane's share
+    /// grows by `SLUICE_BATCH_SHARE` again, up to half.
+    #[arg(long = "batch-aging-secs", env = "SLUICE_BATCH_AGING_SECS", default_value = "60", value_parser = sluice_common::settings::secs)]
+    pub batch_aging: std::time::Duration,
+
     /// Records read ahead of the window, so users queued behind a burst are seen; past it
     /// (or past `SLUICE_READ_AHEAD_BYTES`) the partitions are paused.
     #[arg(long, env = "SLUICE_READ_AHEAD", default_value_t = 4096)]
@@ -171,6 +180,15 @@ impl Config {
         anyhow::ensure!(
             !self.model_timeout.is_zero(),
             "MODEL_TIMEOUT_MS must be above 0"
+        );
+        anyhow::ensure!(
+            self.batch_share > 0.0 && self.batch_share <= 0.5,
+            "SLUICE_BATCH_SHARE must be above 0 and at most 0.5 (batch work must not starve, nor \
+             take more than half while interactive work waits)"
+        );
+        anyhow::ensure!(
+            !self.batch_aging.is_zero(),
+            "SLUICE_BATCH_AGING_SECS must be above 0"
         );
         reqwest::Url::parse(&self.model_base_url).map_err(|error| {
             anyhow::anyhow!(

@@ -2,8 +2,9 @@
 //! the fair queue, start within the in-flight window, and are done (their offsets storable) when
 //! their terminal status is acknowledged; the partitions pause while the read-ahead is full.
 
-use crate::fair::{FairQueue, Queued};
+use crate::fair::Queued;
 use crate::job::{self, JobContext, Outcome, Ran, Record};
+use crate::lanes::{LaneSettings, Lanes};
 use sluice_common::kafka::{KafkaSource, Received};
 use sluice_common::tiers::Tiers;
 use sluice_schemas::TokenEstimate;
@@ -24,9 +25,14 @@ pub struct LoopSettings {
     pub tiers: Tiers,
     /// The answer's tokens a job without `max_tokens` is estimated at.
     pub default_max_tokens: u64,
-    /// Records read but not started, at most; beyond it the partitions are paused.
+    /// The batch lane's topic; every other topic read is interactive.
+    pub batch_topic: String,
+    /// How the lanes share the window.
+    pub lanes: LaneSettings,
+    /// Records read but not started, at most, per lane; beyond it the lane's partitions are
+    /// paused.
     pub read_ahead: usize,
-    /// Bytes of records read but not started, at most.
+    /// Bytes of records read but not started, at most, per lane.
     pub read_ahead_bytes: usize,
     pub drain_timeout: Duration,
 }
@@ -43,7 +49,12 @@ pub(crate) async fn consume(
     stop: CancellationToken,
     give_up: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut waiting = FairQueue::new(settings.per_user_in_flight, settings.fair_quantum_tokens);
+    let mut waiting = Lanes::new(
+        settings.per_user_in_flight,
+        settings.fair_quantum_tokens,
+        settings.batch_topic.clone(),
+        settings.lanes,
+    );
     let mut running: JoinSet<Finished> = JoinSet::new();
     metrics::gauge!("sluice_worker_window_capacity").set(settings.read_ahead as f64);
 
@@ -59,10 +70,11 @@ pub(crate) async fn consume(
         metrics::gauge!("sluice_worker_in_flight").set(running.len() as f64);
         metrics::gauge!("sluice_worker_window_occupancy")
             .set((waiting.buffered() + running.len()) as f64);
-        source.set_paused(
-            waiting.buffered() >= settings.read_ahead
-                || waiting.buffered_bytes() >= settings.read_ahead_bytes,
-        );
+        waiting.record_metrics();
+        // Per lane: a full batch lane holds back batch records while interactive ones flow.
+        source.pause_where(|topic| {
+            waiting.is_full(topic, settings.read_ahead, settings.read_ahead_bytes)
+        });
 
         tokio::select! {
             // Why biased: a stop must win over new records, and finished jobs are handled
@@ -72,8 +84,7 @@ pub(crate) async fn consume(
             Some(finished) = running.join_next() => {
                 let finished = finished?;
                 let (record, (estimate, charged), ran) = &finished;
-                let user = record.key.as_deref().unwrap_or_default();
-                waiting.finished(user, *estimate, *charged, ran);
+                waiting.finished(record, *estimate, *charged, ran);
                 finish(&mut source, finished);
             }
             // Polled even while paused: it serves rebalances and keeps this member within

@@ -13,7 +13,8 @@
 use crate::job::{Ran, Record};
 use sluice_common::tiers::Tiers;
 use sluice_schemas::{DecodeError, RequestEvent, TokenEstimate};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
 
 /// A record waiting for its turn, decoded once to know its cost.
 pub(crate) struct Queued {
@@ -24,6 +25,8 @@ pub(crate) struct Queued {
     pub weight: f64,
     /// What the fair queue charged the user when it started the job.
     pub charged: f64,
+    /// Its number in the order of arrival in its queue.
+    arrival: u64,
 }
 
 impl Queued {
@@ -46,6 +49,7 @@ impl Queued {
             estimate,
             weight,
             charged: 0.0,
+            arrival: 0,
         }
     }
 }
@@ -103,6 +107,9 @@ pub(crate) struct FairQueue {
     quantum: f64,
     buffered: usize,
     buffered_bytes: usize,
+    /// When each buffered job arrived, by arrival number: the oldest one's wait ages a lane.
+    arrivals: BTreeMap<u64, Instant>,
+    next_arrival: u64,
 }
 
 impl FairQueue {
@@ -114,10 +121,15 @@ impl FairQueue {
             quantum: quantum_tokens.max(1) as f64,
             buffered: 0,
             buffered_bytes: 0,
+            arrivals: BTreeMap::new(),
+            next_arrival: 0,
         }
     }
 
-    pub(crate) fn push(&mut self, queued: Queued) {
+    pub(crate) fn push(&mut self, mut queued: Queued) {
+        queued.arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.arrivals.insert(queued.arrival, Instant::now());
         self.buffered += 1;
         self.buffered_bytes += size_of(&queued.record);
         let key = user_of(&queued.record).to_vec();
@@ -204,6 +216,7 @@ impl FairQueue {
         }
         self.buffered -= 1;
         self.buffered_bytes -= size_of(&queued.record);
+        self.arrivals.remove(&queued.arrival);
         queued
     }
 
@@ -242,6 +255,7 @@ impl FairQueue {
                 if !kept {
                     self.buffered -= 1;
                     self.buffered_bytes -= size_of(&queued.record);
+                    self.arrivals.remove(&queued.arrival);
                 }
                 kept
             });
@@ -250,6 +264,12 @@ impl FairQueue {
         self.turns.retain(|key| !users[key].jobs.is_empty());
         self.users
             .retain(|_, user| !user.jobs.is_empty() || user.running > 0);
+    }
+
+    /// How long the job that arrived first of those buffered has waited.
+    pub(crate) fn oldest_wait(&self, now: Instant) -> Option<std::time::Duration> {
+        let (_, arrived) = self.arrivals.first_key_value()?;
+        Some(now.saturating_duration_since(*arrived))
     }
 
     pub(crate) fn buffered(&self) -> usize {

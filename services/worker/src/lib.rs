@@ -11,6 +11,7 @@ mod context;
 pub mod embed;
 mod fair;
 mod job;
+mod lanes;
 mod limit;
 mod model;
 mod retry;
@@ -70,7 +71,7 @@ impl Application {
             &config.kafka,
             &worker_id,
             &config.group_id,
-            &[&config.topics.requests],
+            &[&config.topics.requests, &config.topics.batch_requests],
         )?;
         let lifecycle = Lifecycle::new();
         let context =
@@ -84,6 +85,11 @@ impl Application {
             fair_quantum_tokens: config.fair_quantum_tokens,
             tiers: config.tiers.by_name.clone(),
             default_max_tokens: config.tiers.default_max_tokens,
+            batch_topic: config.topics.batch_requests.clone(),
+            lanes: lanes::LaneSettings {
+                batch_share: config.batch_share,
+                aging: config.batch_aging,
+            },
             read_ahead: config.read_ahead,
             read_ahead_bytes: config.read_ahead_bytes,
             drain_timeout: config.drain_timeout,

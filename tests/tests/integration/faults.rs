@@ -92,27 +92,10 @@ impl Cluster {
     }
 
     pub(crate) fn env(&self) -> HashMap<String, String> {
-        let kafka = kafka_args(6);
-        [
-            ("KAFKA_BROKERS", kafka.brokers.as_str()),
-            ("SLUICE_AUTH", "off"),
-            ("SLUICE_REQUESTS_TOPIC", &self.topics.requests),
-            ("SLUICE_STATUS_TOPIC", &self.topics.status),
-            ("SLUICE_REQUESTS_DLQ_TOPIC", &self.topics.requests_dlq),
-            ("SLUICE_STATUS_DLQ_TOPIC", &self.topics.status_dlq),
-            ("SLUICE_CONTROL_TOPIC", &self.topics.control),
-            (
-                "SLUICE_WORKER_GROUP",
-                &format!("{}-workers", self.topics.requests),
-            ),
-            (
-                "SLUICE_RESULTS_GROUP",
-                &format!("{}-results", self.topics.requests),
-            ),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .collect()
+        let mut env = self.topics.process_env();
+        env.insert("KAFKA_BROKERS".into(), kafka_args(6).brokers);
+        env.insert("SLUICE_AUTH".into(), "off".into());
+        env
     }
 
     pub(crate) async fn worker(&self, label: &str) -> ServiceProcess {

@@ -17,6 +17,7 @@ mod fairness;
 mod faults;
 mod ingest;
 mod ingest_faults;
+mod lanes;
 mod openai;
 mod pipeline;
 mod poison;

@@ -95,58 +95,41 @@ async fn no_secret_reaches_a_log_or_an_answer() {
         .collect();
     let ingest_url = format!("http://127.0.0.1:{}", ports["ingest"]);
     let results_url = format!("http://127.0.0.1:{}", ports["results"]);
-    let env: HashMap<String, String> = [
-        ("RUST_LOG", "debug".to_owned()),
-        ("KAFKA_BROKERS", kafka.brokers.clone()),
-        ("SLUICE_REQUESTS_TOPIC", topics.requests.clone()),
-        ("SLUICE_STATUS_TOPIC", topics.status.clone()),
-        ("SLUICE_REQUESTS_DLQ_TOPIC", topics.requests_dlq.clone()),
-        ("SLUICE_STATUS_DLQ_TOPIC", topics.status_dlq.clone()),
-        ("SLUICE_CONTROL_TOPIC", topics.control.clone()),
-        ("SLUICE_DELTAS_TOPIC", topics.deltas.clone()),
-        (
-            "SLUICE_WORKER_GROUP",
-            format!("{}-workers", topics.requests),
-        ),
-        (
-            "SLUICE_RESULTS_GROUP",
-            format!("{}-results", topics.requests),
-        ),
-        (
-            "SLUICE_WEBHOOKS_GROUP",
-            format!("{}-webhooks", topics.requests),
-        ),
-        ("SLUICE_AUTH", "api-keys".to_owned()),
-        ("DATABASE_URL", database_url.clone()),
-        ("REDIS_URL", redis_url.clone()),
-        ("SLUICE_REDIS_PREFIX", format!("{}:", topics.requests)),
-        ("SLUICE_WEBHOOK_SECRET_KEY", sealing_key.clone()),
-        ("SLUICE_STREAM_TOKEN_SECRETS", token_secret.clone()),
-        ("SLUICE_WEBHOOK_ALLOW_HTTP", "true".to_owned()),
-        ("SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
-        ("SLUICE_RESULTS_URL", results_url.clone()),
-        ("SLUICE_INGEST_URL", ingest_url.clone()),
-        ("MODEL_BASE_URL", sim_url),
-        (
-            "SLUICE_INGEST_ADDR",
-            format!("127.0.0.1:{}", ports["ingest"]),
-        ),
-        (
-            "SLUICE_RESULTS_ADDR",
-            format!("127.0.0.1:{}", ports["results"]),
-        ),
-        (
-            "SLUICE_WORKER_ADDR",
-            format!("127.0.0.1:{}", ports["worker"]),
-        ),
-        (
-            "SLUICE_WEBHOOKS_ADDR",
-            format!("127.0.0.1:{}", ports["webhooks"]),
-        ),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), value))
-    .collect();
+    let mut env = topics.process_env();
+    env.extend(
+        [
+            ("RUST_LOG", "debug".to_owned()),
+            ("KAFKA_BROKERS", kafka.brokers.clone()),
+            ("SLUICE_AUTH", "api-keys".to_owned()),
+            ("DATABASE_URL", database_url.clone()),
+            ("REDIS_URL", redis_url.clone()),
+            ("SLUICE_REDIS_PREFIX", format!("{}:", topics.requests)),
+            ("SLUICE_WEBHOOK_SECRET_KEY", sealing_key.clone()),
+            ("SLUICE_STREAM_TOKEN_SECRETS", token_secret.clone()),
+            ("SLUICE_WEBHOOK_ALLOW_HTTP", "true".to_owned()),
+            ("SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
+            ("SLUICE_RESULTS_URL", results_url.clone()),
+            ("SLUICE_INGEST_URL", ingest_url.clone()),
+            ("MODEL_BASE_URL", sim_url),
+            (
+                "SLUICE_INGEST_ADDR",
+                format!("127.0.0.1:{}", ports["ingest"]),
+            ),
+            (
+                "SLUICE_RESULTS_ADDR",
+                format!("127.0.0.1:{}", ports["results"]),
+            ),
+            (
+                "SLUICE_WORKER_ADDR",
+                format!("127.0.0.1:{}", ports["worker"]),
+            ),
+            (
+                "SLUICE_WEBHOOKS_ADDR",
+                format!("127.0.0.1:{}", ports["webhooks"]),
+            ),
+        ]
+        .map(|(key, value)| (key.to_owned(), value)),
+    );
     let http = reqwest::Client::new();
     let mut processes = Vec::new();
     // Results first: it owns the migrations the others' tables come from.

@@ -145,37 +145,25 @@ async fn a_job_is_one_trace_across_the_three_services_and_every_service_has_metr
 
     let (ingest_port, worker_port, results_port) = (free_port(), free_port(), free_port());
     let results_url = format!("http://127.0.0.1:{results_port}");
-    let env: HashMap<String, String> = [
-        ("KAFKA_BROKERS", kafka.brokers.as_str()),
-        ("SLUICE_AUTH", "off"),
-        ("SLUICE_REQUESTS_TOPIC", &topics.requests),
-        ("SLUICE_STATUS_TOPIC", &topics.status),
-        ("SLUICE_REQUESTS_DLQ_TOPIC", &topics.requests_dlq),
-        ("SLUICE_STATUS_DLQ_TOPIC", &topics.status_dlq),
-        ("SLUICE_CONTROL_TOPIC", &topics.control),
-        (
-            "SLUICE_WORKER_GROUP",
-            &format!("{}-workers", topics.requests),
-        ),
-        (
-            "SLUICE_RESULTS_GROUP",
-            &format!("{}-results", topics.requests),
-        ),
-        ("DATABASE_URL", &database.url),
-        ("MODEL_BASE_URL", &sim_url),
-        ("SLUICE_RESULTS_URL", &results_url),
-        ("SLUICE_INGEST_ADDR", &format!("127.0.0.1:{ingest_port}")),
-        ("SLUICE_WORKER_ADDR", &format!("127.0.0.1:{worker_port}")),
-        ("SLUICE_RESULTS_ADDR", &format!("127.0.0.1:{results_port}")),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp_url),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ("SLUICE_LOG_FORMAT", "json"),
-        ("RUST_LOG", "info,sluice_ingest=debug,sluice_worker=debug"),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), value.to_owned()))
-    .collect();
+    let mut env = topics.process_env();
+    env.extend(
+        [
+            ("KAFKA_BROKERS", kafka.brokers.as_str()),
+            ("SLUICE_AUTH", "off"),
+            ("DATABASE_URL", &database.url),
+            ("MODEL_BASE_URL", &sim_url),
+            ("SLUICE_RESULTS_URL", &results_url),
+            ("SLUICE_INGEST_ADDR", &format!("127.0.0.1:{ingest_port}")),
+            ("SLUICE_WORKER_ADDR", &format!("127.0.0.1:{worker_port}")),
+            ("SLUICE_RESULTS_ADDR", &format!("127.0.0.1:{results_port}")),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp_url),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("SLUICE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,sluice_ingest=debug,sluice_worker=debug"),
+        ]
+        .map(|(key, value)| (key.to_owned(), value.to_owned())),
+    );
     let http = reqwest::Client::new();
     let results = ServiceProcess::spawn("sluice-results", "telemetry-results", &env);
     wait_ready(&http, &results, results_port).await;

@@ -141,33 +141,25 @@ async fn a_webhooks_service_killed_mid_delivery_loses_nothing() {
     let topics = &pipeline.topics;
     let process_env = || -> HashMap<String, String> {
         let port = sluice_tests::process::free_port();
-        [
-            ("SLUICE_WEBHOOKS_ADDR", format!("127.0.0.1:{port}")),
-            ("DATABASE_URL", pipeline.database.url.clone()),
-            ("KAFKA_BROKERS", pipeline.kafka.brokers.clone()),
-            ("SLUICE_REQUESTS_TOPIC", topics.requests.clone()),
-            ("SLUICE_STATUS_TOPIC", topics.status.clone()),
-            ("SLUICE_REQUESTS_DLQ_TOPIC", topics.requests_dlq.clone()),
-            ("SLUICE_STATUS_DLQ_TOPIC", topics.status_dlq.clone()),
-            ("SLUICE_CONTROL_TOPIC", topics.control.clone()),
-            ("SLUICE_DELTAS_TOPIC", topics.deltas.clone()),
-            (
-                "SLUICE_WEBHOOKS_GROUP",
-                format!("{}-webhooks", topics.requests),
-            ),
-            (
-                "SLUICE_WEBHOOK_SECRET_KEY",
-                sluice_tests::TEST_WEBHOOK_KEY.to_owned(),
-            ),
-            ("SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
-            ("SLUICE_WEBHOOK_RETRY_SCHEDULE_MS", "100,200,400".to_owned()),
-            ("SLUICE_WEBHOOK_POLL_MS", "20".to_owned()),
-            // Leases of 2 x 2 s + 5 s: what the killed one held is free again within 9 s.
-            ("SLUICE_WEBHOOK_TIMEOUT_MS", "2000".to_owned()),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value))
-        .collect()
+        let mut env = topics.process_env();
+        env.extend(
+            [
+                ("SLUICE_WEBHOOKS_ADDR", format!("127.0.0.1:{port}")),
+                ("DATABASE_URL", pipeline.database.url.clone()),
+                ("KAFKA_BROKERS", pipeline.kafka.brokers.clone()),
+                (
+                    "SLUICE_WEBHOOK_SECRET_KEY",
+                    sluice_tests::TEST_WEBHOOK_KEY.to_owned(),
+                ),
+                ("SLUICE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
+                ("SLUICE_WEBHOOK_RETRY_SCHEDULE_MS", "100,200,400".to_owned()),
+                ("SLUICE_WEBHOOK_POLL_MS", "20".to_owned()),
+                // Leases of 2 x 2 s + 5 s: what the killed one held is free again within 9 s.
+                ("SLUICE_WEBHOOK_TIMEOUT_MS", "2000".to_owned()),
+            ]
+            .map(|(key, value)| (key.to_owned(), value)),
+        );
+        env
     };
     let first = sluice_tests::process::ServiceProcess::spawn(
         "sluice-webhooks",

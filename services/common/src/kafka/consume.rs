@@ -78,7 +78,10 @@ pub struct KafkaSource {
     tracker: OffsetTracker,
     /// False for a follower that reads a topic from the beginning outside any group.
     commits: bool,
-    paused: bool,
+    /// The topics read, sorted.
+    topics: Vec<String>,
+    /// The topics whose partitions are paused, sorted.
+    paused: Vec<String>,
     /// A record that arrived together with a revocation, handed out after the revocation.
     held: Option<Record>,
     health: SourceHealth,
@@ -99,7 +102,7 @@ impl KafkaSource {
         consumer
             .subscribe(topics)
             .with_context(|| format!("subscribing to {topics:?}"))?;
-        Ok(Self::new(consumer, true, topics.first().copied()))
+        Ok(Self::new(consumer, true, topics))
     }
 
     /// Reads every partition of `topic` from the beginning, outside any group and without
@@ -153,20 +156,23 @@ impl KafkaSource {
         }
         consumer.assign(&assignment)?;
         let consumer = Arc::into_inner(consumer).expect("the metadata task has ended");
-        Ok(Self::new(consumer, false, Some(topic)))
+        Ok(Self::new(consumer, false, &[topic]))
     }
 
-    fn new(consumer: GroupConsumer, commits: bool, topic: Option<&str>) -> Self {
+    fn new(consumer: GroupConsumer, commits: bool, topics: &[&str]) -> Self {
         let consumer = Arc::new(consumer);
+        let mut sorted: Vec<String> = topics.iter().map(|topic| (*topic).to_owned()).collect();
+        sorted.sort();
         Self {
             health: SourceHealth {
                 consumer: consumer.clone(),
-                topic: topic.map(str::to_owned),
+                topic: topics.first().map(|topic| (*topic).to_owned()),
             },
+            topics: sorted,
             consumer,
             tracker: OffsetTracker::default(),
             commits,
-            paused: false,
+            paused: Vec::new(),
             held: None,
         }
     }
@@ -297,24 +303,50 @@ impl KafkaSource {
     /// partition assigned while paused is paused too. `recv` goes on serving rebalances and
     /// keeping the member in its group while paused.
     pub fn set_paused(&mut self, pause: bool) {
+        self.pause_where(|_| pause);
+    }
+
+    /// Pauses the partitions of the topics `paused` says yes to and resumes the others': a
+    /// consumer of several topics (the worker's lanes) holds back one while reading on.
+    pub fn pause_where(&mut self, paused: impl Fn(&str) -> bool) {
         let reassigned = self.consumer.context().state.take_assigned_again();
-        if pause == self.paused && !(pause && reassigned) {
+        let wanted: Vec<String> = self
+            .topics
+            .iter()
+            .filter(|topic| paused(topic))
+            .cloned()
+            .collect();
+        // Why re-pause after a reassignment: newly assigned partitions start unpaused.
+        if wanted == self.paused && (!reassigned || wanted.is_empty()) {
             return;
         }
-        let result = self.consumer.assignment().and_then(|assignment| {
-            if pause {
-                self.consumer.pause(&assignment)
-            } else {
-                self.consumer.resume(&assignment)
+        let assignment = match self.consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(error) => {
+                tracing::warn!(error = %error, "reading the assignment to pause or resume failed");
+                return;
             }
-        });
+        };
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for element in assignment.elements() {
+            let list = if wanted.iter().any(|topic| topic == element.topic()) {
+                &mut pause
+            } else {
+                &mut resume
+            };
+            list.add_partition(element.topic(), element.partition());
+        }
+        let result = self
+            .consumer
+            .pause(&pause)
+            .and_then(|()| self.consumer.resume(&resume));
         match result {
             Ok(()) => {
-                self.paused = pause;
-                tracing::debug!(pause, "consumption paused or resumed");
+                tracing::debug!(paused = ?wanted, "consumption paused or resumed");
+                self.paused = wanted;
             }
             Err(error) => {
-                tracing::warn!(error = %error, pause, "pausing or resuming partitions failed")
+                tracing::warn!(error = %error, paused = ?wanted, "pausing or resuming partitions failed")
             }
         }
     }

@@ -83,6 +83,11 @@ pub struct TopicArgs {
     #[arg(long = "requests-topic", env = "SLUICE_REQUESTS_TOPIC", default_value = topics::REQUESTS)]
     pub requests: String,
 
+    /// Request events of the batch lane (`priority: "batch"`), keyed by user id: a topic of
+    /// their own, so batch work never sits ahead of interactive work in a partition.
+    #[arg(long = "batch-requests-topic", env = "SLUICE_BATCH_REQUESTS_TOPIC", default_value = topics::BATCH_REQUESTS)]
+    pub batch_requests: String,
+
     /// Status events, keyed by user id.
     #[arg(long = "status-topic", env = "SLUICE_STATUS_TOPIC", default_value = topics::STATUS)]
     pub status: String,
@@ -118,6 +123,14 @@ pub struct TopicArgs {
 }
 
 impl TopicArgs {
+    /// The request topic of a lane.
+    pub fn requests_for(&self, priority: sluice_schemas::Priority) -> &str {
+        match priority {
+            sluice_schemas::Priority::Interactive => &self.requests,
+            sluice_schemas::Priority::Batch => &self.batch_requests,
+        }
+    }
+
     /// Creates the topics if `create` is set and they are missing.
     pub async fn ensure(&self, kafka: &KafkaArgs) -> anyhow::Result<()> {
         if !self.create {
@@ -127,6 +140,7 @@ impl TopicArgs {
             .ensure_topics(
                 &[
                     &self.requests,
+                    &self.batch_requests,
                     &self.status,
                     &self.requests_dlq,
                     &self.status_dlq,

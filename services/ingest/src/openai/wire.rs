@@ -7,7 +7,9 @@ use crate::submit::SubmitBody;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sluice_schemas::{FieldError, JobError, JobId, JobStatus, Message, Output, Params, Role};
+use sluice_schemas::{
+    FieldError, JobError, JobId, JobStatus, Message, Output, Params, Priority, Role,
+};
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
@@ -71,6 +73,17 @@ impl ChatRequest {
             .get("user")
             .and_then(Value::as_str)
             .map(str::to_owned);
+        // Sluice's lane, not the backend's business: `flex` (OpenAI's slower, cheaper
+        // processing) is the batch lane; `auto`, `default`, `scale` and `priority` interactive.
+        let priority = match params.remove("service_tier") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(tier)) => Some(match tier.as_str() {
+                "flex" => Priority::Batch,
+                "auto" | "default" | "scale" | "priority" => Priority::Interactive,
+                _ => return Err(service_tier_error()),
+            }),
+            Some(_) => return Err(service_tier_error()),
+        };
         Ok(SubmitBody {
             user_id: Some(user.unwrap_or_else(|| ANONYMOUS.to_owned())),
             model: self.model,
@@ -81,9 +94,17 @@ impl ChatRequest {
             cache: None,
             stream: self.stream,
             webhook: None,
+            priority,
             job_id: None,
         })
     }
+}
+
+fn service_tier_error() -> FieldError {
+    FieldError::new(
+        "service_tier",
+        "must be auto, default, flex (the batch lane), scale or priority",
+    )
 }
 
 fn chat_message(index: usize, message: &Value) -> Result<Message, FieldError> {
@@ -209,6 +230,7 @@ impl EmbeddingsRequest {
             cache: None,
             stream: false,
             webhook: None,
+            priority: None,
             job_id: None,
         })
     }
