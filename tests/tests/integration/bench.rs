@@ -14,6 +14,7 @@ fn config(pipeline: &Pipeline) -> sluice_bench::Config {
         model: "sim".into(),
         api_key: None,
         webhook_url: None,
+        priority: None,
         json: None,
         progress: false,
     }

@@ -144,6 +144,7 @@ pub(crate) fn bench_config(target: &Target, model: &str, secs: f64) -> Config {
         model: model.into(),
         api_key: None,
         webhook_url: None,
+        priority: None,
         json: None,
         progress: false,
     }

@@ -4,6 +4,7 @@
 
 pub mod capacity;
 mod hop;
+pub mod lanes;
 pub mod markdown;
 mod plot;
 mod procfs;
@@ -61,6 +62,9 @@ pub struct Config {
     /// API key (`Authorization: Bearer`), when ingest has keys on; the key decides the user.
     #[arg(long, env = "SLUICE_BENCH_API_KEY")]
     pub api_key: Option<String>,
+    /// The jobs' lane, `interactive` or `batch`; unset sends none (interactive).
+    #[arg(long)]
+    pub priority: Option<String>,
     /// Every job asks for its terminal status as a webhook to this URL.
     #[arg(long)]
     pub webhook_url: Option<String>,
@@ -201,6 +205,9 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     });
     if let Some(url) = &config.webhook_url {
         body["webhook"] = serde_json::json!({"url": url});
+    }
+    if let Some(priority) = &config.priority {
+        body["priority"] = priority.as_str().into();
     }
     // With an API key the key decides the user; without, the jobs are spread over `users`.
     if config.api_key.is_none() {

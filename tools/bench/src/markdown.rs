@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
-    /// Where `sweep.json`, `overload.json` and any `streaming-<flush ms>.json` are.
+    /// Where `sweep.json`, `overload.json`, `lanes.json` and any `streaming-<flush ms>.json` are.
     #[arg(long)]
     pub dir: PathBuf,
     /// The Markdown to write.
@@ -258,6 +258,13 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
         let run: crate::webhooks::WebhooksRun = read_json(&webhooks_file)?;
         text.push('\n');
         text.push_str(&crate::webhooks::markdown(&run, &sweep.half_rate));
+    }
+
+    let lanes_file = args.dir.join("lanes.json");
+    if lanes_file.exists() {
+        let lanes: crate::lanes::Lanes = read_json(&lanes_file)?;
+        text.push('\n');
+        text.push_str(&crate::lanes::markdown(&lanes, sweep.sustainable_rate));
     }
 
     let mut streaming: Vec<Streaming> = read_phases(&args.dir, "streaming-")?;

@@ -18,6 +18,8 @@ enum Command {
     Streaming(sluice_bench::streaming::StreamingArgs),
     /// Half the sustainable rate with a webhook on every job, to a receiver here.
     Webhooks(sluice_bench::webhooks::WebhooksArgs),
+    /// Interactive jobs idle and behind a batch backlog.
+    Lanes(sluice_bench::lanes::LanesArgs),
     /// Write BENCHMARKS.md and the plot from the phases' JSON.
     Report(sluice_bench::ReportArgs),
 }
@@ -56,6 +58,13 @@ async fn main() -> anyhow::Result<()> {
                 "{} accepted jobs were lost",
                 run.step.report.lost
             );
+        }
+        Command::Lanes(args) => {
+            let out = args.out.clone();
+            let lanes = sluice_bench::lanes::run(args).await?;
+            capacity::write_json(&out, &lanes)?;
+            let lost = lanes.idle.lost + lanes.behind_backlog.lost + lanes.batch.lost;
+            anyhow::ensure!(lost == 0, "{lost} accepted jobs were lost");
         }
         Command::Report(args) => sluice_bench::markdown::write(&args)?,
     }
