@@ -25,6 +25,8 @@ pub struct PipelineOptions {
     pub redis: bool,
     /// Ingest's `SLUICE_TIERS`; `None` puts limits out of the way.
     pub tiers: Option<String>,
+    /// The results service's and ingest's `SLUICE_MODEL_PRICES`.
+    pub model_prices: Option<String>,
     /// Ingest's `SLUICE_PUBLISH_TIMEOUT_MS`.
     pub publish_timeout_ms: u64,
     pub sim: sluice_model_sim::Config,
@@ -70,6 +72,7 @@ impl Default for PipelineOptions {
             publish_timeout_ms: 5_000,
             api_keys: false,
             tiers: None,
+            model_prices: None,
             redis: false,
             sim,
             model_base_url: None,
@@ -172,6 +175,10 @@ impl Pipeline {
         let ingest_addr = format!("127.0.0.1:{}", crate::process::free_port());
         results_config.ingest_url = format!("http://{ingest_addr}");
         results_config.webhook_secret_key = Some(TEST_WEBHOOK_KEY.to_owned().into());
+        if let Some(prices) = &options.model_prices {
+            results_config.prices.prices =
+                sluice_common::prices::Prices::parse(prices).expect("test prices");
+        }
         let (results, results_url) = RunningResults::start(results_config, &shutdown).await;
         if let Some(mut config) = options.webhooks.clone() {
             config.addr = "127.0.0.1:0".into();
@@ -228,6 +235,10 @@ impl Pipeline {
             .unwrap_or_else(|| r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into());
         ingest_config.tiers.by_name =
             sluice_ingest::admission::Tiers::parse(&tiers).expect("test tiers");
+        if let Some(prices) = &options.model_prices {
+            ingest_config.prices.prices =
+                sluice_common::prices::Prices::parse(prices).expect("test prices");
+        }
         ingest_config.global_burst = 100_000;
         ingest_config.global_rate_per_sec = 100_000.0;
         let ingest = sluice_ingest::Application::build(ingest_config)

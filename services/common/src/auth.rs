@@ -30,16 +30,23 @@ pub async fn key_store(
         );
         return Ok(None);
     }
+    let pool = connect(database_url, "API keys").await?;
+    Ok(Some(KeyStore::new(pool, cache)))
+}
+
+/// A small pool to the Postgres the results service keeps its schema in, once that schema is
+/// there: for `what` (API keys, spend budgets) in a service that does not own the schema.
+pub async fn connect(database_url: &str, what: &str) -> anyhow::Result<PgPool> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
         .connect(database_url)
         .await
         .map_err(|error| {
-            anyhow::anyhow!("connecting to Postgres for API keys (DATABASE_URL): {error}")
+            anyhow::anyhow!("connecting to Postgres for {what} (DATABASE_URL): {error}")
         })?;
     wait_for_schema(&pool, SCHEMA_WAIT).await?;
-    Ok(Some(KeyStore::new(pool, cache)))
+    Ok(pool)
 }
 
 /// Who is calling, as their key says.

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cache;
 pub mod http;
 pub mod kafka;
+pub mod prices;
 pub mod propagation;
 pub mod tiers;
 pub mod tokens;

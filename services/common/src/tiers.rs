@@ -31,6 +31,12 @@ pub struct Tier {
     /// goes to the `batch` lane.
     #[serde(default = "yes")]
     pub interactive: bool,
+    /// What a user may spend in a UTC day, in the currency of `SLUICE_MODEL_PRICES`.
+    #[serde(default)]
+    pub budget_per_day: Option<f64>,
+    /// What a user may spend in a UTC calendar month.
+    #[serde(default)]
+    pub budget_per_month: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -71,7 +77,21 @@ impl Tier {
             self.weight.is_finite() && self.weight > 0.0,
             "{name}: weight must be above 0"
         );
+        for (field, budget) in [
+            ("budget_per_day", self.budget_per_day),
+            ("budget_per_month", self.budget_per_month),
+        ] {
+            anyhow::ensure!(
+                budget.is_none_or(|budget| budget.is_finite() && budget >= 0.0),
+                "{name}: {field} must be a number of at least 0"
+            );
+        }
         Ok(())
+    }
+
+    /// Whether the tier limits spending.
+    pub fn has_budget(&self) -> bool {
+        self.budget_per_day.is_some() || self.budget_per_month.is_some()
     }
 }
 
@@ -98,9 +118,17 @@ impl Tiers {
         Self::parse(text).map_err(|error| format!("{error:#}"))
     }
 
-    /// Whether any tier limits tokens (and reservations need settling).
-    pub fn any_token_limit(&self) -> bool {
-        self.0.values().any(|tier| tier.tokens_per_min.is_some())
+    /// Whether any tier limits tokens or spending (and admitted jobs hold reservations until
+    /// they end).
+    pub fn any_reservations(&self) -> bool {
+        self.0
+            .values()
+            .any(|tier| tier.tokens_per_min.is_some() || tier.has_budget())
+    }
+
+    /// Whether any tier limits spending.
+    pub fn any_budget(&self) -> bool {
+        self.0.values().any(Tier::has_budget)
     }
 
     /// `tier` with its name, or the default tier for an unknown (or no) tier.

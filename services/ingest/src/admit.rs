@@ -5,6 +5,7 @@
 
 use crate::AppState;
 use crate::admission::limiter::{FailureMode, TokenCharge};
+use crate::admission::tokens::Hold;
 use crate::admission::{rate_limit_headers, token_quota, user_quota};
 use crate::error::{ApiError, RateGate};
 use crate::submit::Accepted;
@@ -56,6 +57,17 @@ pub(crate) async fn admit_and_publish(
             burst: charge.quota.burst,
         });
     }
+    // Before the limits: a refusal for the budget spends none of them.
+    let cost =
+        state
+            .budgets
+            .prices
+            .cost(event.model.as_str(), estimate.prompt, estimate.completion);
+    let held = state.reservations.held_cost(user_id);
+    let priced = state
+        .budgets
+        .check(user_id, tier_name, tier, cost, held)
+        .await?;
     let mut limit_headers = HeaderMap::new();
     // Whether tokens were reserved: not when the store failed and the failure mode let it in.
     let mut reserved = None;
@@ -89,17 +101,23 @@ pub(crate) async fn admit_and_publish(
         Err(error) => on_store_failure(state, "rate limit", &error)?,
     }
     let published = publish_unless_cached(state, event).await;
-    if let Some(charge) = reserved {
-        match &published {
-            Ok(None) => state.reservations.hold(
-                user_id,
-                event.job_id,
-                charge.quota,
+    match &published {
+        Ok(None) if reserved.is_some() || tier.has_budget() => {
+            let hold = Hold {
+                quota: reserved.map(|charge| charge.quota),
                 estimate,
-                event.deadline,
-            ),
-            // Nothing was queued, or the answer cost no model tokens: all of it back.
-            Ok(Some(_)) | Err(_) => refund(state, user_id, &charge).await,
+                cost: priced.cost,
+            };
+            state
+                .reservations
+                .hold(user_id, event.job_id, hold, event.deadline);
+        }
+        Ok(None) => {}
+        // Nothing was queued, or the answer cost no model tokens: all of it back.
+        Ok(Some(_)) | Err(_) => {
+            if let Some(charge) = reserved {
+                refund(state, user_id, &charge).await;
+            }
         }
     }
     let output = published?;

@@ -103,6 +103,11 @@ pub struct Config {
     #[command(flatten)]
     pub tiers: sluice_common::tiers::TierArgs,
 
+    /// Model prices (`SLUICE_MODEL_PRICES`), which price a job's estimate against its tier's
+    /// budgets.
+    #[command(flatten)]
+    pub prices: sluice_common::prices::PriceArgs,
+
     /// Sustained submissions per second over all users together.
     #[arg(long, env = "SLUICE_GLOBAL_RATE_PER_SEC", default_value_t = 1000.0)]
     pub global_rate_per_sec: f64,

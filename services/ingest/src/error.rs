@@ -77,6 +77,20 @@ pub enum ApiError {
         tier: String,
         burst: u32,
     },
+    #[error(
+        "the user's {period} budget of {budget:.4} (tier `{tier}`) would be passed: {spent:.4} spent, {held:.4} held by jobs still running, this job up to {cost:.4}; it resets at {}",
+        resets_at.to_rfc3339()
+    )]
+    BudgetExceeded {
+        period: &'static str,
+        tier: String,
+        budget: f64,
+        spent: f64,
+        held: f64,
+        cost: f64,
+        resets_at: chrono::DateTime<chrono::Utc>,
+        retry_after_secs: u64,
+    },
     #[error("ingest is handling as many submissions as it can; retry shortly")]
     Overloaded,
     #[error("the rate limiter's store is unreachable and SLUICE_REDIS_FAILURE_MODE is closed")]
@@ -102,6 +116,7 @@ impl ApiError {
             | ApiError::LimiterUnavailable
             | ApiError::DeadlineUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::InvalidIdempotencyKey | ApiError::TokensExceedLimit { .. } => {
@@ -134,6 +149,7 @@ impl ApiError {
                 ..
             } => "token_rate_limited",
             ApiError::TokensExceedLimit { .. } => "tokens_exceed_limit",
+            ApiError::BudgetExceeded { .. } => "budget_exceeded",
             ApiError::DeadlineUnreachable { .. } => "deadline_unreachable",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden => "forbidden",
@@ -162,6 +178,7 @@ impl ApiError {
                 ..
             }
             | ApiError::TokensExceedLimit { .. } => Some("tokens"),
+            ApiError::BudgetExceeded { .. } => Some("budget"),
             ApiError::DeadlineUnreachable { .. } => Some("capacity"),
             ApiError::Overloaded => Some("submissions"),
             ApiError::Unavailable { .. } => Some("broker"),
@@ -198,6 +215,9 @@ impl IntoResponse for ApiError {
                 Some(*retry_after_secs)
             }
             ApiError::DeadlineUnreachable {
+                retry_after_secs, ..
+            }
+            | ApiError::BudgetExceeded {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             ApiError::Overloaded | ApiError::LimiterUnavailable => Some(1),

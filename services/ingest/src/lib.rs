@@ -52,6 +52,8 @@ pub struct AppState {
     pub tokens: Option<sluice_common::tokens::StreamTokens>,
     /// Token reservations of jobs this replica admitted, until their terminal status settles them.
     pub reservations: Arc<admission::tokens::Reservations>,
+    /// Prices and the tiers' spend budgets.
+    pub budgets: Arc<admission::budget::Budgets>,
     /// The pipeline's estimated wait, which refuses jobs whose deadline it would pass.
     pub capacity: Arc<admission::LaneCapacity>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
@@ -112,6 +114,22 @@ impl AppState {
             ),
             None => None,
         };
+        // Budgets read the usage the results service records, in the same Postgres as the keys.
+        let budget_pool = match (&keys, config.tiers.by_name.any_budget()) {
+            (_, false) => None,
+            (Some(keys), true) => Some(keys.pool().clone()),
+            (None, true) => Some(
+                sluice_common::auth::connect(
+                    secrecy::ExposeSecret::expose_secret(&config.database_url),
+                    "spend budgets",
+                )
+                .await?,
+            ),
+        };
+        let budgets = Arc::new(admission::budget::Budgets::new(
+            budget_pool,
+            config.prices.prices.clone(),
+        ));
         let mut kafka = config.kafka.clone();
         // Why: a record the broker has not taken within the publish timeout is expired by
         // librdkafka too, so a client told 503 is not surprised by a late publish.
@@ -125,6 +143,7 @@ impl AppState {
         Ok(Self {
             capacity: Arc::new(admission::LaneCapacity::new(&config.capacity)),
             reservations: Arc::default(),
+            budgets,
             deltas: openai::DeltaRoutes::default(),
             follower: openai::JobFollower::new(
                 config
@@ -221,7 +240,7 @@ impl Application {
             ),
         );
         let config = &self.state.config;
-        if config.tiers.by_name.any_token_limit() {
+        if config.tiers.by_name.any_reservations() {
             lifecycle.spawn(
                 "token settlement",
                 admission::tokens::follow(

@@ -9,6 +9,10 @@ use sluice_common::kafka::{KafkaArgs, TopicArgs};
     about = "Stores job state in Postgres and serves it over HTTP and SSE"
 )]
 pub struct Config {
+    /// Model prices (`SLUICE_MODEL_PRICES`), for the cost of the usage recorded.
+    #[command(flatten)]
+    pub prices: sluice_common::prices::PriceArgs,
+
     /// Address the HTTP API listens on.
     #[arg(long, env = "SLUICE_RESULTS_ADDR", default_value = "127.0.0.1:8081")]
     pub addr: String,

@@ -14,6 +14,7 @@ pub mod queue;
 pub mod state;
 pub mod store;
 pub mod streams;
+mod usage;
 mod webhooks;
 
 pub use api::ApiError;
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(console::page))
         .route("/console/config.json", get(console::config))
         .route("/v1/jobs", get(list::list_jobs))
+        .route("/v1/usage", get(usage::usage))
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::cancel_job))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/jobs/{id}/webhooks", get(webhooks::deliveries))
@@ -155,7 +157,7 @@ impl Application {
             .producer_config("sluice-results")
             .create()
             .context("creating the Kafka producer")?;
-        let store = Store::new(pool);
+        let store = Store::new(pool).with_prices(config.prices.prices.clone());
         let lifecycle = Lifecycle::new();
         let changes = notify::JobChanges::default();
         let listener = TcpListener::bind(&config.addr)

@@ -15,6 +15,8 @@ pub const NOTIFY_CHANNEL: &str = "sluice_job_changed";
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// What the usage recorded with each terminal status costs.
+    prices: std::sync::Arc<sluice_common::prices::Prices>,
 }
 
 /// The status changes one transaction recorded for one job, oldest first.
@@ -61,7 +63,16 @@ pub struct JobEvent {
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            prices: Default::default(),
+        }
+    }
+
+    /// Prices the usage it records with `prices`.
+    pub fn with_prices(mut self, prices: sluice_common::prices::Prices) -> Self {
+        self.prices = std::sync::Arc::new(prices);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -100,6 +111,7 @@ impl Store {
         }
         let recorded = Recorded::group(&events);
         record_changes(&mut transaction, &changed_jobs, &events, &recorded).await?;
+        crate::usage::record(&mut transaction, &events, &self.prices).await?;
         transaction.commit().await?;
         Ok(recorded)
     }

@@ -28,6 +28,7 @@ mod streaming;
 mod streams;
 mod telemetry;
 mod tokens;
+mod usage;
 mod webhook_faults;
 mod webhooks;
 mod worker;

@@ -1,6 +1,7 @@
 //! Admission control: what decides, before anything is published, whether a submission may in.
 //! Overload shedding, per-user and global rate limits, the pipeline's capacity, idempotency keys.
 
+pub mod budget;
 pub mod capacity;
 pub mod gcra;
 pub mod idempotency;

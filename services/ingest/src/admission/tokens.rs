@@ -1,6 +1,8 @@
-//! Token reservations. An admitted job holds its estimate against its user's token limit until
-//! its terminal status says what it really used; then the difference is settled (given back or
-//! charged), so sustained use tracks real tokens. The replica that admitted a job settles it: it
+//! Reservations. An admitted job holds its estimate against its user's token limit, and its
+//! estimated cost against the user's spend budget, until its terminal status says what it
+//! really used; then the token difference is settled (given back or charged), so sustained use
+//! tracks real tokens, and the cost is no longer held (the results service has recorded it in
+//! the usage the budget reads). The replica that admitted a job settles it: it
 //! follows the status topic (every partition, from the end, outside any group) and reads the
 //! terminal events of users it holds reservations for. A reservation whose end this replica
 //! never sees (it restarted) expires after the job's deadline with its estimate standing.
@@ -22,9 +24,20 @@ const PENDING: usize = 10_000;
 
 #[derive(Debug, Clone, Copy)]
 struct Held {
-    quota: Quota,
+    /// The user's token limit, if its tier has one.
+    quota: Option<Quota>,
     estimate: TokenEstimate,
+    /// The estimate's cost, held against the user's budget.
+    cost: f64,
     expires_at: DateTime<Utc>,
+}
+
+/// What an admitted job holds until it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Hold {
+    pub quota: Option<Quota>,
+    pub estimate: TokenEstimate,
+    pub cost: f64,
 }
 
 /// A job's reservation, settled: `delta` tokens to charge (positive) or give back (negative).
@@ -42,15 +55,9 @@ pub struct Reservations {
 }
 
 impl Reservations {
-    /// Records that `job_id` of `user` reserved `estimate` under `quota`.
-    pub fn hold(
-        &self,
-        user: &str,
-        job_id: JobId,
-        quota: Quota,
-        estimate: TokenEstimate,
-        deadline: DateTime<Utc>,
-    ) {
+    /// Records what `job_id` of `user` holds until its terminal status (or its deadline and a
+    /// grace period, if this replica never sees it).
+    pub fn hold(&self, user: &str, job_id: JobId, hold: Hold, deadline: DateTime<Utc>) {
         let mut held = self.held.lock().expect("reservations lock");
         if held.len() > 100_000 {
             let now = Utc::now();
@@ -63,12 +70,25 @@ impl Reservations {
         held.entry(user.to_owned()).or_default().insert(
             job_id,
             Held {
-                quota,
-                estimate,
+                quota: hold.quota,
+                estimate: hold.estimate,
+                cost: hold.cost,
                 expires_at,
             },
         );
         metrics::gauge!("sluice_token_reservations").increment(1.0);
+    }
+
+    /// The cost `user`'s jobs admitted here hold and have not yet ended with.
+    pub fn held_cost(&self, user: &str) -> f64 {
+        let held = self.held.lock().expect("reservations lock");
+        let now = Utc::now();
+        held.get(user).map_or(0.0, |jobs| {
+            jobs.values()
+                .filter(|job| job.expires_at > now)
+                .map(|job| job.cost)
+                .sum()
+        })
     }
 
     /// Whether `user` holds anything here: the cheap test before a status event is decoded.
@@ -77,7 +97,8 @@ impl Reservations {
         std::str::from_utf8(user).is_ok_and(|user| held.contains_key(user))
     }
 
-    /// The settlement of a terminal status, if this replica holds its job's reservation.
+    /// The settlement of a terminal status, if this replica holds its job's reservation under a
+    /// token limit; the job's hold ends either way.
     pub fn settle(&self, status: &StatusEvent) -> Option<Settlement> {
         if !status.status.is_terminal() {
             return None;
@@ -90,12 +111,13 @@ impl Reservations {
             held.remove(user);
         }
         metrics::gauge!("sluice_token_reservations").decrement(1.0);
+        let quota = job.quota?;
         let used = job.estimate.settle(status.output.as_ref());
         let delta = used as i64 - job.estimate.total() as i64;
         metrics::counter!("sluice_tokens_settled_total").increment(used);
         Some(Settlement {
             user: user.to_owned(),
-            quota: job.quota,
+            quota,
             delta,
         })
     }
@@ -162,7 +184,13 @@ mod tests {
             prompt: 20,
             completion: 512,
         };
-        reservations.hold("alice", request.job_id, quota, estimate, request.deadline);
+        let hold = Hold {
+            quota: Some(quota),
+            estimate,
+            cost: 0.25,
+        };
+        reservations.hold("alice", request.job_id, hold, request.deadline);
+        assert_eq!(reservations.held_cost("alice"), 0.25);
         let mut status = StatusEvent::queued(&request);
         status.status = JobStatus::Running;
         assert_eq!(reservations.settle(&status), None, "not terminal");
@@ -186,6 +214,7 @@ mod tests {
         );
         assert_eq!(reservations.settle(&status), None, "settled once");
         assert!(!reservations.holds_for(b"alice"));
+        assert_eq!(reservations.held_cost("alice"), 0.0);
     }
 
     fn request_event() -> sluice_schemas::RequestEvent {
@@ -196,7 +225,7 @@ mod tests {
             "model": "m",
             "messages": [{"role": "user", "content": "hi"}],
             "submitted_at": "2026-01-01T00:00:00Z",
-            "deadline": "2026-01-01T00:01:00Z",
+            "deadline": "2099-01-01T00:01:00Z",
         });
         sluice_schemas::RequestEvent::decode(json.to_string().as_bytes()).unwrap()
     }

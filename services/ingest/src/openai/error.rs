@@ -138,6 +138,7 @@ impl From<ApiError> for OpenAiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "authentication_error"),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "permission_error"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            ApiError::BudgetExceeded { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_quota"),
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
             }

@@ -1,0 +1,216 @@
+//! Usage through the whole pipeline: every terminal status adds its tokens and their cost to its
+//! user's usage exactly once (a replayed status event adds nothing), an answer from the cache
+//! counts as a job with no model tokens, and `GET /v1/usage` serves it by day and by model.
+
+use rdkafka::Message;
+use rdkafka::producer::FutureRecord;
+use serde_json::Value;
+use sluice_tests::infra::read_topic;
+use sluice_tests::{Pipeline, PipelineOptions, wait_until};
+use std::time::Duration;
+
+async fn usage(pipeline: &Pipeline, query: &str) -> (u16, Value) {
+    let response = pipeline
+        .http
+        .get(format!("{}/v1/usage?{query}", pipeline.results_url))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_counts_each_job_once_prices_its_tokens_and_says_what_was_cached() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        model_prices: Some(
+            r#"{"sim": {"input_per_million": 2000, "output_per_million": 4000}}"#.into(),
+        ),
+        ..Default::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for content in ["one two three", "four five", "six"] {
+        ids.push(pipeline.submit("payer", content).await.job_id.as_uuid());
+    }
+    pipeline.wait_terminal(&ids, Duration::from_secs(30)).await;
+    // The same question again: the worker answers it from its cache.
+    let repeat = pipeline
+        .submit("payer", "one two three")
+        .await
+        .job_id
+        .as_uuid();
+    pipeline
+        .wait_terminal(&[repeat], Duration::from_secs(30))
+        .await;
+    let cached = pipeline.job(repeat).await.unwrap();
+    assert_eq!(cached["output"]["cached"], true, "{cached}");
+
+    // What the jobs themselves say they used.
+    let (prompt, completion): (i64, i64) = sqlx::query_as(
+        "SELECT sum((output->'usage'->>'prompt_tokens')::bigint)::bigint,
+                sum((output->'usage'->>'completion_tokens')::bigint)::bigint
+         FROM jobs WHERE user_id = 'payer' AND NOT (output->>'cached')::boolean",
+    )
+    .fetch_one(&pipeline.database.pool)
+    .await
+    .unwrap();
+    assert!(prompt > 0 && completion > 0);
+    let cost = (prompt as f64 * 2000.0 + completion as f64 * 4000.0) / 1e6;
+
+    let check = |body: &Value, key: &str, value: &str| {
+        let data = body["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1, "{body}");
+        let row = &data[0];
+        assert_eq!(row[key], value, "{body}");
+        assert_eq!(row["jobs"], 4, "{body}");
+        assert_eq!(row["cached_jobs"], 1, "{body}");
+        assert_eq!(row["prompt_tokens"], prompt, "{body}");
+        assert_eq!(row["completion_tokens"], completion, "{body}");
+        assert_eq!(row["total_tokens"], prompt + completion, "{body}");
+        assert!(
+            (row["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9,
+            "{body}"
+        );
+        assert_eq!(body["total"]["jobs"], 4, "{body}");
+    };
+    let (status, by_model) = usage(&pipeline, "user_id=payer&group_by=model").await;
+    assert_eq!(status, 200, "{by_model}");
+    check(&by_model, "model", "sim");
+
+    // Every status event published again, as a redelivery would: usage does not move.
+    let records = read_topic(&pipeline.topics.status, 4, 1000, Duration::from_secs(3));
+    let producer = pipeline.producer();
+    for record in &records {
+        let key = std::str::from_utf8(record.key().unwrap()).unwrap();
+        producer
+            .send(
+                FutureRecord::to(&pipeline.topics.status)
+                    .key(key)
+                    .payload(record.payload().unwrap()),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("republishing a status event");
+    }
+    let lag = sluice_common::kafka::GroupLag::new(
+        &pipeline.kafka,
+        &format!("{}-results", pipeline.topics.requests),
+        vec![pipeline.topics.status.clone()],
+    )
+    .unwrap();
+    wait_until(
+        "results to read the replayed events",
+        Duration::from_secs(30),
+        || async {
+            let reading = lag.read(Duration::from_secs(2)).ok()?;
+            (reading.backlog == 0).then_some(())
+        },
+    )
+    .await;
+    let today = chrono::Utc::now().date_naive().to_string();
+    let (_, by_day) = usage(&pipeline, "user_id=payer").await;
+    assert_eq!(by_day["group_by"], "day");
+    check(&by_day, "day", &today);
+    println!("usage: {} status events replayed; {by_day}", records.len());
+
+    let (status, other) = usage(&pipeline, "user_id=nobody").await;
+    assert_eq!((status, other["data"].as_array().unwrap().len()), (200, 0));
+    let (status, wrong) = usage(&pipeline, "user_id=payer&group_by=week").await;
+    assert_eq!(status, 400, "{wrong}");
+    assert!(
+        wrong["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("group_by")
+    );
+    let (status, _) = usage(&pipeline, "user_id=payer&from=2026-12-31&to=2026-01-01").await;
+    assert_eq!(status, 400);
+    pipeline.stop().await;
+}
+
+/// `POST /v1/jobs` for `budget-user`, capped at 20 answer tokens.
+async fn spend(pipeline: &Pipeline, index: usize) -> reqwest::Response {
+    pipeline
+        .http
+        .post(format!("{}/v1/jobs", pipeline.ingest_url))
+        .json(&serde_json::json!({
+            "user_id": "budget-user",
+            "model": "sim",
+            "messages": [{"role": "user", "content": format!("spend {index}")}],
+            "params": {"max_tokens": 20},
+        }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_would_pass_its_users_daily_budget_is_refused_with_402() {
+    let mut options = PipelineOptions {
+        tiers: Some(
+            r#"{"default": {"rate_per_sec": 1000, "burst": 1000, "budget_per_day": 0.05}}"#.into(),
+        ),
+        model_prices: Some(
+            r#"{"sim": {"input_per_million": 1000, "output_per_million": 1000}}"#.into(),
+        ),
+        ..Default::default()
+    };
+    // Long enough for a second submission to find the first still running.
+    options.sim.service_time_ms = 500;
+    let pipeline = Pipeline::start(options).await;
+
+    // Each job is estimated at 26 tokens ("spend N" is 2 + 4 for the message, and a cap of
+    // 20): 0.026 held while it runs, so a second one at once would pass 0.05.
+    let first = spend(&pipeline, 0).await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let refused = spend(&pipeline, 1).await;
+    assert_eq!(refused.status(), 402);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=86_400).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("daily budget of 0.0500") && message.contains("resets at"),
+        "{message}"
+    );
+
+    // The jobs really use about 5 tokens (0.005): once each has ended and been recorded, its
+    // real cost counts, not its estimate, and more fit in the day.
+    let first_id: uuid::Uuid = first["job_id"].as_str().unwrap().parse().unwrap();
+    pipeline
+        .wait_terminal(&[first_id], Duration::from_secs(30))
+        .await;
+    let mut accepted = 1;
+    let refusal = loop {
+        let response = spend(&pipeline, accepted + 1).await;
+        if response.status() == 402 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        let id: uuid::Uuid = body["job_id"].as_str().unwrap().parse().unwrap();
+        pipeline.wait_terminal(&[id], Duration::from_secs(30)).await;
+        accepted += 1;
+        // The budget's reading of the usage is at most a second old.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(accepted < 20, "the budget never refused");
+    };
+    let (_, usage) = usage(&pipeline, "user_id=budget-user").await;
+    let spent = usage["total"]["cost_usd"].as_f64().unwrap();
+    println!(
+        "budget: {accepted} jobs fit a budget of 0.05 at an estimate of 0.026 each; {spent:.4} spent; then {}",
+        refusal["error"]["message"]
+    );
+    assert!(accepted >= 3, "settled usage let only {accepted} jobs in");
+    assert!(spent <= 0.05 && spent + 0.026 > 0.05, "spent {spent}");
+    pipeline.stop().await;
+}
