@@ -174,6 +174,12 @@ affinity:
 {{- end }}
 {{- end -}}
 
+{{/* Model prices: ingest prices estimates against budgets, results prices the usage it records. */}}
+{{- define "sluice.pricesEnv" -}}
+- name: SLUICE_MODEL_PRICES
+  value: {{ .Values.modelPrices | quote }}
+{{- end }}
+
 {{/* What ingest and the workers both read about tiers and token estimates. */}}
 {{- define "sluice.tierEnv" -}}
 - name: SLUICE_TIERS
