@@ -37,6 +37,8 @@ pub struct RequestEvent {
     pub tier: Option<TierName>,
     /// The job's lane, which is also the topic it is published to. Absent means interactive.
     pub priority: Priority,
+    /// The id of the API key that submitted it (never the key itself), for usage per key.
+    pub key_id: Option<String>,
 }
 
 /// What a job asks of its model.
@@ -76,6 +78,13 @@ impl RequestEvent {
     pub fn validate(&self) -> Result<(), DecodeError> {
         check_version(self.schema_version)?;
         self.task.check()?;
+        if self
+            .key_id
+            .as_ref()
+            .is_some_and(|key| key.is_empty() || key.len() > 64)
+        {
+            return Err(FieldError::new("key_id", "must be 1 to 64 bytes long").into());
+        }
         if self.deadline < self.submitted_at {
             return Err(FieldError::new("deadline", "must not be before submitted_at").into());
         }
@@ -124,6 +133,8 @@ struct WireRequest {
     tier: Option<TierName>,
     #[serde(default)]
     priority: Priority,
+    #[serde(default)]
+    key_id: Option<String>,
 }
 
 impl TryFrom<WireRequest> for RequestEvent {
@@ -155,6 +166,7 @@ impl TryFrom<WireRequest> for RequestEvent {
             webhook: wire.webhook,
             tier: wire.tier,
             priority: wire.priority,
+            key_id: wire.key_id,
         };
         event.validate()?;
         Ok(event)
@@ -185,6 +197,8 @@ struct WireRequestRef<'a> {
     tier: Option<&'a TierName>,
     #[serde(skip_serializing_if = "Priority::is_interactive")]
     priority: Priority,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<&'a str>,
 }
 
 impl Serialize for RequestEvent {
@@ -209,6 +223,7 @@ impl Serialize for RequestEvent {
             webhook: self.webhook.as_ref(),
             tier: self.tier.as_ref(),
             priority: self.priority,
+            key_id: self.key_id.as_deref(),
         }
         .serialize(serializer)
     }

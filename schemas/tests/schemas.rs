@@ -51,6 +51,7 @@ fn sample_request() -> RequestEvent {
         webhook: None,
         tier: None,
         priority: Default::default(),
+        key_id: None,
     }
 }
 

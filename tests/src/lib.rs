@@ -31,5 +31,6 @@ pub fn chat_event(user: &str, content: &str, deadline_in_ms: i64) -> sluice_sche
         webhook: None,
         tier: None,
         priority: Default::default(),
+        key_id: None,
     }
 }

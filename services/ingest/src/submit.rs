@@ -135,6 +135,7 @@ pub fn to_request_event(
         webhook: body.webhook,
         tier: None,
         priority: body.priority.unwrap_or_default(),
+        key_id: None,
     };
     // The rules every consumer applies (message count, empty content, ...): ingest never
     // publishes what a worker would dead-letter.
@@ -342,6 +343,8 @@ pub(crate) async fn accept(
     }
     tracing::Span::current().record("job_id", tracing::field::display(event.job_id));
     let user_id = event.user_id.clone();
+    // Usage is recorded per key too.
+    event.key_id = caller.as_ref().map(|caller| caller.key_id.clone());
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
     // A tier without the interactive lane has its jobs in the batch lane, whatever they ask.
     if !state.tiers.get(Some(&tier)).1.interactive {

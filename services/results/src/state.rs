@@ -27,6 +27,8 @@ pub struct Update {
     pub traceparent: Option<String>,
     /// Where a request event was read (partition, offset): its place in the queue.
     pub request_record: Option<(i32, i64)>,
+    /// The API key that submitted the job (request events), for usage per key.
+    pub key_id: Option<String>,
 }
 
 impl Update {
@@ -59,6 +61,7 @@ impl From<RequestEvent> for Update {
             finished_at: None,
             traceparent: None,
             request_record: None,
+            key_id: event.key_id,
         }
     }
 }
@@ -81,6 +84,7 @@ impl From<StatusEvent> for Update {
             finished_at: event.timings.finished_at.map(micros),
             traceparent: None,
             request_record: None,
+            key_id: None,
         }
     }
 }

@@ -318,17 +318,26 @@ async fn insert_placeholders(
         .values()
         .map(|updates| updates.iter().find_map(|update| update.request_record))
         .collect();
+    let key_ids: Vec<Option<String>> = by_job
+        .values()
+        .map(|updates| updates.iter().find_map(|update| update.key_id.clone()))
+        .collect();
     // Why DO UPDATE: a status event may have made the row before its request event came; the
-    // request's place in its partition is filled in then, once.
+    // request's place in its partition and its key are filled in then, once.
     sqlx::query(
         "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at, traceparent,
-                           request_partition, request_offset)
-         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent, request_partition, request_offset
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int[], $7::bigint[])
-             AS p(job_id, user_id, model, queued_at, traceparent, request_partition, request_offset)
+                           request_partition, request_offset, key_id)
+         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent, request_partition,
+                request_offset, key_id
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int[], $7::bigint[],
+                     $8::text[])
+             AS p(job_id, user_id, model, queued_at, traceparent, request_partition, request_offset, key_id)
          ON CONFLICT (job_id) DO UPDATE
-             SET request_partition = EXCLUDED.request_partition, request_offset = EXCLUDED.request_offset
-             WHERE jobs.request_partition IS NULL AND EXCLUDED.request_partition IS NOT NULL",
+             SET request_partition = coalesce(jobs.request_partition, EXCLUDED.request_partition),
+                 request_offset = coalesce(jobs.request_offset, EXCLUDED.request_offset),
+                 key_id = coalesce(jobs.key_id, EXCLUDED.key_id)
+             WHERE (jobs.request_partition IS NULL AND EXCLUDED.request_partition IS NOT NULL)
+                OR (jobs.key_id IS NULL AND EXCLUDED.key_id IS NOT NULL)",
     )
     .bind(placeholders.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.user_id.as_str()).collect::<Vec<_>>())
@@ -337,6 +346,7 @@ async fn insert_placeholders(
     .bind(traceparents)
     .bind(request_records.iter().map(|record| record.map(|(partition, _)| partition)).collect::<Vec<_>>())
     .bind(request_records.iter().map(|record| record.map(|(_, offset)| offset)).collect::<Vec<_>>())
+    .bind(key_ids)
     .execute(&mut **transaction)
     .await?;
     Ok(())

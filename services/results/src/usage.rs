@@ -1,4 +1,4 @@
-//! Usage: tokens and cost per user, day and model, recorded from terminal statuses in the
+//! Usage: tokens and cost per user, day, model and API key, recorded from terminal statuses in the
 //! transaction that records them (`store.rs`), and served as `GET /v1/usage`.
 
 use crate::AppState;
@@ -11,7 +11,6 @@ use chrono::{Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_common::prices::Prices;
 use sqlx::{Postgres, Row, Transaction};
-use std::collections::BTreeMap;
 
 /// A span of usage longer than this is refused (ask for it in parts).
 const MAX_DAYS: i64 = 366;
@@ -39,13 +38,8 @@ impl Totals {
     }
 }
 
-/// What a job that just ended adds to its user's usage: (user, day, model) and the figures.
-fn usage_of(job: &Job, prices: &Prices) -> ((String, NaiveDate, String), Totals) {
-    let day = job
-        .timings
-        .finished_at
-        .unwrap_or_else(Utc::now)
-        .date_naive();
+/// What a job that just ended adds to its user's usage: the model that answered and the figures.
+fn usage_of(job: &Job, prices: &Prices) -> (String, Totals) {
     let output = job.output.as_ref();
     // The model that answered: a fallback's name if one did.
     let model = output
@@ -65,48 +59,87 @@ fn usage_of(job: &Job, prices: &Prices) -> ((String, NaiveDate, String), Totals)
         total_tokens: (prompt + completion) as i64,
         cost_usd: prices.cost(&model, prompt, completion),
     };
-    ((job.user_id.as_str().to_owned(), day, model), totals)
+    (model, totals)
 }
 
 /// Adds the usage of the jobs whose terminal status `changes` holds (a terminal change is
-/// recorded once per job), summed per row first: one row may not be updated twice in one
-/// statement.
+/// recorded once per job), with the key each was submitted with (from its row), summed per
+/// usage row in the statement: one row may not be updated twice in one statement.
 pub(crate) async fn record(
     transaction: &mut Transaction<'_, Postgres>,
     changes: &[Job],
     prices: &Prices,
 ) -> sqlx::Result<()> {
-    let mut rows: BTreeMap<(String, NaiveDate, String), Totals> = BTreeMap::new();
-    for job in changes.iter().filter(|job| job.status.is_terminal()) {
-        let (key, totals) = usage_of(job, prices);
-        rows.entry(key).or_default().add(&totals);
-    }
-    if rows.is_empty() {
+    let ended: Vec<(&Job, String, Totals)> = changes
+        .iter()
+        .filter(|job| job.status.is_terminal())
+        .map(|job| {
+            let (model, totals) = usage_of(job, prices);
+            (job, model, totals)
+        })
+        .collect();
+    if ended.is_empty() {
         return Ok(());
     }
-    let column = |get: fn(&Totals) -> i64| rows.values().map(get).collect::<Vec<_>>();
+    let column = |get: fn(&Totals) -> i64| {
+        ended
+            .iter()
+            .map(|(_, _, totals)| get(totals))
+            .collect::<Vec<_>>()
+    };
     sqlx::query(
-        "INSERT INTO usage_daily (user_id, day, model, jobs, cached_jobs, prompt_tokens,
+        "INSERT INTO usage_daily (user_id, day, model, key_id, jobs, cached_jobs, prompt_tokens,
                                   completion_tokens, cost_usd)
-         SELECT * FROM UNNEST($1::text[], $2::date[], $3::text[], $4::bigint[], $5::bigint[],
-                              $6::bigint[], $7::bigint[], $8::float8[])
-         ON CONFLICT (user_id, day, model) DO UPDATE SET
+         SELECT u.user_id, u.day, u.model, coalesce(jobs.key_id, ''), count(*), sum(u.cached),
+                sum(u.prompt), sum(u.completion), sum(u.cost)
+         FROM UNNEST($1::uuid[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],
+                     $7::bigint[], $8::float8[])
+             AS u(job_id, user_id, day, model, cached, prompt, completion, cost)
+         LEFT JOIN jobs ON jobs.job_id = u.job_id
+         GROUP BY u.user_id, u.day, u.model, coalesce(jobs.key_id, '')
+         ON CONFLICT (user_id, day, model, key_id) DO UPDATE SET
              jobs = usage_daily.jobs + excluded.jobs,
              cached_jobs = usage_daily.cached_jobs + excluded.cached_jobs,
              prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,
              completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,
              cost_usd = usage_daily.cost_usd + excluded.cost_usd",
     )
-    .bind(rows.keys().map(|key| key.0.clone()).collect::<Vec<_>>())
-    .bind(rows.keys().map(|key| key.1).collect::<Vec<_>>())
-    .bind(rows.keys().map(|key| key.2.clone()).collect::<Vec<_>>())
-    .bind(column(|totals| totals.jobs))
+    .bind(
+        ended
+            .iter()
+            .map(|(job, _, _)| job.job_id.as_uuid())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        ended
+            .iter()
+            .map(|(job, _, _)| job.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        ended
+            .iter()
+            .map(|(job, _, _)| {
+                job.timings
+                    .finished_at
+                    .unwrap_or_else(Utc::now)
+                    .date_naive()
+            })
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        ended
+            .iter()
+            .map(|(_, model, _)| model.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(column(|totals| totals.cached_jobs))
     .bind(column(|totals| totals.prompt_tokens))
     .bind(column(|totals| totals.completion_tokens))
     .bind(
-        rows.values()
-            .map(|totals| totals.cost_usd)
+        ended
+            .iter()
+            .map(|(_, _, totals)| totals.cost_usd)
             .collect::<Vec<_>>(),
     )
     .execute(&mut **transaction)
@@ -122,7 +155,7 @@ pub(crate) struct UsageQuery {
     /// Last day, included; default today.
     #[serde(default)]
     to: Option<String>,
-    /// `day` (default) or `model`.
+    /// `day` (default), `model` or `key`.
     #[serde(default)]
     group_by: Option<String>,
     /// With API keys off, whose usage (required then).
@@ -134,6 +167,7 @@ pub(crate) struct UsageQuery {
 enum GroupBy {
     Day,
     Model,
+    Key,
 }
 
 /// One group's usage.
@@ -143,6 +177,9 @@ pub(crate) struct UsageGroup {
     day: Option<NaiveDate>,
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<String>,
+    /// With `group_by=key`: the API key's id (empty for jobs submitted without keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
     #[serde(flatten)]
     totals: Totals,
 }
@@ -188,7 +225,12 @@ pub(crate) async fn usage(
     let group_by = match query.group_by.as_deref() {
         None | Some("day") => GroupBy::Day,
         Some("model") => GroupBy::Model,
-        Some(other) => return Err(invalid(format!("group_by: {other:?} is not day or model"))),
+        Some("key") => GroupBy::Key,
+        Some(other) => {
+            return Err(invalid(format!(
+                "group_by: {other:?} is not day, model or key"
+            )));
+        }
     };
     let to = match &query.to {
         Some(text) => date("to", text)?,
@@ -209,6 +251,7 @@ pub(crate) async fn usage(
     let group = match group_by {
         GroupBy::Day => "day::text",
         GroupBy::Model => "model",
+        GroupBy::Key => "key_id",
     };
     let rows = sqlx::query(&format!(
         "SELECT {group} AS key, sum(jobs)::bigint AS jobs, sum(cached_jobs)::bigint AS cached_jobs,
@@ -240,18 +283,18 @@ pub(crate) async fn usage(
             cost_usd: row.try_get("cost_usd")?,
         };
         total.add(&totals);
-        data.push(match group_by {
-            GroupBy::Day => UsageGroup {
-                day: Some(date("day", &key)?),
-                model: None,
-                totals,
-            },
-            GroupBy::Model => UsageGroup {
-                day: None,
-                model: Some(key),
-                totals,
-            },
-        });
+        let mut group = UsageGroup {
+            day: None,
+            model: None,
+            key_id: None,
+            totals,
+        };
+        match group_by {
+            GroupBy::Day => group.day = Some(date("day", &key)?),
+            GroupBy::Model => group.model = Some(key),
+            GroupBy::Key => group.key_id = Some(key),
+        }
+        data.push(group);
     }
     Ok(Json(UsageReport {
         object: "usage",
@@ -261,6 +304,7 @@ pub(crate) async fn usage(
         group_by: match group_by {
             GroupBy::Day => "day",
             GroupBy::Model => "model",
+            GroupBy::Key => "key",
         },
         data,
         total,

@@ -34,6 +34,7 @@ fn update(job_id: JobId, status: JobStatus, attempt: i32) -> Update {
         finished_at: None,
         traceparent: None,
         request_record: None,
+        key_id: None,
     }
 }
 

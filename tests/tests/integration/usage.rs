@@ -1,6 +1,7 @@
 //! Usage through the whole pipeline: every terminal status adds its tokens and their cost to its
 //! user's usage exactly once (a replayed status event adds nothing), an answer from the cache
-//! counts as a job with no model tokens, and `GET /v1/usage` serves it by day and by model.
+//! counts as a job with no model tokens, and `GET /v1/usage` serves it by day, model and API key;
+//! spend budgets refuse what would pass them (402), counting each job at its real cost once it ends.
 
 use rdkafka::Message;
 use rdkafka::producer::FutureRecord;
@@ -9,75 +10,40 @@ use sluice_tests::infra::read_topic;
 use sluice_tests::{Pipeline, PipelineOptions, wait_until};
 use std::time::Duration;
 
-async fn usage(pipeline: &Pipeline, query: &str) -> (u16, Value) {
-    let response = pipeline
+/// `GET /v1/usage?{query}`, with an API key if given.
+async fn usage_as(pipeline: &Pipeline, key: Option<&str>, query: &str) -> (u16, Value) {
+    let mut request = pipeline
         .http
-        .get(format!("{}/v1/usage?{query}", pipeline.results_url))
-        .send()
-        .await
-        .unwrap();
+        .get(format!("{}/v1/usage?{query}", pipeline.results_url));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn usage_counts_each_job_once_prices_its_tokens_and_says_what_was_cached() {
-    let pipeline = Pipeline::start(PipelineOptions {
-        model_prices: Some(
-            r#"{"sim": {"input_per_million": 2000, "output_per_million": 4000}}"#.into(),
-        ),
-        ..Default::default()
-    })
-    .await;
-    let mut ids = Vec::new();
-    for content in ["one two three", "four five", "six"] {
-        ids.push(pipeline.submit("payer", content).await.job_id.as_uuid());
-    }
-    pipeline.wait_terminal(&ids, Duration::from_secs(30)).await;
-    // The same question again: the worker answers it from its cache.
-    let repeat = pipeline
-        .submit("payer", "one two three")
+async fn usage(pipeline: &Pipeline, query: &str) -> (u16, Value) {
+    usage_as(pipeline, None, query).await
+}
+
+/// `POST /v1/jobs` with an API key; the job's id.
+async fn submit_as(pipeline: &Pipeline, key: &str, content: &str) -> uuid::Uuid {
+    let response = pipeline
+        .http
+        .post(format!("{}/v1/jobs", pipeline.ingest_url))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"model": "sim", "messages": [{"role": "user", "content": content}]}))
+        .send()
         .await
-        .job_id
-        .as_uuid();
-    pipeline
-        .wait_terminal(&[repeat], Duration::from_secs(30))
-        .await;
-    let cached = pipeline.job(repeat).await.unwrap();
-    assert_eq!(cached["output"]["cached"], true, "{cached}");
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    body["job_id"].as_str().unwrap().parse().unwrap()
+}
 
-    // What the jobs themselves say they used.
-    let (prompt, completion): (i64, i64) = sqlx::query_as(
-        "SELECT sum((output->'usage'->>'prompt_tokens')::bigint)::bigint,
-                sum((output->'usage'->>'completion_tokens')::bigint)::bigint
-         FROM jobs WHERE user_id = 'payer' AND NOT (output->>'cached')::boolean",
-    )
-    .fetch_one(&pipeline.database.pool)
-    .await
-    .unwrap();
-    assert!(prompt > 0 && completion > 0);
-    let cost = (prompt as f64 * 2000.0 + completion as f64 * 4000.0) / 1e6;
-
-    let check = |body: &Value, key: &str, value: &str| {
-        let data = body["data"].as_array().unwrap();
-        assert_eq!(data.len(), 1, "{body}");
-        let row = &data[0];
-        assert_eq!(row[key], value, "{body}");
-        assert_eq!(row["jobs"], 4, "{body}");
-        assert_eq!(row["cached_jobs"], 1, "{body}");
-        assert_eq!(row["prompt_tokens"], prompt, "{body}");
-        assert_eq!(row["completion_tokens"], completion, "{body}");
-        assert_eq!(row["total_tokens"], prompt + completion, "{body}");
-        assert!(
-            (row["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9,
-            "{body}"
-        );
-        assert_eq!(body["total"]["jobs"], 4, "{body}");
-    };
-    let (status, by_model) = usage(&pipeline, "user_id=payer&group_by=model").await;
-    assert_eq!(status, 200, "{by_model}");
-    check(&by_model, "model", "sim");
-
-    // Every status event published again, as a redelivery would: usage does not move.
+/// Every status event of the pipeline published again, as a redelivery would, and read by the
+/// results service; returns how many.
+async fn replay_status_events(pipeline: &Pipeline) -> usize {
     let records = read_topic(&pipeline.topics.status, 4, 1000, Duration::from_secs(3));
     let producer = pipeline.producer();
     for record in &records {
@@ -107,15 +73,118 @@ async fn usage_counts_each_job_once_prices_its_tokens_and_says_what_was_cached()
         },
     )
     .await;
+    records.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_counts_each_job_once_by_day_model_and_key_and_says_what_was_cached() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        model_prices: Some(
+            r#"{"sim": {"input_per_million": 2000, "output_per_million": 4000}}"#.into(),
+        ),
+        api_keys: true,
+        ..Default::default()
+    })
+    .await;
+    // One user with two keys (a laptop and a server, say).
+    let pool = &pipeline.database.pool;
+    let (laptop_id, laptop) = sluice_common::auth::create_key(pool, "payer", "default", None)
+        .await
+        .unwrap();
+    let (server_id, server) = sluice_common::auth::create_key(pool, "payer", "default", None)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for (key, content) in [
+        (&laptop, "one two three"),
+        (&server, "four five"),
+        (&server, "six"),
+    ] {
+        ids.push(submit_as(&pipeline, key, content).await);
+    }
+    pipeline.wait_terminal(&ids, Duration::from_secs(30)).await;
+    // The same question again: the worker answers it from its cache.
+    let repeat = submit_as(&pipeline, &laptop, "one two three").await;
+    pipeline
+        .wait_terminal(&[repeat], Duration::from_secs(30))
+        .await;
+    let cached: bool =
+        sqlx::query_scalar("SELECT (output->>'cached')::boolean FROM jobs WHERE job_id = $1")
+            .bind(repeat)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(cached, "the repeat was answered from the cache");
+
+    // What the jobs themselves say they used.
+    let (prompt, completion): (i64, i64) = sqlx::query_as(
+        "SELECT sum((output->'usage'->>'prompt_tokens')::bigint)::bigint,
+                sum((output->'usage'->>'completion_tokens')::bigint)::bigint
+         FROM jobs WHERE user_id = 'payer' AND NOT (output->>'cached')::boolean",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(prompt > 0 && completion > 0);
+    let cost = (prompt as f64 * 2000.0 + completion as f64 * 4000.0) / 1e6;
+
+    let check = |body: &Value, key: &str, value: &str| {
+        let data = body["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1, "{body}");
+        let row = &data[0];
+        assert_eq!(row[key], value, "{body}");
+        assert_eq!(row["jobs"], 4, "{body}");
+        assert_eq!(row["cached_jobs"], 1, "{body}");
+        assert_eq!(row["prompt_tokens"], prompt, "{body}");
+        assert_eq!(row["completion_tokens"], completion, "{body}");
+        assert_eq!(row["total_tokens"], prompt + completion, "{body}");
+        assert!(
+            (row["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9,
+            "{body}"
+        );
+        assert_eq!(body["total"]["jobs"], 4, "{body}");
+    };
+    let (status, by_model) = usage_as(&pipeline, Some(&laptop), "group_by=model").await;
+    assert_eq!(status, 200, "{by_model}");
+    check(&by_model, "model", "sim");
+
+    // By key: the laptop's two jobs (one of them cached), the server's two.
+    let (_, by_key) = usage_as(&pipeline, Some(&server), "group_by=key").await;
+    let rows = by_key["data"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 2, "{by_key}");
+    let figures = |key_id: &str| {
+        let row = rows
+            .iter()
+            .find(|row| row["key_id"] == key_id)
+            .unwrap_or_else(|| panic!("no row for {key_id}: {by_key}"));
+        (
+            row["jobs"].as_i64().unwrap(),
+            row["cached_jobs"].as_i64().unwrap(),
+        )
+    };
+    assert_eq!(figures(&laptop_id), (2, 1));
+    assert_eq!(figures(&server_id), (2, 0));
+    assert_eq!(by_key["total"]["prompt_tokens"], prompt, "{by_key}");
+
+    // A redelivery of every status event adds nothing.
+    let replayed = replay_status_events(&pipeline).await;
     let today = chrono::Utc::now().date_naive().to_string();
-    let (_, by_day) = usage(&pipeline, "user_id=payer").await;
+    let (_, by_day) = usage_as(&pipeline, Some(&laptop), "").await;
     assert_eq!(by_day["group_by"], "day");
     check(&by_day, "day", &today);
-    println!("usage: {} status events replayed; {by_day}", records.len());
+    println!("usage: {replayed} status events replayed; {by_day}; by key {by_key}");
 
-    let (status, other) = usage(&pipeline, "user_id=nobody").await;
-    assert_eq!((status, other["data"].as_array().unwrap().len()), (200, 0));
-    let (status, wrong) = usage(&pipeline, "user_id=payer&group_by=week").await;
+    // Another user's key sees only its own; with keys on, user_id picks no one else.
+    let (_, stranger) = sluice_common::auth::create_key(pool, "stranger", "default", None)
+        .await
+        .unwrap();
+    let (_, theirs) = usage_as(&pipeline, Some(&stranger), "").await;
+    assert_eq!(theirs["data"].as_array().unwrap().len(), 0, "{theirs}");
+    let (status, _) = usage_as(&pipeline, Some(&stranger), "user_id=payer").await;
+    assert_eq!(status, 400);
+    let (status, _) = usage(&pipeline, "").await;
+    assert_eq!(status, 401, "no key, no usage");
+    let (status, wrong) = usage_as(&pipeline, Some(&laptop), "group_by=week").await;
     assert_eq!(status, 400, "{wrong}");
     assert!(
         wrong["error"]["message"]
@@ -123,11 +192,10 @@ async fn usage_counts_each_job_once_prices_its_tokens_and_says_what_was_cached()
             .unwrap()
             .contains("group_by")
     );
-    let (status, _) = usage(&pipeline, "user_id=payer&from=2026-12-31&to=2026-01-01").await;
+    let (status, _) = usage_as(&pipeline, Some(&laptop), "from=2026-12-31&to=2026-01-01").await;
     assert_eq!(status, 400);
     pipeline.stop().await;
 }
-
 /// `POST /v1/jobs` for `budget-user`, capped at 20 answer tokens.
 async fn spend(pipeline: &Pipeline, index: usize) -> reqwest::Response {
     pipeline
