@@ -238,6 +238,7 @@ mod tests {
             finished_at: None,
             traceparent: None,
             request_record: None,
+            key_id: None,
         }
     }
 
