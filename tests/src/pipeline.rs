@@ -235,6 +235,7 @@ impl Pipeline {
             .unwrap_or_else(|| r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#.into());
         ingest_config.tiers.by_name =
             sluice_ingest::admission::Tiers::parse(&tiers).expect("test tiers");
+        ingest_config.embedding_model_dir = options.embedding_model_dir.clone();
         if let Some(prices) = &options.model_prices {
             ingest_config.prices.prices =
                 sluice_common::prices::Prices::parse(prices).expect("test prices");
@@ -353,6 +354,43 @@ impl Pipeline {
             .producer_config("test-producer")
             .create()
             .expect("creating a producer")
+    }
+
+    /// Publishes `events` straight to `topic`, each keyed by its user as the contract says, all
+    /// sent at once (in order) and each acknowledged: as a high-volume producer does.
+    pub async fn publish(&self, topic: &str, events: &[sluice_schemas::RequestEvent]) {
+        let producer = self.producer();
+        let sends = events.iter().map(|event| {
+            let payload = event.encode();
+            let producer = &producer;
+            async move {
+                let record = rdkafka::producer::FutureRecord::to(topic)
+                    .key(event.user_id.as_str())
+                    .payload(&payload);
+                producer
+                    .send(record, Duration::from_secs(10))
+                    .await
+                    .expect("publishing a request event");
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    /// A new API key for `user_id` in `tier`, in the test database: (its id, the key).
+    pub async fn create_key(&self, user_id: &str, tier: &str) -> (String, String) {
+        sluice_common::auth::create_key(&self.database.pool, user_id, tier, None)
+            .await
+            .expect("creating an API key")
+    }
+
+    /// `POST /v1/jobs` with any body, the answer as it is.
+    pub async fn post_job(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/jobs", self.ingest_url))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /v1/jobs")
     }
 
     /// Reads a job's whole SSE stream (it ends after the terminal status); the event names.

@@ -6,6 +6,8 @@ pub mod auth;
 pub mod cache;
 pub mod http;
 pub mod kafka;
+#[cfg(feature = "minilm")]
+pub mod minilm;
 pub mod prices;
 pub mod propagation;
 pub mod tiers;

@@ -12,7 +12,7 @@ use crate::submit::Accepted;
 use axum::http::HeaderMap;
 use chrono::Utc;
 use sluice_common::cache::cache_key;
-use sluice_schemas::{JobStatus, Output, RequestEvent, StatusEvent, Timings};
+use sluice_schemas::{JobStatus, Output, RequestEvent, StatusEvent, Task, Timings, TokenEstimate};
 
 /// A store failure under the configured failure mode: `open` goes on (logged and counted),
 /// `closed` refuses with 503.
@@ -42,7 +42,7 @@ pub(crate) async fn admit_and_publish(
     let user_id = event.user_id.as_str();
     let (tier_name, tier) = state.tiers.get(Some(tier));
     let quota = user_quota(tier);
-    let estimate = event.estimate_tokens(state.config.tiers.default_max_tokens);
+    let estimate = estimate_tokens(state, event).await;
     let charge = token_quota(tier).map(|quota| TokenCharge {
         quota,
         tokens: estimate.total(),
@@ -150,6 +150,27 @@ pub(crate) async fn admit_and_publish(
         output,
     };
     Ok((accepted, limit_headers))
+}
+
+/// What the job will cost in tokens: counted with the model's own tokenizer for the in-process
+/// embedding model (what it will report), else the estimate every model gets.
+async fn estimate_tokens(state: &AppState, event: &RequestEvent) -> TokenEstimate {
+    let mut estimate = event.estimate_tokens(state.config.tiers.default_max_tokens);
+    if let (Task::Embedding(texts), Some(tokenizer)) = (&event.task, &state.local_tokenizer)
+        && event.model.as_str() == sluice_common::minilm::LOCAL_MODEL
+    {
+        let (tokenizer, texts) = (tokenizer.clone(), texts.clone());
+        // Why a blocking task: a large input takes milliseconds to tokenize.
+        let counted =
+            tokio::task::spawn_blocking(move || sluice_common::minilm::count(&tokenizer, &texts))
+                .await;
+        match counted {
+            Ok(Ok(tokens)) => estimate.prompt = tokens,
+            Ok(Err(error)) => tracing::warn!(error = %error, "counting tokens failed; estimating"),
+            Err(error) => tracing::warn!(error = %error, "counting tokens failed; estimating"),
+        }
+    }
+    estimate
 }
 
 /// The cached answer if there is one (recorded as the job's status), else the job published

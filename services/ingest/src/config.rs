@@ -103,6 +103,12 @@ pub struct Config {
     #[command(flatten)]
     pub tiers: sluice_common::tiers::TierArgs,
 
+    /// The in-process embedding model's directory, as the workers have it: with it, an
+    /// embedding job for `all-minilm-l6-v2` is counted with the model's own tokenizer (what it
+    /// will report) rather than estimated.
+    #[arg(long, env = "SLUICE_EMBEDDING_MODEL_DIR")]
+    pub embedding_model_dir: Option<std::path::PathBuf>,
+
     /// Model prices (`SLUICE_MODEL_PRICES`), which price a job's estimate against its tier's
     /// budgets.
     #[command(flatten)]

@@ -54,6 +54,8 @@ pub struct AppState {
     pub reservations: Arc<admission::tokens::Reservations>,
     /// Prices and the tiers' spend budgets.
     pub budgets: Arc<admission::budget::Budgets>,
+    /// The in-process embedding model's tokenizer, if its files are here.
+    pub local_tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// The pipeline's estimated wait, which refuses jobs whose deadline it would pass.
     pub capacity: Arc<admission::LaneCapacity>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
@@ -130,6 +132,12 @@ impl AppState {
             budget_pool,
             config.prices.prices.clone(),
         ));
+        let local_tokenizer = match &config.embedding_model_dir {
+            Some(dir) => Some(Arc::new(sluice_common::minilm::tokenizer(dir).context(
+                "loading the embedding model's tokenizer (SLUICE_EMBEDDING_MODEL_DIR)",
+            )?)),
+            None => None,
+        };
         let mut kafka = config.kafka.clone();
         // Why: a record the broker has not taken within the publish timeout is expired by
         // librdkafka too, so a client told 503 is not surprised by a late publish.
@@ -144,6 +152,7 @@ impl AppState {
             capacity: Arc::new(admission::LaneCapacity::new(&config.capacity)),
             reservations: Arc::default(),
             budgets,
+            local_tokenizer,
             deltas: openai::DeltaRoutes::default(),
             follower: openai::JobFollower::new(
                 config

@@ -41,7 +41,12 @@ pub(crate) async fn run(
     progress: &Progress,
     started_at: DateTime<Utc>,
 ) -> Result<Attempt, Abandoned> {
-    let Ok(permit) = tokio::time::timeout(time_left(request), backend.limit.acquire()).await else {
+    let Ok(permit) = tokio::time::timeout(
+        time_left(request),
+        backend.limit.acquire_as(request.priority),
+    )
+    .await
+    else {
         return Ok(Attempt::NoSlot(JobError {
             code: ErrorCode::Timeout,
             message: format!(

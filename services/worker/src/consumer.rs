@@ -59,6 +59,12 @@ pub(crate) async fn consume(
     metrics::gauge!("sluice_worker_window_capacity").set(settings.read_ahead as f64);
 
     loop {
+        // Every job that has finished, before anything else: without it a steady stream of
+        // finishing jobs would keep the select below from ever reading a new record (an
+        // interactive one among them).
+        while let Some(finished) = running.try_join_next() {
+            handle_finished(&mut source, &mut waiting, finished?);
+        }
         while running.len() < settings.max_in_flight {
             let Some(queued) = waiting.pop() else {
                 break;
@@ -82,10 +88,7 @@ pub(crate) async fn consume(
             biased;
             _ = stop.cancelled() => break,
             Some(finished) = running.join_next() => {
-                let finished = finished?;
-                let (record, (estimate, charged), ran) = &finished;
-                waiting.finished(record, *estimate, *charged, ran);
-                finish(&mut source, finished);
+                handle_finished(&mut source, &mut waiting, finished?);
             }
             // Polled even while paused: it serves rebalances and keeps this member within
             // max.poll.interval.ms. What a paused partition had already fetched is buffered.
@@ -107,6 +110,12 @@ pub(crate) async fn consume(
     drain(&mut source, &mut running, &give_up).await;
     source.close().await;
     Ok(())
+}
+
+fn handle_finished(source: &mut KafkaSource, waiting: &mut Lanes, finished: Finished) {
+    let (record, (estimate, charged), ran) = &finished;
+    waiting.finished(record, *estimate, *charged, ran);
+    finish(source, finished);
 }
 
 fn spawn_job(running: &mut JoinSet<Finished>, context: &JobContext, queued: Queued) {

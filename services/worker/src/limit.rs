@@ -5,7 +5,12 @@
 //! inside the backend are about `limit * (1 - min_rtt / rtt)`. Below `ALPHA` the limit grows by
 //! `1 / limit` per answer (about one per round trip), above `BETA` it shrinks as fast, and an
 //! overload answer (429, 503, timeouts, refused connections) cuts it by a fifth at once.
+//!
+//! The lanes go on inside the limit: a job started by the lanes may still wait here for a slot,
+//! and while interactive jobs wait, a batch job takes only every `BATCH_EVERY`th slot freed (so
+//! batch work waits behind interactive work at the backend too, but never starves).
 
+use sluice_schemas::Priority;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -13,6 +18,8 @@ use tokio::sync::Notify;
 /// Calls allowed to wait inside the backend before the limit stops growing, and shrinks.
 const ALPHA: f64 = 1.0;
 const BETA: f64 = 3.0;
+/// While interactive calls wait, one slot in this many goes to a waiting batch call.
+const BATCH_EVERY: u32 = 10;
 /// Answers after which `min_rtt` is forgotten and learned again, so a backend that got slower
 /// for good is not held to an old best.
 const MIN_RTT_WINDOW: u32 = 2_000;
@@ -24,6 +31,11 @@ struct State {
     min_rtt: Option<Duration>,
     rtt: Option<Duration>,
     samples: u32,
+    /// Calls waiting for a slot, interactive and batch.
+    interactive_waiting: usize,
+    batch_waiting: usize,
+    /// Slots given to interactive calls since the last one given to a batch call.
+    since_batch: u32,
 }
 
 #[derive(Debug)]
@@ -70,6 +82,9 @@ impl AdaptiveLimit {
                 min_rtt: None,
                 rtt: None,
                 samples: 0,
+                interactive_waiting: 0,
+                batch_waiting: 0,
+                since_batch: 0,
             }),
             freed: Notify::new(),
             min,
@@ -92,20 +107,52 @@ impl AdaptiveLimit {
         self.state.lock().expect("limit lock").in_flight
     }
 
-    /// Waits for a slot below the current limit.
+    /// Waits for a slot below the current limit, as an interactive call.
     pub async fn acquire(&self) -> Permit<'_> {
+        self.acquire_as(Priority::Interactive).await
+    }
+
+    /// Waits for a slot below the current limit, in `priority`'s turn.
+    pub async fn acquire_as(&self, priority: Priority) -> Permit<'_> {
+        let interactive = priority.is_interactive();
+        // Counted among the waiting calls until it has a slot (or is dropped).
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             // Registered before the check, so a release between the two is not missed.
             let freed = self.freed.notified();
             {
                 let mut state = self.state.lock().expect("limit lock");
-                if (state.in_flight as f64) < state.limit.floor().max(1.0) {
+                let room = (state.in_flight as f64) < state.limit.floor().max(1.0);
+                let batch_due = state.since_batch + 1 >= BATCH_EVERY;
+                let turn = if interactive {
+                    state.batch_waiting == 0 || !batch_due
+                } else {
+                    state.interactive_waiting == 0 || batch_due
+                };
+                if room && turn {
                     state.in_flight += 1;
+                    if interactive {
+                        state.since_batch = state.since_batch.saturating_add(1);
+                    } else {
+                        state.since_batch = 0;
+                    }
+                    if let Some(mut counted) = waiting.take() {
+                        *state.waiting(priority) -= 1;
+                        counted.counted = false;
+                    }
                     return Permit {
                         limit: self,
                         in_flight_at_start: state.in_flight,
                         released: false,
                     };
+                }
+                if waiting.is_none() {
+                    *state.waiting(priority) += 1;
+                    waiting = Some(Waiting {
+                        limit: self,
+                        priority,
+                        counted: true,
+                    });
                 }
             }
             freed.await;
@@ -148,6 +195,37 @@ impl AdaptiveLimit {
     }
 }
 
+impl State {
+    fn waiting(&mut self, priority: Priority) -> &mut usize {
+        match priority {
+            Priority::Interactive => &mut self.interactive_waiting,
+            Priority::Batch => &mut self.batch_waiting,
+        }
+    }
+}
+
+/// A call counted as waiting; dropped with the call (its deadline passed), it stops counting, so
+/// the other lane is not held back for it.
+struct Waiting<'a> {
+    limit: &'a AdaptiveLimit,
+    priority: Priority,
+    counted: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            *self
+                .limit
+                .state
+                .lock()
+                .expect("limit lock")
+                .waiting(self.priority) -= 1;
+            self.limit.freed.notify_waiters();
+        }
+    }
+}
+
 impl Permit<'_> {
     pub fn release(mut self, sample: Sample) {
         self.released = true;
@@ -173,6 +251,68 @@ impl Drop for Permit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_a_waiting_interactive_call_before_earlier_batch_calls() {
+        let limit: &'static AdaptiveLimit = Box::leak(Box::new(AdaptiveLimit::new(1, 1, 1, false)));
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let held = limit.acquire().await;
+        let mut calls = Vec::new();
+        for (name, priority) in [
+            ("batch 1", Priority::Batch),
+            ("batch 2", Priority::Batch),
+            ("interactive", Priority::Interactive),
+        ] {
+            let order = order.clone();
+            calls.push(tokio::spawn(async move {
+                let permit = limit.acquire_as(priority).await;
+                order.lock().unwrap().push(name);
+                tokio::task::yield_now().await;
+                permit.release(Sample::Ignored);
+            }));
+            // Each waits before the next arrives.
+            tokio::task::yield_now().await;
+        }
+        held.release(Sample::Ignored);
+        for call in calls {
+            call.await.unwrap();
+        }
+        assert_eq!(order.lock().unwrap()[0], "interactive");
+    }
+
+    #[tokio::test]
+    async fn batch_calls_get_one_slot_in_ten_while_interactive_calls_keep_waiting() {
+        let limit: &'static AdaptiveLimit = Box::leak(Box::new(AdaptiveLimit::new(1, 1, 1, false)));
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let held = limit.acquire().await;
+        let mut calls = Vec::new();
+        for index in 0..60 {
+            let priority = if index % 2 == 0 {
+                Priority::Batch
+            } else {
+                Priority::Interactive
+            };
+            let order = order.clone();
+            calls.push(tokio::spawn(async move {
+                let permit = limit.acquire_as(priority).await;
+                order.lock().unwrap().push(priority);
+                tokio::task::yield_now().await;
+                permit.release(Sample::Ignored);
+            }));
+            tokio::task::yield_now().await;
+        }
+        held.release(Sample::Ignored);
+        for call in calls {
+            call.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        // The first 30 slots, while interactive calls wait: three go to batch calls.
+        let batch = order[..30]
+            .iter()
+            .filter(|priority| **priority == Priority::Batch)
+            .count();
+        assert_eq!(batch, 3, "{order:?}");
+    }
 
     #[tokio::test]
     async fn grows_while_answers_stay_fast_and_shrinks_when_they_queue() {

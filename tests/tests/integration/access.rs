@@ -14,13 +14,8 @@ async fn keyed_pipeline() -> (Pipeline, String, String) {
         ..PipelineOptions::default()
     })
     .await;
-    let pool = &pipeline.database.pool;
-    let (_, alice) = sluice_common::auth::create_key(pool, "alice", "default", None)
-        .await
-        .unwrap();
-    let (_, bob) = sluice_common::auth::create_key(pool, "bob", "default", None)
-        .await
-        .unwrap();
+    let (_, alice) = pipeline.create_key("alice", "default").await;
+    let (_, bob) = pipeline.create_key("bob", "default").await;
     (pipeline, alice, bob)
 }
 

@@ -30,10 +30,7 @@ async fn the_console_works_in_chromium_through_a_results_restart() {
     options.sim.service_time_ms = 1_200;
     options.sim.token_time_ms = 150;
     let mut pipeline = Pipeline::start(options).await;
-    let (_, key) =
-        sluice_common::auth::create_key(&pipeline.database.pool, "console-user", "default", None)
-            .await
-            .unwrap();
+    let (_, key) = pipeline.create_key("console-user", "default").await;
     let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
     std::fs::create_dir_all(&shots).unwrap();
 

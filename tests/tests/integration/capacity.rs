@@ -2,7 +2,6 @@
 //! before a job's deadline, ingest refuses the job at once (`503 deadline_unreachable` with
 //! `Retry-After`) and still accepts one whose deadline leaves room; every accepted job ends.
 
-use rdkafka::producer::FutureRecord;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sluice_tests::{Pipeline, PipelineOptions, chat_event};
@@ -16,13 +15,7 @@ async fn post(pipeline: &Pipeline, content: &str, timeout_ms: u64) -> reqwest::R
         "messages": [{"role": "user", "content": content}],
         "timeout_ms": timeout_ms,
     });
-    pipeline
-        .http
-        .post(format!("{}/v1/jobs", pipeline.ingest_url))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /v1/jobs")
+    pipeline.post_job(&body).await
 }
 
 fn job_id(body: &Value) -> Uuid {
@@ -43,20 +36,10 @@ async fn a_job_whose_deadline_the_backlog_would_pass_is_refused_at_once() {
     let pipeline = Pipeline::start(options).await;
 
     // A producer publishes 240 jobs straight to Kafka: twelve seconds of work.
-    let producer = pipeline.producer();
     let backlog: Vec<_> = (0..240)
         .map(|index| chat_event("bulk", &format!("bulk {index}"), 120_000))
         .collect();
-    for event in &backlog {
-        let payload = event.encode();
-        let record = FutureRecord::to(&pipeline.topics.requests)
-            .key("bulk")
-            .payload(&payload);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .expect("publishing the backlog");
-    }
+    pipeline.publish(&pipeline.topics.requests, &backlog).await;
 
     // Jobs with 4 s deadlines are admitted until ingest has measured the workers' throughput
     // (a second or two of readings), then refused: the backlog needs far more than 4 s.

@@ -1,7 +1,6 @@
 //! Fairness between users through the whole pipeline: a light user is not stuck behind a heavy
 //! user's burst on the same partition.
 
-use rdkafka::producer::FutureRecord;
 use sluice_schemas::RequestEvent;
 use sluice_tests::{Pipeline, PipelineOptions};
 use std::time::{Duration, Instant};
@@ -20,23 +19,10 @@ async fn a_light_user_behind_a_heavy_burst_on_the_same_partition_finishes_long_b
     let pipeline = Pipeline::start(options).await;
 
     // The heavy user publishes straight to Kafka, as high-volume producers do.
-    let producer = pipeline.producer();
     let heavy: Vec<RequestEvent> = (0..2000)
         .map(|index| sluice_tests::chat_event("heavy", &format!("burst {index}"), 300_000))
         .collect();
-    let sends = heavy.iter().map(|event| {
-        let payload = event.encode();
-        let producer = &producer;
-        let topic = &pipeline.topics.requests;
-        async move {
-            let record = FutureRecord::to(topic).key("heavy").payload(&payload);
-            producer
-                .send(record, Duration::from_secs(10))
-                .await
-                .expect("publishing the burst");
-        }
-    });
-    futures::future::join_all(sends).await;
+    pipeline.publish(&pipeline.topics.requests, &heavy).await;
 
     let submitted = Instant::now();
     let light = pipeline.submit("light", "just one").await.job_id.as_uuid();
@@ -102,7 +88,6 @@ async fn token_shares(users: [(&str, Option<&str>, usize, usize); 2]) -> (i64, i
     options.sim.capacity = 100;
     let pipeline = Pipeline::start(options).await;
     // Interleaved on the one partition, as a shared partition has them; straight to Kafka.
-    let producer = pipeline.producer();
     let most = users.iter().map(|user| user.2).max().unwrap();
     let mut events = Vec::new();
     for index in 0..most {
@@ -116,21 +101,7 @@ async fn token_shares(users: [(&str, Option<&str>, usize, usize); 2]) -> (i64, i
             }
         }
     }
-    let sends = events.iter().map(|event| {
-        let payload = event.encode();
-        let producer = &producer;
-        let topic = &pipeline.topics.requests;
-        async move {
-            let record = FutureRecord::to(topic)
-                .key(event.user_id.as_str())
-                .payload(&payload);
-            producer
-                .send(record, Duration::from_secs(10))
-                .await
-                .expect("publishing the backlog");
-        }
-    });
-    futures::future::join_all(sends).await;
+    pipeline.publish(&pipeline.topics.requests, &events).await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let tokens = tokens_by_user(&pipeline).await;
     let counted = |user: &str| tokens.get(user).copied().unwrap_or(0);

@@ -4,7 +4,6 @@
 //! without the interactive lane puts its jobs in the batch lane.
 
 use rdkafka::Message;
-use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use sluice_schemas::Priority;
 use sluice_tests::infra::read_topic;
@@ -77,7 +76,6 @@ async fn interactive_jobs_behind_a_batch_backlog_wait_as_on_an_idle_pipeline() {
     let idle_waits = queue_waits(&pipeline, &idle).await;
 
     // 3,000 batch jobs straight to the batch lane's topic: about 19 s of work.
-    let producer = pipeline.producer();
     let backlog: Vec<_> = (0..3000)
         .map(|index| {
             let mut event = sluice_tests::chat_event(
@@ -89,21 +87,9 @@ async fn interactive_jobs_behind_a_batch_backlog_wait_as_on_an_idle_pipeline() {
             event
         })
         .collect();
-    let sends = backlog.iter().map(|event| {
-        let payload = event.encode();
-        let producer = &producer;
-        let topic = &pipeline.topics.batch_requests;
-        async move {
-            let record = FutureRecord::to(topic)
-                .key(event.user_id.as_str())
-                .payload(&payload);
-            producer
-                .send(record, Duration::from_secs(10))
-                .await
-                .expect("publishing the backlog");
-        }
-    });
-    futures::future::join_all(sends).await;
+    pipeline
+        .publish(&pipeline.topics.batch_requests, &backlog)
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let before = finished_batch(&pipeline).await;
@@ -150,13 +136,8 @@ async fn the_lane_is_asked_for_capped_by_the_tier_and_taken_from_service_tier() 
         ..Default::default()
     })
     .await;
-    let pool = &pipeline.database.pool;
-    let (_, default_key) = sluice_common::auth::create_key(pool, "ada", "default", None)
-        .await
-        .unwrap();
-    let (_, bulk_key) = sluice_common::auth::create_key(pool, "bob", "bulk", None)
-        .await
-        .unwrap();
+    let (_, default_key) = pipeline.create_key("ada", "default").await;
+    let (_, bulk_key) = pipeline.create_key("bob", "bulk").await;
     let submit = |key: String, body: Value| {
         let http = pipeline.http.clone();
         let url = format!("{}/v1/jobs", pipeline.ingest_url);
@@ -215,15 +196,15 @@ async fn the_lane_is_asked_for_capped_by_the_tier_and_taken_from_service_tier() 
     );
 
     // OpenAI's flex processing is the batch lane; the job still answers.
-    let response = pipeline
-        .http
-        .post(format!("{}/v1/chat/completions", pipeline.ingest_url))
-        .bearer_auth(&default_key)
-        .json(&json!({"model": "sim", "service_tier": "flex", "messages": [{"role": "user", "content": "flex hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let chat = |service_tier: &str| {
+        pipeline
+            .http
+            .post(format!("{}/v1/chat/completions", pipeline.ingest_url))
+            .bearer_auth(&default_key)
+            .json(&json!({"model": "sim", "service_tier": service_tier, "messages": [{"role": "user", "content": service_tier}]}))
+            .send()
+    };
+    assert_eq!(chat("flex").await.unwrap().status(), 200);
     let flex = read_topic(
         &pipeline.topics.batch_requests,
         4,
@@ -231,14 +212,7 @@ async fn the_lane_is_asked_for_capped_by_the_tier_and_taken_from_service_tier() 
         Duration::from_secs(10),
     );
     assert_eq!(flex.len(), 3);
-    let wrong = pipeline
-        .http
-        .post(format!("{}/v1/chat/completions", pipeline.ingest_url))
-        .bearer_auth(&default_key)
-        .json(&json!({"model": "sim", "service_tier": "fastest", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let wrong = chat("fastest").await.unwrap();
     assert_eq!(wrong.status(), 400);
     let body: Value = wrong.json().await.unwrap();
     assert_eq!(body["error"]["param"], "service_tier", "{body}");

@@ -34,13 +34,8 @@ async fn the_official_openai_sdk_works_against_the_front_door() {
         ..options()
     })
     .await;
-    let pool = &pipeline.database.pool;
-    let (_, key) = sluice_common::auth::create_key(pool, "sdk-user", "default", None)
-        .await
-        .unwrap();
-    let (_, tiny_key) = sluice_common::auth::create_key(pool, "sdk-tiny", "tiny", None)
-        .await
-        .unwrap();
+    let (_, key) = pipeline.create_key("sdk-user", "default").await;
+    let (_, tiny_key) = pipeline.create_key("sdk-tiny", "tiny").await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/openai/sdk_check.py");
     let output = tokio::process::Command::new(&python)
         .arg(script)

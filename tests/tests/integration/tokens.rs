@@ -20,13 +20,7 @@ async fn post(pipeline: &Pipeline, content: &str, max_tokens: u64) -> reqwest::R
         "messages": [{"role": "user", "content": content}],
         "params": {"max_tokens": max_tokens},
     });
-    pipeline
-        .http
-        .post(format!("{}/v1/jobs", pipeline.ingest_url))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /v1/jobs")
+    pipeline.post_job(&body).await
 }
 
 fn header(response: &reqwest::Response, name: &str) -> String {
@@ -127,4 +121,51 @@ async fn a_token_reservation_is_refused_when_it_does_not_fit_and_settled_when_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn token_reservations_and_settlements_hold_in_redis() {
     reserve_refuse_and_settle(true).await;
+}
+
+/// The `"<tier>-tokens";r=` of a `RateLimit` field.
+fn tokens_left(response: &reqwest::Response) -> u64 {
+    let state = header(response, "ratelimit");
+    let (_, after) = state
+        .split_once("\"default-tokens\";r=")
+        .unwrap_or_else(|| panic!("no token state in {state:?}"));
+    after.split(';').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_embedding_for_the_local_model_reserves_what_its_tokenizer_counts() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        tiers: Some(TIERS.into()),
+        embedding_model_dir: Some(crate::embedding::model_dir()),
+        ..Default::default()
+    })
+    .await;
+    let texts = [
+        "Tokenization is not bytes over four.",
+        "Sluice counts it exactly.",
+    ];
+    let response = pipeline
+        .http
+        .post(format!("{}/v1/jobs", pipeline.ingest_url))
+        .json(&json!({"user_id": "embedder", "model": "all-minilm-l6-v2", "input": texts}))
+        .send()
+        .await
+        .unwrap();
+    let reserved = 1000 - tokens_left(&response);
+    let job_id = accepted(response).await;
+    pipeline
+        .wait_terminal(&[job_id], Duration::from_secs(60))
+        .await;
+    let job = pipeline.job(job_id).await.unwrap();
+    let reported = job["output"]["usage"]["prompt_tokens"].as_u64().unwrap();
+    let bytes: usize = texts.iter().map(|text| text.len()).sum();
+    println!(
+        "local tokenizer: reserved {reserved} tokens, the model reported {reported}; bytes over four would be {}",
+        bytes.div_ceil(4)
+    );
+    assert_eq!(
+        reserved, reported,
+        "the reservation is the model's own count"
+    );
+    pipeline.stop().await;
 }

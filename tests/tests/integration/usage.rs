@@ -88,12 +88,8 @@ async fn usage_counts_each_job_once_by_day_model_and_key_and_says_what_was_cache
     .await;
     // One user with two keys (a laptop and a server, say).
     let pool = &pipeline.database.pool;
-    let (laptop_id, laptop) = sluice_common::auth::create_key(pool, "payer", "default", None)
-        .await
-        .unwrap();
-    let (server_id, server) = sluice_common::auth::create_key(pool, "payer", "default", None)
-        .await
-        .unwrap();
+    let (laptop_id, laptop) = pipeline.create_key("payer", "default").await;
+    let (server_id, server) = pipeline.create_key("payer", "default").await;
     let mut ids = Vec::new();
     for (key, content) in [
         (&laptop, "one two three"),
@@ -175,9 +171,7 @@ async fn usage_counts_each_job_once_by_day_model_and_key_and_says_what_was_cache
     println!("usage: {replayed} status events replayed; {by_day}; by key {by_key}");
 
     // Another user's key sees only its own; with keys on, user_id picks no one else.
-    let (_, stranger) = sluice_common::auth::create_key(pool, "stranger", "default", None)
-        .await
-        .unwrap();
+    let (_, stranger) = pipeline.create_key("stranger", "default").await;
     let (_, theirs) = usage_as(&pipeline, Some(&stranger), "").await;
     assert_eq!(theirs["data"].as_array().unwrap().len(), 0, "{theirs}");
     let (status, _) = usage_as(&pipeline, Some(&stranger), "user_id=payer").await;
@@ -199,17 +193,13 @@ async fn usage_counts_each_job_once_by_day_model_and_key_and_says_what_was_cache
 /// `POST /v1/jobs` for `budget-user`, capped at 20 answer tokens.
 async fn spend(pipeline: &Pipeline, index: usize) -> reqwest::Response {
     pipeline
-        .http
-        .post(format!("{}/v1/jobs", pipeline.ingest_url))
-        .json(&serde_json::json!({
+        .post_job(&serde_json::json!({
             "user_id": "budget-user",
             "model": "sim",
             "messages": [{"role": "user", "content": format!("spend {index}")}],
             "params": {"max_tokens": 20},
         }))
-        .send()
         .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,11 +6,10 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
+pub use sluice_common::minilm::MAX_TOKENS;
+use sluice_common::minilm::read;
 use std::path::Path;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
-
-/// sentence-transformers' `max_seq_length` for this model: longer inputs are truncated.
-pub const MAX_TOKENS: usize = 256;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer};
 
 pub struct MiniLm {
     model: BertModel,
@@ -28,16 +27,6 @@ impl std::fmt::Debug for MiniLm {
 }
 
 /// The three files the model needs, each named in the error when missing or unreadable.
-fn read(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
-    let path = dir.join(name);
-    std::fs::read(&path).with_context(|| {
-        format!(
-            "the embedding model file {} is missing or unreadable (scripts/run and scripts/test fetch it)",
-            path.display()
-        )
-    })
-}
-
 impl MiniLm {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let device = Device::Cpu;
@@ -59,23 +48,11 @@ impl MiniLm {
                 dir.join("model.safetensors").display()
             )
         })?;
-        let mut tokenizer =
-            Tokenizer::from_bytes(read(dir, "tokenizer.json")?).map_err(|error| {
-                anyhow::anyhow!(
-                    "{} is not a tokenizer: {error}",
-                    dir.join("tokenizer.json").display()
-                )
-            })?;
+        let mut tokenizer: Tokenizer = sluice_common::minilm::tokenizer(dir)?;
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
             ..PaddingParams::default()
         }));
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: MAX_TOKENS,
-                ..TruncationParams::default()
-            }))
-            .map_err(|error| anyhow::anyhow!("configuring truncation: {error}"))?;
         Ok(Self {
             model,
             tokenizer,

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// The name jobs use for the in-process model.
-pub const LOCAL_MODEL: &str = "all-minilm-l6-v2";
+pub use sluice_common::minilm::LOCAL_MODEL;
 
 #[derive(Debug, Clone)]
 pub struct EmbedderSettings {
