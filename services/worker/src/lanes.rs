@@ -54,11 +54,23 @@ impl Lanes {
         }
     }
 
-    fn priority_of(&self, record: &Record) -> Priority {
-        if record.topic == self.batch_topic {
+    /// The lane a topic's records are in: the batch topic's, or interactive.
+    fn priority_of_topic(&self, topic: &str) -> Priority {
+        if topic == self.batch_topic {
             Priority::Batch
         } else {
             Priority::Interactive
+        }
+    }
+
+    fn priority_of(&self, record: &Record) -> Priority {
+        self.priority_of_topic(&record.topic)
+    }
+
+    fn lane_ref(&self, priority: Priority) -> &Lane {
+        match priority {
+            Priority::Interactive => &self.interactive,
+            Priority::Batch => &self.batch,
         }
     }
 
@@ -71,12 +83,11 @@ impl Lanes {
 
     pub(crate) fn push(&mut self, queued: Queued) {
         let priority = self.priority_of(&queued.record);
-        let other_pass = match priority {
-            Priority::Interactive => (self.batch.queue.buffered() > 0).then_some(self.batch.pass),
-            Priority::Batch => {
-                (self.interactive.queue.buffered() > 0).then_some(self.interactive.pass)
-            }
-        };
+        let other = self.lane_ref(match priority {
+            Priority::Interactive => Priority::Batch,
+            Priority::Batch => Priority::Interactive,
+        });
+        let other_pass = (other.queue.buffered() > 0).then_some(other.pass);
         let lane = self.lane(priority);
         // A lane that was idle starts level with the busy one: idleness banks no turns.
         if lane.queue.buffered() == 0
@@ -144,11 +155,7 @@ impl Lanes {
     /// Whether a lane's read-ahead is full, by its topic: its partitions are then paused while
     /// the other lane reads on.
     pub(crate) fn is_full(&self, topic: &str, records: usize, bytes: usize) -> bool {
-        let lane = if topic == self.batch_topic {
-            &self.batch
-        } else {
-            &self.interactive
-        };
+        let lane = self.lane_ref(self.priority_of_topic(topic));
         lane.queue.buffered() >= records || lane.queue.buffered_bytes() >= bytes
     }
 
