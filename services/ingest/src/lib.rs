@@ -29,7 +29,6 @@ use axum::routing::{get, post};
 use rdkafka::producer::FutureProducer;
 use sluice_common::http::{Document, with_operations};
 use sluice_common::lifecycle::Lifecycle;
-use sluice_schemas::Priority;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +56,7 @@ pub struct AppState {
     /// The in-process embedding model's tokenizer, if its files are here.
     pub local_tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// The pipeline's estimated wait, which refuses jobs whose deadline it would pass.
-    pub capacity: Arc<admission::LaneCapacity>,
+    pub capacity: Arc<admission::capacity::Capacity>,
     /// The shared response cache (Redis); off without `REDIS_URL`.
     pub cache: Arc<sluice_common::cache::ResponseCache>,
     /// Where the OpenAI routes wait for their jobs: the results service.
@@ -149,7 +148,7 @@ impl AppState {
             .context("creating the Kafka producer")?;
         let publisher = Publisher::new(producer, config.topics.clone(), config.publish_timeout);
         Ok(Self {
-            capacity: Arc::new(admission::LaneCapacity::new(&config.capacity)),
+            capacity: Arc::new(admission::capacity::Capacity::new(config.capacity.clone())),
             reservations: Arc::default(),
             budgets,
             local_tokenizer,
@@ -261,20 +260,18 @@ impl Application {
                 ),
             );
         }
+        // The interactive lane's: a batch job is never refused for capacity (admit.rs says why).
         if config.capacity.enabled {
-            let lanes = &self.state.capacity;
-            for (priority, capacity) in [
-                (Priority::Interactive, &lanes.interactive),
-                (Priority::Batch, &lanes.batch),
-            ] {
-                let lag = sluice_common::kafka::GroupLag::new(
-                    &config.kafka,
-                    &config.capacity.worker_group,
-                    vec![config.topics.requests_for(priority).to_owned()],
-                )
-                .context("creating the reader of the workers' lag")?;
-                lifecycle.spawn("capacity estimate", capacity.clone().run(lag, stop.clone()));
-            }
+            let lag = sluice_common::kafka::GroupLag::new(
+                &config.kafka,
+                &config.capacity.worker_group,
+                vec![config.topics.requests.clone()],
+            )
+            .context("creating the reader of the workers' lag")?;
+            lifecycle.spawn(
+                "capacity estimate",
+                self.state.capacity.clone().run(lag, stop.clone()),
+            );
         }
         lifecycle.spawn("HTTP server", async move {
             sluice_common::http::serve(self.listener, router(self.state), stop).await?;

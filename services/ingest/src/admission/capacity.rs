@@ -17,7 +17,6 @@
 
 use super::super::error::ApiError;
 use sluice_common::kafka::{GroupLag, LagReading};
-use sluice_schemas::Priority;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -121,8 +120,6 @@ const MEASURED_SECS: f64 = 2.0;
 
 pub struct Capacity {
     args: CapacityArgs,
-    /// The lane whose topic this estimate reads: each lane's jobs wait behind its own backlog.
-    lane: Priority,
     readings: Mutex<Readings>,
 }
 
@@ -138,13 +135,8 @@ const NO_PROGRESS_PER_SEC: f64 = 0.1;
 
 impl Capacity {
     pub fn new(args: CapacityArgs) -> Self {
-        Self::for_lane(args, Priority::Interactive)
-    }
-
-    pub fn for_lane(args: CapacityArgs, lane: Priority) -> Self {
         Self {
             args,
-            lane,
             readings: Mutex::new(Readings::default()),
         }
     }
@@ -283,14 +275,12 @@ impl Capacity {
                     self.observe(Instant::now(), reading);
                     failures = 0;
                     if let Some(estimate) = self.estimate(Instant::now()) {
-                        let lane = self.lane.as_str();
-                        metrics::gauge!("sluice_admission_estimated_wait_seconds", "lane" => lane)
+                        metrics::gauge!("sluice_admission_estimated_wait_seconds")
                             .set(estimate.wait.as_secs_f64());
-                        metrics::gauge!("sluice_admission_throughput_per_second", "lane" => lane)
+                        metrics::gauge!("sluice_admission_throughput_per_second")
                             .set(estimate.rate_per_sec);
                     }
-                    metrics::gauge!("sluice_admission_backlog", "lane" => self.lane.as_str())
-                        .set(reading.backlog as f64);
+                    metrics::gauge!("sluice_admission_backlog").set(reading.backlog as f64);
                 }
                 Err(error) => {
                     failures += 1;

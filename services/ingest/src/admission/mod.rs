@@ -12,34 +12,8 @@ use crate::config::Config;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use gcra::Quota;
 use limiter::{RateLimiter, Verdict};
-use sluice_schemas::Priority;
 
 pub use sluice_common::tiers::{DEFAULT_TIER, Tier, Tiers};
-
-/// The capacity estimate of each lane: a lane's jobs wait behind that lane's backlog, read from
-/// its own request topic.
-pub struct LaneCapacity {
-    pub interactive: std::sync::Arc<capacity::Capacity>,
-    pub batch: std::sync::Arc<capacity::Capacity>,
-}
-
-impl LaneCapacity {
-    pub fn new(args: &capacity::CapacityArgs) -> Self {
-        let lane =
-            |priority| std::sync::Arc::new(capacity::Capacity::for_lane(args.clone(), priority));
-        Self {
-            interactive: lane(Priority::Interactive),
-            batch: lane(Priority::Batch),
-        }
-    }
-
-    pub fn lane(&self, priority: Priority) -> &capacity::Capacity {
-        match priority {
-            Priority::Interactive => &self.interactive,
-            Priority::Batch => &self.batch,
-        }
-    }
-}
 
 /// A tier's limit on a user's submissions.
 pub fn user_quota(tier: &Tier) -> Quota {
