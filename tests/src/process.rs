@@ -22,13 +22,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free port on the loopback interface (closed again, so a service can bind it).
+/// A free port on the loopback interface (closed again, so a service can bind it), below the
+/// kernel's ephemeral range. Why not port 0's pick: that comes from the ephemeral range, which
+/// every outgoing connection of the tests running beside this one draws from too, so between
+/// closing it here and the service binding it, a client socket could take it (it happened: a
+/// service exited with "address in use" and another answered on its port).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    // Each test binary starts at its own place in 20000..32000, then walks on.
+    let start = 20_000 + (std::process::id() % 1_000) as u16 * 12;
+    loop {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (start - 20_000 + offset) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running service process; killed when dropped.
