@@ -252,46 +252,14 @@ impl Drop for Permit<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_freed_slot_goes_to_a_waiting_interactive_call_before_earlier_batch_calls() {
+    /// Calls of `priorities` arrive in order at a limit of one slot that is held, each waiting
+    /// before the next arrives; the slot is then freed. The order in which they got it.
+    async fn grant_order(priorities: Vec<Priority>) -> Vec<Priority> {
         let limit: &'static AdaptiveLimit = Box::leak(Box::new(AdaptiveLimit::new(1, 1, 1, false)));
         let order = std::sync::Arc::new(Mutex::new(Vec::new()));
         let held = limit.acquire().await;
         let mut calls = Vec::new();
-        for (name, priority) in [
-            ("batch 1", Priority::Batch),
-            ("batch 2", Priority::Batch),
-            ("interactive", Priority::Interactive),
-        ] {
-            let order = order.clone();
-            calls.push(tokio::spawn(async move {
-                let permit = limit.acquire_as(priority).await;
-                order.lock().unwrap().push(name);
-                tokio::task::yield_now().await;
-                permit.release(Sample::Ignored);
-            }));
-            // Each waits before the next arrives.
-            tokio::task::yield_now().await;
-        }
-        held.release(Sample::Ignored);
-        for call in calls {
-            call.await.unwrap();
-        }
-        assert_eq!(order.lock().unwrap()[0], "interactive");
-    }
-
-    #[tokio::test]
-    async fn batch_calls_get_one_slot_in_ten_while_interactive_calls_keep_waiting() {
-        let limit: &'static AdaptiveLimit = Box::leak(Box::new(AdaptiveLimit::new(1, 1, 1, false)));
-        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let held = limit.acquire().await;
-        let mut calls = Vec::new();
-        for index in 0..60 {
-            let priority = if index % 2 == 0 {
-                Priority::Batch
-            } else {
-                Priority::Interactive
-            };
+        for priority in priorities {
             let order = order.clone();
             calls.push(tokio::spawn(async move {
                 let permit = limit.acquire_as(priority).await;
@@ -305,7 +273,29 @@ mod tests {
         for call in calls {
             call.await.unwrap();
         }
-        let order = order.lock().unwrap();
+        order.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_a_waiting_interactive_call_before_earlier_batch_calls() {
+        let order = grant_order(vec![
+            Priority::Batch,
+            Priority::Batch,
+            Priority::Interactive,
+        ])
+        .await;
+        assert_eq!(order[0], Priority::Interactive, "{order:?}");
+    }
+
+    #[tokio::test]
+    async fn batch_calls_get_one_slot_in_ten_while_interactive_calls_keep_waiting() {
+        let priorities = (0..60)
+            .map(|index| match index % 2 {
+                0 => Priority::Batch,
+                _ => Priority::Interactive,
+            })
+            .collect();
+        let order = grant_order(priorities).await;
         // The first 30 slots, while interactive calls wait: three go to batch calls.
         let batch = order[..30]
             .iter()
