@@ -63,7 +63,10 @@ pub(crate) async fn admit_and_publish(
             .budgets
             .prices
             .cost(event.model.as_str(), estimate.prompt, estimate.completion);
-    let held = state.reservations.held_cost(user_id);
+    let held = match tier.has_budget() {
+        true => state.reservations.held_cost(user_id),
+        false => 0.0,
+    };
     let priced = state
         .budgets
         .check(user_id, tier_name, tier, cost, held)
