@@ -71,6 +71,27 @@ impl ServiceProcess {
         }
     }
 
+    /// Waits until the service answers `GET /readyz` on `port` with 200; after a minute,
+    /// panics with the tail of its log.
+    pub async fn wait_ready(&self, http: &reqwest::Client, port: u16) {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let started = std::time::Instant::now();
+        while !http
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|response| response.status().is_success())
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} not ready:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("a running child has a pid")
     }

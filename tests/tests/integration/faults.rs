@@ -125,22 +125,7 @@ impl Cluster {
     }
 
     pub(crate) async fn wait_ready(&self, process: &ServiceProcess, port: u16) {
-        let url = format!("http://127.0.0.1:{port}/readyz");
-        let started = Instant::now();
-        loop {
-            if let Ok(response) = self.http.get(&url).send().await
-                && response.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} not ready:\n{}",
-                process.name,
-                process.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        process.wait_ready(&self.http, port).await;
     }
 
     /// Waits until the load is well under way: the model has answered `calls` calls and is in

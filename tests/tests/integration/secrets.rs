@@ -9,7 +9,7 @@ use base64::Engine;
 use sluice_tests::process::{ServiceProcess, free_port};
 use sluice_tests::{TestDatabase, TestTopics, exclusive_stage, kafka_args, read_sse_until};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -37,25 +37,6 @@ async fn redis_user_with_password(password: &str) -> String {
         .await
         .unwrap();
     base.replacen("redis://", &format!("redis://{user}:{password}@"), 1)
-}
-
-async fn wait_ready(http: &reqwest::Client, process: &ServiceProcess, port: u16) {
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    let started = Instant::now();
-    while !http
-        .get(&url)
-        .send()
-        .await
-        .is_ok_and(|response| response.status().is_success())
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{} not ready:\n{}",
-            process.name,
-            process.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -135,7 +116,7 @@ async fn no_secret_reaches_a_log_or_an_answer() {
     // Results first: it owns the migrations the others' tables come from.
     for service in ["results", "ingest", "worker", "webhooks"] {
         let process = ServiceProcess::spawn(&format!("sluice-{service}"), service, &env);
-        wait_ready(&http, &process, ports[service]).await;
+        process.wait_ready(&http, ports[service]).await;
         processes.push(process);
     }
 

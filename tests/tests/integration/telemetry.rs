@@ -103,30 +103,6 @@ async fn otlp_receiver(stop: CancellationToken) -> (String, Arc<Mutex<Vec<Span>>
     (url, received)
 }
 
-async fn wait_ready(http: &reqwest::Client, process: &ServiceProcess, port: u16) {
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if http
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(
-        ready.is_ok(),
-        "{} not ready:\n{}",
-        process.name,
-        process.log_tail()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_is_one_trace_across_the_three_services_and_every_service_has_metrics() {
     let stop = CancellationToken::new();
@@ -166,11 +142,11 @@ async fn a_job_is_one_trace_across_the_three_services_and_every_service_has_metr
     );
     let http = reqwest::Client::new();
     let results = ServiceProcess::spawn("sluice-results", "telemetry-results", &env);
-    wait_ready(&http, &results, results_port).await;
+    results.wait_ready(&http, results_port).await;
     let worker = ServiceProcess::spawn("sluice-worker", "telemetry-worker", &env);
-    wait_ready(&http, &worker, worker_port).await;
+    worker.wait_ready(&http, worker_port).await;
     let ingest = ServiceProcess::spawn("sluice-ingest", "telemetry-ingest", &env);
-    wait_ready(&http, &ingest, ingest_port).await;
+    ingest.wait_ready(&http, ingest_port).await;
 
     // The caller's own trace: the job must join it rather than start another.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
