@@ -15,6 +15,7 @@ mod submit;
 pub use config::Config;
 pub use error::ApiError;
 pub use keys::KeysCommand;
+pub use openai::openai_submission;
 pub use publisher::Publisher;
 pub use submit::{Accepted, Limits, SubmitBody, to_request_event};
 

@@ -13,6 +13,7 @@ mod wire;
 pub(crate) use deltas::{DeltaRoutes, follow as follow_deltas};
 pub(crate) use error::OpenAiError;
 pub(crate) use wait::JobFollower;
+pub use wire::openai_submission;
 
 use crate::AppState;
 use crate::submit::{Admission, accept, authenticate, parse_body};

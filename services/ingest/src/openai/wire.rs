@@ -46,6 +46,19 @@ pub(crate) struct EmbeddingsRequest {
     pub user: Option<String>,
 }
 
+/// An OpenAI body (`/v1/chat/completions` if `chat`, else `/v1/embeddings`) as the front door
+/// reads it, turned into the submission it makes: `None` when the JSON is not that request's
+/// shape, else the submission or the field it refuses. For fuzzing the front door's decoders.
+pub fn openai_submission(chat: bool, body: &[u8]) -> Option<Result<SubmitBody, FieldError>> {
+    if chat {
+        let request: ChatRequest = sluice_schemas::decode_json(body).ok()?;
+        Some(request.into_submission(None))
+    } else {
+        let request: EmbeddingsRequest = sluice_schemas::decode_json(body).ok()?;
+        Some(request.into_submission(None))
+    }
+}
+
 /// Who a job is for when API keys are off: OpenAI's `user` field, or this.
 const ANONYMOUS: &str = "anonymous";
 
