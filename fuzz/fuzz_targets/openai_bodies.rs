@@ -3,10 +3,11 @@
 //! panics, and the front door never publishes what a worker would dead-letter.
 #![no_main]
 
+#[path = "shared/accepted.rs"]
+mod accepted;
+
 use libfuzzer_sys::fuzz_target;
-use sluice_ingest::{Limits, openai_submission, to_request_event};
-use sluice_schemas::{RequestEvent, UserId};
-use std::time::Duration;
+use sluice_ingest::openai_submission;
 
 fuzz_target!(|input: &[u8]| {
     let Some((&selector, body)) = input.split_first() else {
@@ -15,13 +16,5 @@ fuzz_target!(|input: &[u8]| {
     let Some(Ok(submission)) = openai_submission(selector % 2 == 0, body) else {
         return;
     };
-    let limits = Limits {
-        default_timeout: Duration::from_secs(60),
-        max_timeout: Duration::from_secs(600),
-    };
-    let user = UserId::parse("fuzzer".to_owned()).expect("a valid user id");
-    if let Ok(event) = to_request_event(submission, user, limits, chrono::Utc::now()) {
-        RequestEvent::decode(&event.encode())
-            .expect("a worker decodes what the front door publishes");
-    }
+    accepted::a_worker_decodes_what_ingest_makes_of(submission);
 });

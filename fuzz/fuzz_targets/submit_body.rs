@@ -3,21 +3,15 @@
 //! decodes at the worker).
 #![no_main]
 
+#[path = "shared/accepted.rs"]
+mod accepted;
+
 use libfuzzer_sys::fuzz_target;
-use sluice_ingest::{Limits, SubmitBody, to_request_event};
-use sluice_schemas::{RequestEvent, UserId};
-use std::time::Duration;
+use sluice_ingest::SubmitBody;
 
 fuzz_target!(|body: &[u8]| {
     let Ok(body) = sluice_schemas::decode_json::<SubmitBody>(body) else {
         return;
     };
-    let limits = Limits {
-        default_timeout: Duration::from_secs(60),
-        max_timeout: Duration::from_secs(600),
-    };
-    let user = UserId::parse("fuzzer".to_owned()).expect("a valid user id");
-    if let Ok(event) = to_request_event(body, user, limits, chrono::Utc::now()) {
-        RequestEvent::decode(&event.encode()).expect("a worker decodes what ingest publishes");
-    }
+    accepted::a_worker_decodes_what_ingest_makes_of(body);
 });
