@@ -81,16 +81,22 @@ start_postgres() {
     pg_run "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
   log "starting Postgres on 127.0.0.1:$SLUICE_PG_PORT"
-  pg_run "$PG_BIN/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
-    -o "-p $SLUICE_PG_PORT -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400" >/dev/null \
+  pg_run "$PG_BIN/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start -o "$(pg_options)" >/dev/null \
     || { tail -n 20 "$data/server.log" >&2; die "Postgres did not start"; }
   STOP_POSTGRES="$data"
 }
 
-# A command that restarts the local cluster (the fault tests restart Postgres under load).
-pg_restart_command() {
+pg_options() { echo "-p $SLUICE_PG_PORT -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=400"; }
+
+# A command that restarts, stops or starts the local cluster (the fault tests take Postgres away
+# under load).
+pg_ctl_command() { # restart | stop | start
   local ctl
-  ctl="$(pg_bin_dir)/pg_ctl -D $SLUICE_STATE_DIR/postgres -m fast -w -t 60 restart"
+  ctl="$(pg_bin_dir)/pg_ctl -D $SLUICE_STATE_DIR/postgres -w -t 60 $1"
+  case $1 in
+    start) ctl="$ctl -l $SLUICE_STATE_DIR/postgres/server.log -o '$(pg_options)'" ;;
+    *) ctl="$ctl -m fast" ;;
+  esac
   if [ "$(id -u)" -eq 0 ]; then echo "runuser -u postgres -- $ctl >/dev/null"; else echo "$ctl >/dev/null"; fi
 }
 

@@ -2,6 +2,7 @@
 //! port 0, and `wait_until` instead of sleeps. A broker or database that cannot be reached fails
 //! the test with a message saying how to start it; nothing is ever skipped.
 
+pub mod broker;
 pub mod infra;
 pub mod jobs;
 pub mod pipeline;
@@ -11,7 +12,7 @@ pub mod sse;
 pub use infra::{TestDatabase, TestTopics, exclusive_stage, kafka_args, wait_until};
 pub use jobs::{terminal_not_once, wait_terminal};
 pub use pipeline::{Pipeline, PipelineOptions, TEST_WEBHOOK_KEY, test_webhooks};
-pub use sse::{SseEvent, read_sse, read_sse_until};
+pub use sse::{SseEvent, follow_to_terminal, read_sse, read_sse_until};
 
 /// A chat job for the simulated model, as a producer publishing straight to Kafka makes it.
 pub fn chat_event(user: &str, content: &str, deadline_in_ms: i64) -> sluice_schemas::RequestEvent {

@@ -76,3 +76,44 @@ pub async fn read_sse_until(
     );
     (events, comments)
 }
+
+/// Follows a job's event stream as a browser's `EventSource` does until a terminal status: when
+/// the server ends the stream before one, reconnects with `Last-Event-ID`. Every answer must be
+/// a `200` event stream, as `EventSource` gives up on anything else. Returns every event and how
+/// many times it reconnected.
+pub async fn follow_to_terminal(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> (Vec<SseEvent>, u32) {
+    let started = std::time::Instant::now();
+    let mut events: Vec<SseEvent> = Vec::new();
+    let mut reconnects = 0;
+    loop {
+        let mut request = http.get(url);
+        if let Some(id) = events.last().and_then(|event| event.id.clone()) {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request
+            .send()
+            .await
+            .expect("connecting to the event stream");
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            let body = response.text().await.unwrap_or_default();
+            panic!("EventSource would give up on this answer: {status} {body}");
+        }
+        let (more, _) = read_sse(response, timeout.saturating_sub(started.elapsed())).await;
+        events.extend(more);
+        let terminal = events
+            .last()
+            .and_then(|event| event.event.clone())
+            .and_then(|name| serde_json::from_value::<sluice_schemas::JobStatus>(name.into()).ok())
+            .is_some_and(|status| status.is_terminal());
+        if terminal {
+            return (events, reconnects);
+        }
+        reconnects += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -357,9 +357,9 @@ pub(crate) async fn accept(
     let key = idempotency_key(headers)?;
     let retention = state.config.idempotency_ttl;
     let body_hash = idempotency::body_hash(raw);
-    let mut claimed = false;
+    let mut claimed = None;
     if let Some(key) = &key {
-        let pending = Pending {
+        let mut pending = Pending {
             body_hash: body_hash.clone(),
             job_id: event.job_id,
             claimed_at: Utc::now(),
@@ -372,12 +372,13 @@ pub(crate) async fn accept(
             .claim(user_id.as_str(), key, &pending, retention, takeover_after)
             .await
         {
-            Ok(Claim::New) => claimed = true,
+            Ok(Claim::New) => claimed = Some(pending),
             Ok(Claim::Abandoned(job_id)) => {
                 tracing::info!(job_id = %job_id, "taking over an idempotency key left pending");
                 event.job_id = job_id;
                 tracing::Span::current().record("job_id", tracing::field::display(job_id));
-                claimed = true;
+                pending.job_id = job_id;
+                claimed = Some(pending);
             }
             Ok(Claim::Replay(accepted)) => return Ok(Admission::Replayed(accepted)),
             Ok(Claim::Mismatch) => return Err(ApiError::IdempotencyKeyReused),
@@ -386,7 +387,7 @@ pub(crate) async fn accept(
         }
     }
     let result = crate::admit::admit_and_publish(state, &event, &tier).await;
-    if let (Some(key), true) = (&key, claimed) {
+    if let (Some(key), Some(pending)) = (&key, claimed) {
         match &result {
             Ok((accepted, _)) => {
                 let accepted = serde_json::to_value(accepted).expect("a 202 body serializes");
@@ -402,7 +403,12 @@ pub(crate) async fn accept(
                     tracing::warn!(error = %error, "could not remember an idempotency key");
                 }
             }
-            Err(_) => state.idempotency.release(user_id.as_str(), key).await,
+            Err(_) => {
+                state
+                    .idempotency
+                    .abandon(user_id.as_str(), key, &pending, retention)
+                    .await
+            }
         }
     }
     let (accepted, limit_headers) = result?;

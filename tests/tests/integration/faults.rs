@@ -27,7 +27,9 @@ const JOBS_PER_SECOND: u64 = 60;
 
 pub(crate) struct Cluster {
     name: &'static str,
-    topics: TestTopics,
+    /// The broker the services use: the shared one, or a test's own.
+    brokers: String,
+    pub(crate) topics: TestTopics,
     pub(crate) database: TestDatabase,
     sim: Arc<Stats>,
     /// Where the workers started from now on call the model.
@@ -44,7 +46,17 @@ impl Cluster {
 
     /// A cluster whose simulated model takes `service_time_ms` (plus up to 50 ms) per call.
     async fn with_model_time(name: &'static str, service_time_ms: u64) -> Self {
-        let kafka = kafka_args(6);
+        Self::on_broker(name, service_time_ms, kafka_args(6).brokers).await
+    }
+
+    /// A cluster on the broker at `brokers` (a test's own, which it may stop).
+    pub(crate) async fn on_broker(
+        name: &'static str,
+        service_time_ms: u64,
+        brokers: String,
+    ) -> Self {
+        let mut kafka = kafka_args(6);
+        kafka.brokers = brokers;
         let topics = TestTopics::unique();
         topics.create(&kafka).await;
         let database = TestDatabase::create_on_exclusive_stage().await;
@@ -66,7 +78,7 @@ impl Cluster {
 
         let mut ingest = sluice_ingest::Config::defaults();
         ingest.addr = "127.0.0.1:0".into();
-        ingest.kafka = kafka;
+        ingest.kafka = kafka.clone();
         ingest.topics = topics.args();
         ingest.capacity.worker_group = format!("{}-workers", topics.requests);
         ingest.auth = sluice_common::auth::AuthMode::Off;
@@ -81,6 +93,7 @@ impl Cluster {
         tokio::spawn(ingest.run_until_stopped(stop.clone()));
         Self {
             name,
+            brokers: kafka.brokers,
             topics,
             database,
             sim: stats,
@@ -93,7 +106,7 @@ impl Cluster {
 
     pub(crate) fn env(&self) -> HashMap<String, String> {
         let mut env = self.topics.process_env();
-        env.insert("KAFKA_BROKERS".into(), kafka_args(6).brokers);
+        env.insert("KAFKA_BROKERS".into(), self.brokers.clone());
         env.insert("SLUICE_AUTH".into(), "off".into());
         env
     }
@@ -113,15 +126,25 @@ impl Cluster {
     }
 
     pub(crate) async fn results(&self, label: &str) -> ServiceProcess {
+        self.results_with(label, HashMap::new()).await.0
+    }
+
+    /// A results service with settings of the test's own; and its URL.
+    pub(crate) async fn results_with(
+        &self,
+        label: &str,
+        settings: HashMap<String, String>,
+    ) -> (ServiceProcess, String) {
         let port = free_port();
         let mut env = self.env();
+        env.extend(settings);
         env.insert("SLUICE_RESULTS_ADDR".into(), format!("127.0.0.1:{port}"));
         env.insert("DATABASE_URL".into(), self.database.url.clone());
         env.insert("DATABASE_MAX_CONNECTIONS".into(), "4".into());
         let process =
             ServiceProcess::spawn("sluice-results", &format!("{}-{label}", self.name), &env);
         self.wait_ready(&process, port).await;
-        process
+        (process, format!("http://127.0.0.1:{port}"))
     }
 
     pub(crate) async fn wait_ready(&self, process: &ServiceProcess, port: u16) {
@@ -130,7 +153,7 @@ impl Cluster {
 
     /// Waits until the load is well under way: the model has answered `calls` calls and is in
     /// the middle of others, so a fault lands mid-flight.
-    async fn under_way(&self, calls: u64) {
+    pub(crate) async fn under_way(&self, calls: u64) {
         wait_until(
             "the load to be under way",
             Duration::from_secs(60),
@@ -178,27 +201,34 @@ impl Cluster {
     async fn check(&self, load: JoinHandle<Vec<Uuid>>) -> u64 {
         let ids = load.await.unwrap();
         assert_eq!(ids.len(), JOBS, "every submission was accepted");
+        self.verify(&ids).await
+    }
+
+    /// Every job in `ids` (all the jobs there are) has one row and exactly one terminal status
+    /// change; returns the number of duplicated model calls.
+    pub(crate) async fn verify(&self, ids: &[Uuid]) -> u64 {
+        let jobs = ids.len();
         let pool = &self.database.pool;
         let started = Instant::now();
-        sluice_tests::wait_terminal(pool, &ids, Duration::from_secs(180)).await;
+        sluice_tests::wait_terminal(pool, ids, Duration::from_secs(180)).await;
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
             .fetch_one(pool)
             .await
             .unwrap();
-        assert_eq!(rows, JOBS as i64, "one row per job");
+        assert_eq!(rows, jobs as i64, "one row per job");
         let statuses: Vec<(String, i64)> =
             sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
                 .fetch_all(pool)
                 .await
                 .unwrap();
-        assert_eq!(statuses, [("succeeded".to_owned(), JOBS as i64)]);
-        let not_once = sluice_tests::terminal_not_once(pool, &ids).await;
+        assert_eq!(statuses, [("succeeded".to_owned(), jobs as i64)]);
+        let not_once = sluice_tests::terminal_not_once(pool, ids).await;
         assert_eq!(
             not_once, 0,
             "every job recorded exactly one terminal status"
         );
         let calls = self.sim.snapshot().calls;
-        let duplicates = calls.saturating_sub(JOBS as u64);
+        let duplicates = calls.saturating_sub(jobs as u64);
         // The longest a job waited to start: for jobs on a dead member's partitions, how long
         // the group took to give them to a live one.
         let longest_wait: f64 = sqlx::query_scalar(
@@ -208,7 +238,7 @@ impl Cluster {
         .await
         .unwrap();
         println!(
-            "{}: {JOBS} jobs accepted, {JOBS} terminal exactly once, 0 lost, {duplicates} duplicate model calls ({calls} calls); longest queue wait {longest_wait:.1} s; settled {:.1} s after the load",
+            "{}: {jobs} jobs accepted, {jobs} terminal exactly once, 0 lost, {duplicates} duplicate model calls ({calls} calls); longest queue wait {longest_wait:.1} s; settled {:.1} s after the load",
             self.name,
             started.elapsed().as_secs_f64()
         );

@@ -18,11 +18,29 @@ const BURST: usize = 20;
 
 /// Every 202 each key got, and how the client fared.
 #[derive(Default)]
-struct Answers {
-    by_key: BTreeMap<usize, Vec<Uuid>>,
-    transport_errors: u64,
-    in_progress: u64,
-    other: BTreeMap<u16, u64>,
+pub(crate) struct Answers {
+    pub(crate) by_key: BTreeMap<usize, Vec<Uuid>>,
+    pub(crate) transport_errors: u64,
+    pub(crate) in_progress: u64,
+    /// How long each `503` took to arrive, and whether it said when to retry.
+    pub(crate) unavailable: Vec<(Duration, bool)>,
+    pub(crate) other: BTreeMap<u16, u64>,
+}
+
+impl Answers {
+    /// The one job of each key (every 202 for a key named the same job).
+    pub(crate) fn jobs(&self) -> Vec<Uuid> {
+        let mut jobs = BTreeSet::new();
+        for (index, ids) in &self.by_key {
+            assert!(
+                ids.iter().all(|id| *id == ids[0]),
+                "key {index} answered two different jobs: {ids:?}"
+            );
+            jobs.insert(ids[0]);
+        }
+        assert_eq!(jobs.len(), self.by_key.len(), "one job per key");
+        jobs.into_iter().collect()
+    }
 }
 
 async fn ingest(cluster: &Cluster, port: u16, redis_prefix: &str, label: &str) -> ServiceProcess {
@@ -43,8 +61,9 @@ async fn ingest(cluster: &Cluster, port: u16, redis_prefix: &str, label: &str) -
     process
 }
 
-/// Submits job `index` with its key until a 202 arrives, as a client that got no answer does.
-async fn submit_until_accepted(
+/// Submits job `index` with its key until a 202 arrives, as a client that got no answer (or a
+/// `503`) does.
+pub(crate) async fn submit_until_accepted(
     http: reqwest::Client,
     url: String,
     index: usize,
@@ -56,6 +75,7 @@ async fn submit_until_accepted(
     });
     let started = Instant::now();
     loop {
+        let sent_at = Instant::now();
         let sent = http
             .post(&url)
             .header("Idempotency-Key", format!("key-{index}"))
@@ -77,6 +97,14 @@ async fn submit_until_accepted(
                 return;
             }
             Ok(response) if response.status() == 409 => answers.lock().unwrap().in_progress += 1,
+            Ok(response) if response.status() == 503 => {
+                let retry_after = response.headers().contains_key("retry-after");
+                answers
+                    .lock()
+                    .unwrap()
+                    .unavailable
+                    .push((sent_at.elapsed(), retry_after));
+            }
             Ok(response) => {
                 *answers
                     .lock()
@@ -137,16 +165,8 @@ async fn ingest_killed_under_load_loses_no_job_and_makes_none_twice() {
     assert!(replacement.is_some());
 
     let answers = std::mem::take(&mut *answers.lock().unwrap());
-    let mut jobs = BTreeSet::new();
-    for (index, ids) in &answers.by_key {
-        assert!(
-            ids.iter().all(|id| *id == ids[0]),
-            "key {index} answered two different jobs: {ids:?}"
-        );
-        jobs.insert(ids[0]);
-    }
-    assert_eq!(jobs.len(), JOBS, "one job per key");
-    let ids: Vec<Uuid> = jobs.into_iter().collect();
+    let ids = answers.jobs();
+    assert_eq!(ids.len(), JOBS, "one job per key");
     let pool = &cluster.database.pool;
     sluice_tests::wait_terminal(pool, &ids, Duration::from_secs(120)).await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
@@ -160,7 +180,10 @@ async fn ingest_killed_under_load_loses_no_job_and_makes_none_twice() {
         "every job recorded exactly one terminal status"
     );
     println!(
-        "ingest SIGKILL: {JOBS} keys, {JOBS} jobs, each terminal exactly once; the clients saw {} transport errors, {} `409 in progress`, other answers {:?}",
-        answers.transport_errors, answers.in_progress, answers.other
+        "ingest SIGKILL: {JOBS} keys, {JOBS} jobs, each terminal exactly once; the clients saw {} transport errors, {} `409 in progress`, {} `503`, other answers {:?}",
+        answers.transport_errors,
+        answers.in_progress,
+        answers.unavailable.len(),
+        answers.other
     );
 }

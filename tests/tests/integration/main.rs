@@ -19,6 +19,7 @@ mod ingest;
 mod ingest_faults;
 mod lanes;
 mod openai;
+mod outages;
 mod pipeline;
 mod poison;
 mod queue;

@@ -252,20 +252,33 @@ impl IdempotencyStore {
         }
     }
 
-    /// Frees a claimed key whose submission failed, so a retry can use it.
-    pub async fn release(&self, user: &str, key: &str) {
+    /// Hands a claimed key whose submission failed to the next retry, which makes the same job
+    /// id. Why not free it: a publish that timed out may still have reached the broker, and
+    /// with the same id the retry's job and that one are one job.
+    pub async fn abandon(&self, user: &str, key: &str, pending: &Pending, retention: Duration) {
+        let given_up = Pending {
+            claimed_at: DateTime::UNIX_EPOCH,
+            ..pending.clone()
+        };
         match self {
             IdempotencyStore::Local(entries) => {
-                entries.invalidate(&Self::local_key(user, key));
+                entries.insert(
+                    Self::local_key(user, key),
+                    Arc::new(LocalEntry::Pending(given_up)),
+                );
             }
             IdempotencyStore::Redis { connection, prefix } => {
                 let mut connection = connection.clone();
-                let result: Result<(), _> = redis::cmd("DEL")
+                let result: Result<(), _> = redis::cmd("SET")
                     .arg(Self::redis_key(prefix, user, key))
+                    .arg(given_up.encode())
+                    .arg("XX")
+                    .arg("PX")
+                    .arg(retention.as_millis() as u64)
                     .query_async(&mut connection)
                     .await;
                 if let Err(error) = result {
-                    tracing::warn!(error = %error, "could not release an idempotency key");
+                    tracing::warn!(error = %error, "could not hand an idempotency key to a retry");
                 }
             }
         }
@@ -381,7 +394,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_key_is_new_again_after_its_retention_and_after_a_release() {
+    async fn a_failed_submission_hands_its_job_id_to_the_retry_and_keys_expire() {
         let retention = Duration::from_millis(50);
         let store = IdempotencyStore::local(retention);
         let claim = |hash: &'static str| {
@@ -393,12 +406,19 @@ mod tests {
                     .unwrap()
             }
         };
-        assert_eq!(claim("h").await, Claim::New);
-        store.release("u", "k").await;
+        let first = pending("h", Utc::now());
+        assert_eq!(
+            store
+                .claim("u", "k", &first, retention, TAKEOVER)
+                .await
+                .unwrap(),
+            Claim::New
+        );
+        store.abandon("u", "k", &first, retention).await;
         assert_eq!(
             claim("h").await,
-            Claim::New,
-            "a failed submission's key is free again"
+            Claim::Abandoned(first.job_id),
+            "the retry of a failed submission makes the same job, at once"
         );
         tokio::time::sleep(retention * 4).await;
         assert_eq!(claim("h2").await, Claim::New, "an expired key is forgotten");
