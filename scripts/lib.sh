@@ -258,9 +258,10 @@ start_redis() { # [port]
 
 # Checkers and clients from PyPI, pinned, in one virtualenv: check-jsonschema (compose file),
 # Helm v4 as a library (helm-python-sdk: lint and render, no cluster), kubernetes-validate
-# (manifests against Kubernetes' own schemas) and the official OpenAI SDK (the tests drive the
-# OpenAI routes with it).
-CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 openai==3.51.0 standardwebhooks==1.1.0"
+# (manifests against Kubernetes' own schemas), the official OpenAI SDK and a Standard Webhooks
+# verifier (the tests drive the OpenAI routes and check webhook signatures with them), and
+# schemathesis (the tests drive ingest and results from their OpenAPI documents with it).
+CHECKERS="check-jsonschema==0.39.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 openai==3.51.0 standardwebhooks==1.1.0 schemathesis==4.32.5"
 ensure_checkers() {
   local venv="$SLUICE_TOOLS_DIR/venv"
   if [ ! -x "$venv/bin/python" ]; then

@@ -39,7 +39,16 @@ impl JobId {
         Self(Uuid::now_v7())
     }
 
+    /// A job id as the API writes it: a UUIDv7 in its hyphenated form (the braced, URN and
+    /// hyphen-less forms the `uuid` crate also reads are refused, as the API document says).
     pub fn parse(text: &str) -> Result<Self, FieldError> {
+        // Of the forms `parse_str` reads, only the hyphenated one is 36 characters long.
+        if text.len() != 36 {
+            return Err(FieldError::new(
+                "job_id",
+                "must be a UUID, hyphenated (8-4-4-4-12 hex digits)",
+            ));
+        }
         let uuid =
             Uuid::parse_str(text).map_err(|_| FieldError::new("job_id", "must be a UUID"))?;
         Self::try_from(uuid)
@@ -136,10 +145,11 @@ pub struct ModelName(String);
 impl ModelName {
     pub fn parse(text: impl Into<String>) -> Result<Self, FieldError> {
         let text = text.into();
-        if text.trim().is_empty() || text.len() > MAX_MODEL_LEN {
+        // Characters, as the API document's `maxLength` counts them.
+        if text.trim().is_empty() || text.chars().count() > MAX_MODEL_LEN {
             return Err(FieldError::new(
                 "model",
-                format!("must be 1 to {MAX_MODEL_LEN} bytes long"),
+                format!("must be 1 to {MAX_MODEL_LEN} characters, not all blank"),
             ));
         }
         if text.chars().any(char::is_control) {
@@ -350,22 +360,48 @@ pub(crate) fn check_messages(messages: &[Message]) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// OpenAI's embeddings `input`: one string or an array of strings, always held as a list.
+/// One text or an array of texts, as OpenAI's embeddings API takes `input`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(text) => vec![text],
+            OneOrMany::Many(texts) => texts,
+        }
+    }
+}
+
+/// `input` as one text or an array of texts; absent or `null`, `None`.
 pub fn deserialize_input<'de, D>(deserializer: D) -> Result<Option<Vec<String>>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
-        None => None,
-        Some(OneOrMany::One(text)) => Some(vec![text]),
-        Some(OneOrMany::Many(texts)) => Some(texts),
-    })
+    Ok(Option::<OneOrMany>::deserialize(deserializer)?.map(OneOrMany::into_vec))
+}
+
+/// `input` as one text or an array of texts, for a body where a field is given or absent (with
+/// `#[serde(default)]`): `null` is refused.
+pub fn deserialize_given_input<'de, D>(deserializer: D) -> Result<Option<Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    OneOrMany::deserialize(deserializer).map(|input| Some(input.into_vec()))
+}
+
+/// An optional field that is given or absent (with `#[serde(default)]`): `null` is refused, as
+/// the API's document says (a JSON Schema without `null` in the field's type).
+pub fn not_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 pub(crate) fn check_input(input: &[String]) -> Result<(), FieldError> {

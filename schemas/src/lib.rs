@@ -14,7 +14,7 @@ pub use cost::{BYTES_PER_TOKEN, TOKENS_PER_MESSAGE, TokenEstimate};
 pub use delta::DeltaEvent;
 pub use domain::{
     FieldError, JobId, MAX_INPUTS, MAX_MESSAGES, MAX_TIER_LEN, MAX_USER_ID_LEN, Message, ModelName,
-    Params, Priority, Role, TierName, UserId, deserialize_input,
+    Params, Priority, Role, TierName, UserId, deserialize_given_input, deserialize_input, not_null,
 };
 pub use events::{
     CancelEvent, DecodeError, ErrorCode, JobError, JobStatus, Output, SCHEMA_VERSION, StatusEvent,

@@ -44,6 +44,14 @@ impl Webhook {
                 format!("must be at most {MAX_WEBHOOK_URL_LEN} characters"),
             ));
         }
+        // The URL is stored and logged as given: no NUL (which Postgres' text refuses) or other
+        // control character, which no valid URL has anyway.
+        if self.url.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                field("url"),
+                "must not contain control characters",
+            ));
+        }
         let url = url::Url::parse(&self.url).map_err(|error| {
             FieldError::new(field("url"), format!("is not an absolute URL: {error}"))
         })?;

@@ -41,6 +41,8 @@ pub struct PipelineOptions {
     pub webhooks: Option<sluice_webhooks::Config>,
     /// The private-network guard on, in ingest and the webhooks service.
     pub webhook_guard: bool,
+    /// The results service's `SLUICE_SSE_IDLE_SECS`.
+    pub sse_idle: Duration,
 }
 
 /// The key webhook secrets are sealed with in tests.
@@ -80,6 +82,7 @@ impl Default for PipelineOptions {
             openai_models: Vec::new(),
             webhooks: None,
             webhook_guard: false,
+            sse_idle: Duration::from_secs(600),
         }
     }
 }
@@ -171,6 +174,7 @@ impl Pipeline {
         results_config.database_max_connections = 8;
         results_config.auth = auth_mode(options.api_keys);
         results_config.key_cache_ttl = Duration::from_secs(1);
+        results_config.streams.idle = options.sse_idle;
         // Ingest's address, chosen now: the console that results serves submits there.
         let ingest_addr = format!("127.0.0.1:{}", crate::process::free_port());
         results_config.ingest_url = format!("http://{ingest_addr}");

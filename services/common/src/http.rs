@@ -15,9 +15,25 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Which documents a service serves besides its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Document {
-    /// `/openapi.json`: the ingest and results APIs, as this deployment's auth mode serves them.
-    OpenApi(crate::auth::AuthMode),
+    /// `/openapi.json`: this service's part of the API, as this deployment's auth mode serves it.
+    OpenApi(crate::auth::AuthMode, Api),
     None,
+}
+
+/// The services with an API: each serves the operations tagged with its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Ingest,
+    Results,
+}
+
+impl Api {
+    fn tag(self) -> &'static str {
+        match self {
+            Api::Ingest => "ingest",
+            Api::Results => "results",
+        }
+    }
 }
 
 /// What every service serves besides its API, the same way: `/healthz`, `/readyz` (the
@@ -35,12 +51,12 @@ where
         .route("/healthz", get(healthz))
         .route("/readyz", readyz)
         .route("/metrics", get(crate::metrics::render));
-    if let Document::OpenApi(auth) = document {
-        let text = openapi_document(auth);
+    if let Document::OpenApi(auth, api) = document {
+        let text: std::sync::Arc<str> = openapi_document(auth, api).into();
         let serve = move || async move {
             (
                 [(axum::http::header::CONTENT_TYPE, "application/json")],
-                text,
+                text.to_string(),
             )
         };
         router = router.route("/openapi.json", get(serve));
@@ -206,13 +222,39 @@ pub fn parse_origin(text: &str) -> Result<String, String> {
 /// The OpenAPI document for the ingest and results APIs.
 pub const OPENAPI_JSON: &str = include_str!("../../../schemas/openapi.json");
 
-/// The document a deployment serves: the file as it is with API keys; without them, no security
-/// requirement and `user_id` required on a submission (the server answers `422 user_id: is
-/// required` without it), so that the document says what this server does.
-pub fn openapi_document(auth: crate::auth::AuthMode) -> &'static str {
-    static WITHOUT_KEYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let mut document: serde_json::Value =
-            serde_json::from_str(OPENAPI_JSON).expect("schemas/openapi.json is JSON");
+/// The document a service serves: its own operations (those tagged with its name; the file
+/// describes both services) and its own server, so that every path in it is served here with
+/// exactly the methods listed; with API keys the file's security as it is; without them, no
+/// security requirement and `user_id` required on a submission (the server answers `422 user_id:
+/// is required` without it), so that the document says what this server does.
+pub fn openapi_document(auth: crate::auth::AuthMode, api: Api) -> String {
+    let mut document: serde_json::Value =
+        serde_json::from_str(OPENAPI_JSON).expect("schemas/openapi.json is JSON");
+    let tag = serde_json::Value::from(api.tag());
+    if let Some(paths) = document["paths"].as_object_mut() {
+        for item in paths.values_mut() {
+            if let Some(operations) = item.as_object_mut() {
+                operations.retain(|_, operation| {
+                    operation
+                        .get("tags")
+                        .and_then(serde_json::Value::as_array)
+                        .is_none_or(|tags| tags.contains(&tag))
+                });
+            }
+        }
+        paths.retain(|_, item| {
+            item.as_object()
+                .is_some_and(|operations| operations.values().any(|op| op.get("tags").is_some()))
+        });
+    }
+    if let Some(servers) = document["servers"].as_array_mut() {
+        servers.retain(|server| {
+            server["description"]
+                .as_str()
+                .is_some_and(|description| description.starts_with(api.tag()))
+        });
+    }
+    if auth == crate::auth::AuthMode::Off {
         document["security"] = serde_json::json!([]);
         if let Some(required) = document
             .pointer_mut("/components/schemas/SubmitJob/required")
@@ -220,12 +262,54 @@ pub fn openapi_document(auth: crate::auth::AuthMode) -> &'static str {
         {
             required.push("user_id".into());
         }
-        document.to_string()
-    });
-    match auth {
-        crate::auth::AuthMode::ApiKeys => OPENAPI_JSON,
-        crate::auth::AuthMode::Off => &WITHOUT_KEYS,
+        // The OpenAI routes' `user`, and whose jobs or usage to read, are then a user id, held
+        // to its rules; usage needs one.
+        let user = document["components"]["schemas"]["SubmitJob"]["properties"]["user_id"].clone();
+        for (path, required) in [("/v1/jobs", false), ("/v1/usage", true)] {
+            for parameter in user_id_parameters(&mut document, path) {
+                parameter["required"] = required.into();
+                parameter["schema"] = user.clone();
+            }
+        }
+        let mut user = user;
+        user["description"] =
+            "Without API keys, the user the job is submitted as (absent: `anonymous`).".into();
+        for path in ["/v1/chat/completions", "/v1/embeddings"] {
+            let pointer = format!(
+                "/paths/{}/post/requestBody/content/application~1json/schema/properties/user",
+                path.replace('/', "~1")
+            );
+            if let Some(slot) = document.pointer_mut(&pointer) {
+                *slot = user.clone();
+            }
+        }
+    } else {
+        // With keys a caller reads its own jobs and usage: there is no one else's to name.
+        for path in ["/v1/jobs", "/v1/usage"] {
+            let pointer = format!("/paths/{}/get/parameters", path.replace('/', "~1"));
+            if let Some(parameters) = document
+                .pointer_mut(&pointer)
+                .and_then(serde_json::Value::as_array_mut)
+            {
+                parameters.retain(|parameter| parameter["name"] != "user_id");
+            }
+        }
     }
+    document.to_string()
+}
+
+/// The `user_id` query parameters of `GET path`.
+fn user_id_parameters<'a>(
+    document: &'a mut serde_json::Value,
+    path: &str,
+) -> impl Iterator<Item = &'a mut serde_json::Value> {
+    let pointer = format!("/paths/{}/get/parameters", path.replace('/', "~1"));
+    document
+        .pointer_mut(&pointer)
+        .and_then(serde_json::Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter(|parameter| parameter["name"] == "user_id")
 }
 
 #[cfg(test)]
@@ -264,19 +348,54 @@ mod tests {
     #[test]
     fn without_keys_the_document_requires_user_id_and_no_key() {
         let served: serde_json::Value =
-            serde_json::from_str(openapi_document(crate::auth::AuthMode::Off)).unwrap();
+            serde_json::from_str(&openapi_document(crate::auth::AuthMode::Off, Api::Ingest))
+                .unwrap();
         assert_eq!(served["security"], serde_json::json!([]));
         let required = &served["components"]["schemas"]["SubmitJob"]["required"];
         assert!(
             required.as_array().unwrap().contains(&"user_id".into()),
             "{required}"
         );
-        let with_keys: serde_json::Value =
-            serde_json::from_str(openapi_document(crate::auth::AuthMode::ApiKeys)).unwrap();
+        let chat_user = served.pointer(
+            "/paths/~1v1~1chat~1completions/post/requestBody/content/application~1json/schema/properties/user/maxLength",
+        );
+        assert_eq!(chat_user, Some(&serde_json::json!(128)));
+        let with_keys: serde_json::Value = serde_json::from_str(&openapi_document(
+            crate::auth::AuthMode::ApiKeys,
+            Api::Ingest,
+        ))
+        .unwrap();
         let required = &with_keys["components"]["schemas"]["SubmitJob"]["required"];
         assert!(
             !required.as_array().unwrap().contains(&"user_id".into()),
             "{required}"
+        );
+    }
+
+    #[test]
+    fn each_service_documents_its_own_operations_and_server() {
+        let keys = crate::auth::AuthMode::ApiKeys;
+        let ingest: serde_json::Value =
+            serde_json::from_str(&openapi_document(keys, Api::Ingest)).unwrap();
+        let results: serde_json::Value =
+            serde_json::from_str(&openapi_document(keys, Api::Results)).unwrap();
+        let methods = |document: &serde_json::Value, path: &str| -> Vec<String> {
+            document["paths"][path]
+                .as_object()
+                .map(|item| item.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(methods(&ingest, "/v1/jobs"), ["post"]);
+        assert_eq!(methods(&results, "/v1/jobs"), ["get"]);
+        assert!(methods(&ingest, "/v1/jobs/{id}").is_empty());
+        assert!(methods(&results, "/v1/chat/completions").is_empty());
+        assert_eq!(methods(&results, "/readyz"), ["get"]);
+        assert_eq!(ingest["servers"].as_array().unwrap().len(), 1);
+        assert!(
+            ingest["servers"][0]["description"]
+                .as_str()
+                .unwrap()
+                .starts_with("ingest")
         );
     }
 

@@ -192,7 +192,12 @@ pub fn router(state: AppState) -> Router {
         ))
         .route("/v1/models", get(openai::models));
     let auth = state.config.auth;
-    let router = with_operations(api, get(readyz), Document::OpenApi(auth)).with_state(state);
+    let router = with_operations(
+        api,
+        get(readyz),
+        Document::OpenApi(auth, sluice_common::http::Api::Ingest),
+    )
+    .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
         None => router,

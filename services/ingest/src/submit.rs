@@ -22,26 +22,27 @@ use sluice_schemas::{
 use std::time::Duration;
 use tracing::Instrument;
 
-/// The body of `POST /v1/jobs`, as sent. Unknown fields are refused so a typo is not ignored.
+/// The body of `POST /v1/jobs`, as sent. Unknown fields are refused so a typo is not ignored,
+/// and so is `null`: a field is given or absent, as the document says.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
     /// Required without API keys; with them, absent or equal to the key's user.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
     pub user_id: Option<String>,
     pub model: String,
     /// A chat job: the conversation.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
     pub messages: Option<Vec<Message>>,
     /// An embedding job: a text or an array of texts, as in OpenAI's embeddings API.
-    #[serde(default, deserialize_with = "sluice_schemas::deserialize_input")]
+    #[serde(default, deserialize_with = "sluice_schemas::deserialize_given_input")]
     pub input: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
     pub params: Option<Params>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
     pub timeout_ms: Option<u64>,
     /// `false` (or `Cache-Control: no-cache`) asks for a fresh answer.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
     pub cache: Option<bool>,
     /// A chat job's answer streamed as the model generates it: `delta` events on the job's
     /// events stream between `running` and the terminal status.
@@ -49,15 +50,35 @@ pub struct SubmitBody {
     pub stream: bool,
     /// Where the job's status changes are delivered as signed webhooks:
     /// `{"url": "https://...", "events": ["succeeded", ...]}` (default: the terminal statuses).
-    #[serde(default)]
-    pub webhook: Option<sluice_schemas::Webhook>,
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
+    pub webhook: Option<WebhookBody>,
     /// `interactive` (default) or `batch`: the lane, which the key's tier may cap to `batch`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
     pub priority: Option<Priority>,
     /// Set by a front door that must know the job's id before it is published (to listen for
     /// its deltas first); otherwise a new one.
     #[serde(skip)]
     pub job_id: Option<JobId>,
+}
+
+/// A submission's `webhook`, as sent: unknown fields are refused here, as on the body (the
+/// request event's reader ignores them, for producers newer than itself).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookBody {
+    pub url: String,
+    #[serde(default, deserialize_with = "sluice_schemas::not_null")]
+    pub events: Option<Vec<JobStatus>>,
+}
+
+impl From<WebhookBody> for sluice_schemas::Webhook {
+    fn from(body: WebhookBody) -> Self {
+        let mut webhook = Self::terminal(body.url);
+        if let Some(events) = body.events {
+            webhook.events = events;
+        }
+        webhook
+    }
 }
 
 /// The 202 answer.
@@ -132,7 +153,7 @@ pub fn to_request_event(
         deadline,
         cache: body.cache.unwrap_or(true),
         stream: body.stream,
-        webhook: body.webhook,
+        webhook: body.webhook.map(Into::into),
         tier: None,
         priority: body.priority.unwrap_or_default(),
         key_id: None,
@@ -154,6 +175,20 @@ fn check_webhook(
     config: &crate::Config,
 ) -> Result<(), FieldError> {
     webhook.check(config.webhook_allow_http)?;
+    // What the API document says: printable ASCII, the rest percent-encoded (a reader of the
+    // request event accepts what `url` parses).
+    if !webhook.url.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(FieldError::new(
+            "webhook.url",
+            "must be printable ASCII without spaces (percent-encode the rest)",
+        ));
+    }
+    if !authority_as_documented(&webhook.url) {
+        return Err(FieldError::new(
+            "webhook.url",
+            "must name its host as a DNS name (letters, digits, hyphens; the last label starting with a letter) or an IPv4 address, with an optional port up to 65535",
+        ));
+    }
     if config.webhook_allow_private_networks {
         return Ok(());
     }
@@ -202,12 +237,107 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
             ApiError::BodyRead
         }
     })?;
-    let body = sluice_schemas::decode_json(&bytes).map_err(|error| match error {
+    let body = match sluice_schemas::decode_json(&bytes) {
+        Err(DecodeError::Field(field))
+            if field.message.starts_with("invalid type: floating point") =>
+        {
+            with_integral_floats(&bytes).unwrap_or(Err(DecodeError::Field(field)))
+        }
+        decoded => decoded,
+    };
+    let body = body.map_err(|error| match error {
         DecodeError::Field(field) => ApiError::InvalidField(field),
         DecodeError::Json(text) => ApiError::InvalidJson(text),
         other => ApiError::InvalidJson(other.to_string()),
     })?;
     Ok((body, bytes))
+}
+
+/// The host and port of an `http(s)://` URL as the API document's pattern has them: a DNS name
+/// whose last label starts with a letter, or a dotted-quad IPv4 address; a port of 1 to 5 digits
+/// up to 65535. Why a rule of its own: the URL standard reads much more as a host (`1.2.3`,
+/// `0x7f.1`, a name ending in digits as an address), so that what the document says and what
+/// this server accepts would otherwise differ.
+fn authority_as_documented(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let port_ok = port.is_none_or(|port| {
+        (1..=5).contains(&port.len())
+            && port.bytes().all(|byte| byte.is_ascii_digit())
+            && port.parse::<u32>().is_ok_and(|port| port <= 65_535)
+    });
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let labels: Vec<&str> = host.split('.').collect();
+    let dns_name = labels.iter().all(|label| label_ok(label))
+        && labels
+            .last()
+            .is_some_and(|last| last.starts_with(|c: char| c.is_ascii_alphabetic()));
+    let octet_ok = |octet: &str| {
+        (1..=3).contains(&octet.len())
+            && octet.bytes().all(|byte| byte.is_ascii_digit())
+            && (octet == "0" || !octet.starts_with('0'))
+            && octet.parse::<u16>().is_ok_and(|value| value <= 255)
+    };
+    let ipv4 = labels.len() == 4 && labels.iter().all(|octet| octet_ok(octet));
+    port_ok && (dns_name || ipv4)
+}
+
+/// JSON has one kind of number: `7376.0` is the integer 7376 to JSON Schema, and some encoders
+/// write an integer held in a float that way. Serde refuses it where an integer is expected, so
+/// a body refused for a float is read again with every integral float as an integer; `None` if
+/// that changes nothing. The cost falls on such bodies alone.
+fn with_integral_floats<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Option<Result<T, DecodeError>> {
+    fn integral(value: &mut serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Number(number) => {
+                let Some(float) = number.as_f64().filter(|_| number.is_f64()) else {
+                    return false;
+                };
+                // Past 2^53 a float no longer holds every integer exactly.
+                if float.fract() != 0.0 || float.abs() > 9_007_199_254_740_992.0 {
+                    return false;
+                }
+                *value = if float >= 0.0 {
+                    (float as u64).into()
+                } else {
+                    (float as i64).into()
+                };
+                true
+            }
+            serde_json::Value::Array(items) => items
+                .iter_mut()
+                .fold(false, |any, item| integral(item) | any),
+            serde_json::Value::Object(fields) => fields
+                .values_mut()
+                .fold(false, |any, field| integral(field) | any),
+            _ => false,
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if !integral(&mut value) {
+        return None;
+    }
+    Some(sluice_schemas::decode_json(
+        &serde_json::to_vec(&value).ok()?,
+    ))
 }
 
 /// `Cache-Control: no-cache` (or `no-store`), as HTTP caches read it.
@@ -428,4 +558,56 @@ fn replayed(accepted: serde_json::Value) -> Response {
         .headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_webhook_host_is_a_dns_name_or_an_ipv4_address_as_the_document_says() {
+        for good in [
+            "https://hooks.example.com/in",
+            "http://localhost:8080",
+            "https://a-b.c9.example?x=1",
+            "https://10.0.0.1:65535/p",
+            "http://0.0.0.0",
+        ] {
+            assert!(authority_as_documented(good), "{good}");
+        }
+        for bad in [
+            "https://1.2.3",
+            "https://0x7f.0.0.1",
+            "https://01.2.3.4",
+            "https://256.1.1.1",
+            "https://example.123",
+            "https://-a.example",
+            "https://a_b.example",
+            "https://[::1]/",
+            "https://example.com:65536",
+            "https://example.com:",
+            "https://user@example.com",
+            "ftp://example.com",
+            "https://",
+        ] {
+            assert!(!authority_as_documented(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_integral_float_reads_as_an_integer_and_null_is_refused() {
+        let body: SubmitBody =
+            with_integral_floats(br#"{"model": "m", "input": "a", "timeout_ms": 7376.0}"#)
+                .expect("a float was made an integer")
+                .expect("it decodes");
+        assert_eq!(body.timeout_ms, Some(7376));
+        assert!(
+            with_integral_floats::<SubmitBody>(br#"{"model": "m", "timeout_ms": 1.5}"#).is_none()
+        );
+        let error = sluice_schemas::decode_json::<SubmitBody>(
+            br#"{"model": "m", "input": "a", "cache": null}"#,
+        )
+        .expect_err("null is refused");
+        assert!(error.to_string().contains("cache"), "{error}");
+    }
 }

@@ -170,8 +170,29 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(job_id) = Path::<JobId>::from_request_parts(parts, state).await?;
+        let Path(text) = Path::<String>::from_request_parts(parts, state).await?;
+        let job_id = JobId::parse(&text).map_err(|error| {
+            ApiError::InvalidJobId(format!("{}: {}", error.field, error.message))
+        })?;
         Ok(Self(job_id))
+    }
+}
+
+/// A query string of type `T`; one that does not parse is our JSON `400 invalid_query` (axum's
+/// own rejection is plain text), naming what is wrong.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(query) =
+            Query::<T>::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| {
+                    ApiError::InvalidQuery(rejection.body_text().chars().take(200).collect())
+                })?;
+        Ok(Self(query))
     }
 }
 
@@ -185,7 +206,7 @@ impl From<PathRejection> for ApiError {
 pub(crate) async fn get_job(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
-    Query(query): Query<TokenQuery>,
+    ApiQuery(query): ApiQuery<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let user = job_reader(&state, &headers, &query, job_id).await?;

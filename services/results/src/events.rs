@@ -3,13 +3,14 @@
 //! Server-Sent Events a browser's `EventSource` follows and resumes with `Last-Event-ID`.
 
 use crate::AppState;
+use crate::api::ApiQuery;
 use crate::api::{ApiError, JobPath, TokenQuery, job_reader};
 use crate::deltas::Answer;
 use crate::notify::Wake;
 use crate::state::QueuePosition;
 use crate::store::JobEvent;
 use crate::streams::Reader;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
@@ -42,12 +43,16 @@ impl Position {
 
     /// A `Last-Event-ID` (or `?last_event_id=`), or `None` if this stream never sent it.
     pub fn parse(text: &str) -> Option<Self> {
-        let text = text.trim();
-        let number = |text: &str| text.parse::<i64>().ok().filter(|value| *value >= 0);
+        // Digits only, at most 18 of them (what fits an i64), as the API document's pattern says.
+        let number = |text: &str| {
+            let digits =
+                !text.is_empty() && text.len() <= 18 && text.bytes().all(|b| b.is_ascii_digit());
+            digits.then(|| text.parse::<i64>().ok()).flatten()
+        };
         let position = if let Some((seq, bytes)) = text.split_once('.') {
             Self {
                 seq: number(seq)?,
-                answer_bytes: bytes.parse().ok()?,
+                answer_bytes: usize::try_from(number(bytes)?).ok()?,
                 queue: None,
             }
         } else if let Some((seq, queue)) = text.split_once('q') {
@@ -93,7 +98,7 @@ enum Push {
 pub(crate) async fn job_events(
     State(state): State<AppState>,
     JobPath(job_id): JobPath,
-    Query(query): Query<TokenQuery>,
+    ApiQuery(query): ApiQuery<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let user = job_reader(&state, &headers, &query, job_id).await?;
@@ -104,14 +109,24 @@ pub(crate) async fn job_events(
     };
     let slot = state.streams.open(reader)?;
     let idle = state.streams.idle();
-    let last_event_id = match headers.get("last-event-id") {
-        Some(value) => Some(value.to_str().map_err(|_| ApiError::InvalidLastEventId)?),
-        None => query.last_event_id.as_deref(),
-    };
-    let resume_from = match last_event_id {
-        None => Position::START,
-        Some(text) => Position::parse(text).ok_or(ApiError::InvalidLastEventId)?,
-    };
+    // Both are checked; the header wins (a reconnecting EventSource sends it, and keeps the
+    // first URL's query).
+    let from_query = query
+        .last_event_id
+        .as_deref()
+        .map(|text| Position::parse(text).ok_or(ApiError::InvalidLastEventId))
+        .transpose()?;
+    let from_header = headers
+        .get("last-event-id")
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(Position::parse)
+                .ok_or(ApiError::InvalidLastEventId)
+        })
+        .transpose()?;
+    let resume_from = from_header.or(from_query).unwrap_or(Position::START);
     // Subscribed before the first read, so a change committed in between is not missed.
     let mut changes = state.changes.subscribe(job_id);
     let answers = state.answers.clone();
@@ -302,7 +317,7 @@ mod tests {
             ("0", at(0, 0, None)),
             ("3", at(3, 0, None)),
             ("2.17", at(2, 17, None)),
-            (" 4.0 ", at(4, 0, None)),
+            ("4.0", at(4, 0, None)),
             ("1q12", at(1, 0, Some(12))),
             ("1q0", at(1, 0, Some(0))),
         ] {
@@ -311,7 +326,10 @@ mod tests {
             assert_eq!(Position::parse(&position.id()), Some(position));
         }
         assert_eq!(Position::parse("2.17").unwrap().id(), "2.17");
-        for bad in ["", "-1", "x", "2.", "2.-3", "2.1.1", "1q", "1q-1", "q3"] {
+        let too_long = "1".repeat(19);
+        for bad in [
+            "", "-1", "x", "2.", "2.-3", "2.1.1", "1q", "1q-1", "q3", " 4", "+4", "2.+1", &too_long,
+        ] {
             assert_eq!(Position::parse(bad), None, "{bad:?}");
         }
     }

@@ -107,7 +107,12 @@ pub fn router(state: AppState) -> Router {
         Some(_) => sluice_common::auth::AuthMode::ApiKeys,
         None => sluice_common::auth::AuthMode::Off,
     };
-    let router = with_operations(api, get(readyz), Document::OpenApi(auth)).with_state(state);
+    let router = with_operations(
+        api,
+        get(readyz),
+        Document::OpenApi(auth, sluice_common::http::Api::Results),
+    )
+    .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
         None => router,

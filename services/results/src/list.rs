@@ -3,10 +3,11 @@
 //! jobs submitted meanwhile neither repeat nor vanish between pages.
 
 use crate::AppState;
+use crate::api::ApiQuery;
 use crate::api::{ApiError, caller_user};
 use crate::state::Job;
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::{JobId, JobStatus};
@@ -97,12 +98,27 @@ impl ListQuery {
                 }
                 Some(caller)
             }
-            None => self.user_id,
+            None => self
+                .user_id
+                .map(|asked| {
+                    sluice_schemas::UserId::parse(asked.as_str())
+                        .map(|_| asked)
+                        .map_err(|error| invalid(format!("user_id: {}", error.message)))
+                })
+                .transpose()?,
         };
         Ok(JobFilter {
             user_id,
             status,
-            model: self.model,
+            // A model name as a job has it: no control character (nor NUL, which Postgres refuses).
+            model: self
+                .model
+                .map(|model| {
+                    sluice_schemas::ModelName::parse(model.as_str())
+                        .map(|_| model)
+                        .map_err(|error| invalid(format!("model: {}", error.message)))
+                })
+                .transpose()?,
             after,
             limit,
         })
@@ -112,7 +128,7 @@ impl ListQuery {
 #[tracing::instrument(skip_all)]
 pub(crate) async fn list_jobs(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Json<JobPage>, ApiError> {
     let caller = caller_user(&state, &headers).await?;

@@ -353,9 +353,35 @@ async fn insert_placeholders(
 }
 
 fn to_json_text<T: serde::Serialize>(value: &Option<T>) -> Option<String> {
-    value
-        .as_ref()
-        .map(|value| serde_json::to_string(value).expect("job fields serialize"))
+    value.as_ref().map(jsonb_text)
+}
+
+/// JSON text for a `jsonb` column. Postgres' `jsonb` cannot hold U+0000 and refuses the whole
+/// statement for one `\u0000`, which a model's answer or a producer's event may carry: left
+/// alone, one such job would stop its partition for ever. It is stored as U+FFFD, the
+/// replacement character. The check is a substring search; the rewrite costs only such values.
+pub(crate) fn jsonb_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    fn replace_nul(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) => *text = text.replace('\0', "\u{FFFD}"),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(replace_nul),
+            serde_json::Value::Object(fields) => {
+                let old = std::mem::take(fields);
+                for (key, mut field) in old {
+                    replace_nul(&mut field);
+                    fields.insert(key.replace('\0', "\u{FFFD}"), field);
+                }
+            }
+            _ => {}
+        }
+    }
+    let text = serde_json::to_string(value).expect("job fields serialize");
+    if !text.contains("\\u0000") {
+        return text;
+    }
+    let mut value = serde_json::to_value(value).expect("job fields serialize");
+    replace_nul(&mut value);
+    value.to_string()
 }
 
 /// Writes the changed jobs, their new event rows and the notifications in one statement: one
@@ -405,7 +431,7 @@ async fn record_changes(
     .bind(events.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
     .bind(events.iter().map(|job| job.seq).collect::<Vec<_>>())
     .bind(events.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
-    .bind(recorded.iter().flat_map(|job| job.events.iter().map(|event| event.job.to_string())).collect::<Vec<_>>())
+    .bind(recorded.iter().flat_map(|job| job.events.iter().map(|event| jsonb_text(&event.job))).collect::<Vec<_>>())
     .bind(NOTIFY_CHANNEL)
     .bind(notify_payloads(recorded))
     .execute(&mut **transaction)
@@ -442,6 +468,20 @@ pub(crate) fn notified_changes(payload: &str) -> impl Iterator<Item = (JobId, i6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jsonb_text_stores_nul_as_the_replacement_character_and_leaves_the_rest() {
+        let value = serde_json::json!({"text": "a\u{0}b", "k\u{0}": ["\u{0}"], "plain": "\\u0000"});
+        let text = jsonb_text(&value);
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["text"], "a\u{FFFD}b");
+        assert_eq!(back["k\u{FFFD}"][0], "\u{FFFD}");
+        assert_eq!(
+            back["plain"], "\\u0000",
+            "a backslash and u0000 as text are text"
+        );
+        assert_eq!(jsonb_text(&serde_json::json!({"a": 1})), r#"{"a":1}"#);
+    }
 
     fn recorded(job_id: JobId, seq: i64) -> Recorded {
         Recorded {

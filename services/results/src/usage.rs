@@ -2,10 +2,11 @@
 //! transaction that records them (`store.rs`), and served as `GET /v1/usage`.
 
 use crate::AppState;
+use crate::api::ApiQuery;
 use crate::api::{ApiError, caller_user};
 use crate::state::Job;
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use chrono::{Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -208,7 +209,7 @@ fn date(name: &str, text: &str) -> Result<NaiveDate, ApiError> {
 #[tracing::instrument(skip_all)]
 pub(crate) async fn usage(
     State(state): State<AppState>,
-    Query(query): Query<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
     headers: HeaderMap,
 ) -> Result<Json<UsageReport>, ApiError> {
     let caller = caller_user(&state, &headers).await?;
@@ -219,7 +220,9 @@ pub(crate) async fn usage(
             ));
         }
         (Some(caller), _) => caller,
-        (None, Some(asked)) => asked,
+        (None, Some(asked)) => sluice_schemas::UserId::parse(asked.as_str())
+            .map(|_| asked)
+            .map_err(|error| invalid(format!("user_id: {}", error.message)))?,
         (None, None) => return Err(invalid("user_id: is required when API keys are off")),
     };
     let group_by = match query.group_by.as_deref() {

@@ -4,9 +4,10 @@
 //! webhooks service delivers; these read and steer what it does.
 
 use crate::AppState;
+use crate::api::ApiQuery;
 use crate::api::{ApiError, JobPath, caller_user, visible_job};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -57,7 +58,7 @@ fn unavailable(error: anyhow::Error) -> ApiError {
 /// `GET /v1/webhooks/secret`: the caller's signing secret, made on first use.
 pub(crate) async fn secret(
     State(state): State<AppState>,
-    Query(query): Query<UserQuery>,
+    ApiQuery(query): ApiQuery<UserQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (user, key) = owner_and_key(&state, &headers, query).await?;
@@ -70,7 +71,7 @@ pub(crate) async fn secret(
 /// `POST /v1/webhooks/secret/rotate`: a new secret; the old one signs too for 24 hours.
 pub(crate) async fn rotate(
     State(state): State<AppState>,
-    Query(query): Query<UserQuery>,
+    ApiQuery(query): ApiQuery<UserQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (user, key) = owner_and_key(&state, &headers, query).await?;

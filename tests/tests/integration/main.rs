@@ -24,6 +24,7 @@ mod pipeline;
 mod poison;
 mod queue;
 mod results;
+mod schema;
 mod secrets;
 mod streaming;
 mod streams;

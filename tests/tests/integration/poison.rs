@@ -174,3 +174,29 @@ async fn poison_of_every_kind_on_every_topic_is_set_aside_and_jobs_after_it_comp
     check_dead_letters(&topics.status, &topics.status_dlq, 4);
     pipeline.stop().await;
 }
+
+/// A NUL character (U+0000) in a prompt comes back in the simulated model's echo: Postgres'
+/// `jsonb` refuses `\u0000`, and before results stored it as U+FFFD the batch holding it was
+/// retried for ever, stopping its partition (found by schemathesis). The job and the one after
+/// it complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_with_a_nul_character_is_stored_and_its_partition_keeps_moving() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        partitions: 1,
+        ..PipelineOptions::default()
+    })
+    .await;
+    let nul = pipeline.submit("nul", "before\u{0}after").await;
+    let next = pipeline.submit("nul", "the next job").await;
+    let ids = [nul.job_id.as_uuid(), next.job_id.as_uuid()];
+    pipeline.wait_terminal(&ids, Duration::from_secs(30)).await;
+    let job = pipeline.job(nul.job_id).await.unwrap();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let text = job["output"].to_string();
+    assert!(text.contains("before\u{FFFD}after"), "{text}");
+    assert_eq!(
+        pipeline.job(next.job_id).await.unwrap()["status"],
+        "succeeded"
+    );
+    pipeline.stop().await;
+}

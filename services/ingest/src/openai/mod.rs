@@ -92,13 +92,17 @@ async fn admit<T: serde::de::DeserializeOwned>(
                 })
         })
         .transpose()?;
+    keeps_going(headers)?;
     let mut job = to_job(request, timeout_ms)?;
     // OpenAI's bodies have no place for it: a header asks for the terminal status as a webhook.
     if let Some(value) = headers.get("x-sluice-webhook") {
         let url = value
             .to_str()
             .map_err(|_| sluice_schemas::FieldError::new("X-Sluice-Webhook", "must be a URL"))?;
-        job.webhook = Some(sluice_schemas::Webhook::terminal(url.trim()));
+        job.webhook = Some(crate::submit::WebhookBody {
+            url: url.trim().to_owned(),
+            events: None,
+        });
     }
     // With a key, the key's user owns the job; OpenAI's `user` is the caller's own end user
     // (it still reaches the backend in the params).
@@ -149,9 +153,7 @@ async fn finished(
         },
         None => {
             let auth = headers.get(axum::http::header::AUTHORIZATION);
-            let keep_going = headers
-                .get("x-sluice-on-disconnect")
-                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"continue"));
+            let keep_going = keeps_going(headers)?;
             let guard = CancelOnDrop::new(
                 state.follower.clone(),
                 admitted.job_id,
@@ -176,6 +178,22 @@ async fn finished(
             job.job_id,
             job.error.as_ref(),
             *status == JobStatus::Cancelled,
+        )),
+    }
+}
+
+/// `X-Sluice-On-Disconnect`: `continue` keeps the job running when the client goes away,
+/// `cancel` (the default) cancels it; anything else is refused rather than guessed at.
+fn keeps_going(headers: &HeaderMap) -> Result<bool, FieldError> {
+    let Some(value) = headers.get("x-sluice-on-disconnect") else {
+        return Ok(false);
+    };
+    match value.as_bytes() {
+        value if value.eq_ignore_ascii_case(b"continue") => Ok(true),
+        value if value.eq_ignore_ascii_case(b"cancel") => Ok(false),
+        _ => Err(FieldError::new(
+            "X-Sluice-On-Disconnect",
+            "must be continue or cancel",
         )),
     }
 }

@@ -169,7 +169,15 @@ fn chat_message(index: usize, message: &Value) -> Result<Message, FieldError> {
             let mut text = String::new();
             for (part_index, part) in parts.iter().enumerate() {
                 match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                    (Some("text"), Some(Value::String(part_text))) => text.push_str(part_text),
+                    (Some("text"), Some(Value::String(part_text))) if !part_text.is_empty() => {
+                        text.push_str(part_text)
+                    }
+                    (Some("text"), Some(Value::String(_))) => {
+                        return Err(FieldError::new(
+                            format!("messages[{index}].content[{part_index}].text"),
+                            "must not be empty",
+                        ));
+                    }
                     _ => {
                         return Err(FieldError::new(
                             format!("messages[{index}].content[{part_index}]"),
