@@ -348,6 +348,19 @@ pub(crate) fn check_messages(messages: &[Message]) -> Result<(), FieldError> {
             format!("must hold at most {MAX_MESSAGES} messages"),
         ));
     }
+    for (index, message) in messages.iter().enumerate() {
+        if let Some(call) = message
+            .tool_calls
+            .iter()
+            .flatten()
+            .position(|call| !call.is_object())
+        {
+            return Err(FieldError::new(
+                format!("messages[{index}].tool_calls[{call}]"),
+                "must be an object (id, type, function)",
+            ));
+        }
+    }
     if let Some(index) = messages
         .iter()
         .position(|message| message.content.is_empty() && !message.calls_tools())

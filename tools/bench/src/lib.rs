@@ -5,6 +5,7 @@
 pub mod capacity;
 mod hop;
 pub mod lanes;
+pub mod soak;
 pub mod markdown;
 mod plot;
 mod procfs;

@@ -20,6 +20,8 @@ enum Command {
     Webhooks(sluice_bench::webhooks::WebhooksArgs),
     /// Interactive jobs idle and behind a batch backlog.
     Lanes(sluice_bench::lanes::LanesArgs),
+    /// The chaos soak's load: mixed jobs, retried until accepted (scripts/soak).
+    Soak(sluice_bench::soak::SoakArgs),
     /// Write BENCHMARKS.md and the plot from the phases' JSON.
     Report(sluice_bench::ReportArgs),
 }
@@ -65,6 +67,14 @@ async fn main() -> anyhow::Result<()> {
             capacity::write_json(&out, &lanes)?;
             let lost = lanes.idle.lost + lanes.behind_backlog.lost + lanes.batch.lost;
             anyhow::ensure!(lost == 0, "{lost} accepted jobs were lost");
+        }
+        Command::Soak(args) => {
+            let load = sluice_bench::soak::run(&args).await?;
+            capacity::write_json(&args.out, &load)?;
+            eprintln!(
+                "soak load: {} submitted, {} accepted, {} abandoned",
+                load.submitted, load.accepted, load.abandoned
+            );
         }
         Command::Report(args) => sluice_bench::markdown::write(&args)?,
     }
