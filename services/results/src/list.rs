@@ -57,6 +57,21 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::InvalidQuery(message.into())
 }
 
+/// A query's user id or model name, held to the rules a job's are held to (no NUL reaches
+/// Postgres, which refuses it); the error names the field.
+pub(crate) fn checked<T>(
+    value: Option<String>,
+    parse: impl Fn(String) -> Result<T, sluice_schemas::FieldError>,
+) -> Result<Option<String>, ApiError> {
+    value
+        .map(|text| {
+            parse(text.clone())
+                .map(|_| text)
+                .map_err(|error| invalid(format!("{}: {}", error.field, error.message)))
+        })
+        .transpose()
+}
+
 impl ListQuery {
     fn parse(self, caller: Option<String>) -> Result<JobFilter, ApiError> {
         let status = self
@@ -98,27 +113,13 @@ impl ListQuery {
                 }
                 Some(caller)
             }
-            None => self
-                .user_id
-                .map(|asked| {
-                    sluice_schemas::UserId::parse(asked.as_str())
-                        .map(|_| asked)
-                        .map_err(|error| invalid(format!("user_id: {}", error.message)))
-                })
-                .transpose()?,
+            None => checked(self.user_id, sluice_schemas::UserId::parse)?,
         };
         Ok(JobFilter {
             user_id,
             status,
             // A model name as a job has it: no control character (nor NUL, which Postgres refuses).
-            model: self
-                .model
-                .map(|model| {
-                    sluice_schemas::ModelName::parse(model.as_str())
-                        .map(|_| model)
-                        .map_err(|error| invalid(format!("model: {}", error.message)))
-                })
-                .transpose()?,
+            model: checked(self.model, sluice_schemas::ModelName::parse)?,
             after,
             limit,
         })

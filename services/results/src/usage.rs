@@ -220,9 +220,9 @@ pub(crate) async fn usage(
             ));
         }
         (Some(caller), _) => caller,
-        (None, Some(asked)) => sluice_schemas::UserId::parse(asked.as_str())
-            .map(|_| asked)
-            .map_err(|error| invalid(format!("user_id: {}", error.message)))?,
+        (None, Some(asked)) => {
+            crate::list::checked(Some(asked), sluice_schemas::UserId::parse)?.unwrap_or_default()
+        }
         (None, None) => return Err(invalid("user_id: is required when API keys are off")),
     };
     let group_by = match query.group_by.as_deref() {

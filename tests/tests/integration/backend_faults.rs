@@ -32,20 +32,8 @@ async fn backend(cluster: &Cluster, port: u16, label: &str) -> ServiceProcess {
 async fn submit(cluster: &Cluster, count: usize, label: &str) -> Vec<Uuid> {
     let mut ids = Vec::with_capacity(count);
     for index in 0..count {
-        let body = serde_json::json!({
-            "user_id": format!("user-{}", index % 8), "model": "sim",
-            "messages": [{"role": "user", "content": format!("{label} {index}")}]
-        });
-        let response = cluster
-            .http
-            .post(format!("{}/v1/jobs", cluster.ingest_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-        let accepted: serde_json::Value = response.json().await.unwrap();
-        ids.push(accepted["job_id"].as_str().unwrap().parse().unwrap());
+        let user = format!("user-{}", index % 8);
+        ids.push(cluster.submit(&user, &format!("{label} {index}")).await);
     }
     ids
 }

@@ -147,6 +147,24 @@ impl Cluster {
         (process, format!("http://127.0.0.1:{port}"))
     }
 
+    /// `POST /v1/jobs` for one chat job of `user`; its id (panics unless the answer is 202).
+    pub(crate) async fn submit(&self, user: &str, content: &str) -> Uuid {
+        let body = serde_json::json!({
+            "user_id": user, "model": "sim",
+            "messages": [{"role": "user", "content": content}]
+        });
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs", self.ingest_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /v1/jobs");
+        assert_eq!(response.status(), 202);
+        let accepted: serde_json::Value = response.json().await.expect("a 202 body");
+        accepted["job_id"].as_str().unwrap().parse().unwrap()
+    }
+
     pub(crate) async fn wait_ready(&self, process: &ServiceProcess, port: u16) {
         process.wait_ready(&self.http, port).await;
     }

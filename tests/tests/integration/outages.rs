@@ -131,7 +131,10 @@ async fn postgres_gone_for_thirty_seconds_stores_everything_when_it_returns() {
     // Jobs submitted while Postgres is gone, followed as a browser follows them.
     let mut followers = Vec::new();
     for index in 0..FOLLOWED {
-        let job = submit(&cluster, &format!("followed {index}")).await;
+        // Ingest needs no Postgres.
+        let job = cluster
+            .submit("follower", &format!("followed {index}"))
+            .await;
         let (http, url) = (
             cluster.http.clone(),
             format!("{results_url}/v1/jobs/{job}/events"),
@@ -227,23 +230,6 @@ async fn shell(command: &str) {
         .await
         .expect("running a pg_ctl command");
     assert!(status.success(), "`{command}` failed");
-}
-
-async fn submit(cluster: &Cluster, content: &str) -> uuid::Uuid {
-    let body = serde_json::json!({
-        "user_id": "follower", "model": "sim",
-        "messages": [{"role": "user", "content": content}]
-    });
-    let response = cluster
-        .http
-        .post(format!("{}/v1/jobs", cluster.ingest_url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202, "ingest needs no Postgres");
-    let accepted: serde_json::Value = response.json().await.unwrap();
-    accepted["job_id"].as_str().unwrap().parse().unwrap()
 }
 
 /// Waits for `url` to answer `status`; how long that took.

@@ -5,11 +5,11 @@
 pub mod capacity;
 mod hop;
 pub mod lanes;
-pub mod soak;
 pub mod markdown;
 mod plot;
 mod procfs;
 mod report;
+pub mod soak;
 pub mod streaming;
 pub mod webhooks;
 

@@ -216,7 +216,13 @@ impl Client {
                     let mut shared = self.shared.lock().expect("soak state");
                     *shared.load.retried_answers.entry(status).or_default() += 1;
                 }
-                Err(_) => self.shared.lock().expect("soak state").load.transport_errors += 1,
+                Err(_) => {
+                    self.shared
+                        .lock()
+                        .expect("soak state")
+                        .load
+                        .transport_errors += 1
+                }
             }
             if started.elapsed() > self.give_up {
                 break None;
