@@ -52,11 +52,12 @@ where
         .route("/readyz", readyz)
         .route("/metrics", get(crate::metrics::render));
     if let Document::OpenApi(auth, api) = document {
-        let text: std::sync::Arc<str> = openapi_document(auth, api).into();
+        // Made once at start-up; each request shares the bytes (a clone is a reference count).
+        let text = axum::body::Bytes::from(openapi_document(auth, api));
         let serve = move || async move {
             (
                 [(axum::http::header::CONTENT_TYPE, "application/json")],
-                text.to_string(),
+                text,
             )
         };
         router = router.route("/openapi.json", get(serve));

@@ -118,7 +118,7 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Load> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()?;
-    let run_id = uuid_like();
+    let run_id = run_tag();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     let mut clients = Vec::new();
@@ -156,7 +156,7 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Load> {
 }
 
 /// A run's tag for its keys, so a second run's keys are new.
-fn uuid_like() -> String {
+fn run_tag() -> String {
     format!(
         "{:x}",
         std::time::SystemTime::now()
