@@ -31,6 +31,9 @@ pub struct Config {
     pub openai_models: Vec<String>,
 
     #[command(flatten)]
+    pub connections: sluice_common::http::ConnectionArgs,
+
+    #[command(flatten)]
     pub kafka: KafkaArgs,
 
     #[command(flatten)]

@@ -218,6 +218,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// A built ingest service: bound, connected, topics in place, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    connections: sluice_common::http::ConnectionArgs,
     state: AppState,
 }
 
@@ -228,8 +229,13 @@ impl Application {
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
+        let connections = config.connections;
         let state = AppState::new(config).await?;
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            connections,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -280,7 +286,8 @@ impl Application {
             );
         }
         lifecycle.spawn("HTTP server", async move {
-            sluice_common::http::serve(self.listener, router(self.state), stop).await?;
+            sluice_common::http::serve(self.listener, router(self.state), self.connections, stop)
+                .await?;
             sluice_common::kafka::flush(producer).await
         });
         lifecycle.run(shutdown, drain_timeout).await

@@ -71,6 +71,9 @@ pub struct Config {
     pub run_migrations: bool,
 
     #[command(flatten)]
+    pub connections: sluice_common::http::ConnectionArgs,
+
+    #[command(flatten)]
     pub kafka: KafkaArgs,
 
     #[command(flatten)]

@@ -17,6 +17,23 @@ use tokio_util::sync::CancellationToken;
 /// Past this much text a job's answer is not kept further; its rest comes with the terminal status.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
+/// Most text one `delta` event carries. A reader catching up (it reconnected mid-answer, or
+/// reads slower than the model writes) gets the answer in pieces of at most this, so what its
+/// connection holds beyond the buffer limit is one piece, not the rest of the answer.
+pub const MAX_PIECE_BYTES: usize = 16 * 1024;
+
+/// `text` in pieces of at most `MAX_PIECE_BYTES`, each ending between characters.
+pub fn pieces(mut text: &str) -> impl Iterator<Item = &str> {
+    std::iter::from_fn(move || {
+        if text.is_empty() {
+            return None;
+        }
+        let (piece, rest) = text.split_at(text.floor_char_boundary(MAX_PIECE_BYTES));
+        text = rest;
+        Some(piece)
+    })
+}
+
 /// Every job's streamed answer so far, as this replica has seen it.
 #[derive(Clone)]
 pub struct Answers {
@@ -46,8 +63,11 @@ struct Text {
 /// What a reader gets of the answer beyond the bytes it has.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Growth {
+    /// At most `MAX_PIECE_BYTES` of it.
     pub text: String,
     pub restarts: u32,
+    /// There is more after `text`.
+    pub more: bool,
 }
 
 impl Answers {
@@ -101,14 +121,16 @@ impl Answer {
         self.grown.send_replace(());
     }
 
-    /// The answer past its first `bytes` bytes, if there is more (and `bytes` falls between
+    /// The next piece of the answer past its first `bytes` bytes, if there is more (and `bytes` falls between
     /// characters, as it does for any position this service handed out).
     pub fn after(&self, bytes: usize) -> Option<Growth> {
         let text = self.text.lock().expect("answer lock");
         let rest = text.text.get(bytes..).filter(|rest| !rest.is_empty())?;
+        let piece = pieces(rest).next()?;
         Some(Growth {
-            text: rest.to_owned(),
+            text: piece.to_owned(),
             restarts: text.restarts,
+            more: piece.len() < rest.len(),
         })
     }
 
@@ -197,8 +219,31 @@ mod tests {
             growth,
             Growth {
                 text: "xy".to_owned(),
-                restarts: 1
+                restarts: 1,
+                more: false,
             }
         );
+    }
+
+    #[test]
+    fn a_long_answer_goes_out_in_pieces_that_end_between_characters() {
+        let answers = answers();
+        let job = JobId::new();
+        // 'é' is two bytes: the limit falls inside one.
+        let text = format!("a{}", "é".repeat(MAX_PIECE_BYTES));
+        answers.record(piece(job, 1, 0, &text));
+        let answer = answers.answer(job);
+        let first = answer.after(0).unwrap();
+        assert_eq!(first.text.len(), MAX_PIECE_BYTES - 1);
+        assert!(first.more);
+        let mut read = first.text;
+        while let Some(growth) = answer.after(read.len()) {
+            assert!(growth.text.len() <= MAX_PIECE_BYTES);
+            assert_eq!(growth.more, read.len() + growth.text.len() < text.len());
+            read.push_str(&growth.text);
+        }
+        assert_eq!(read, text);
+        let split: Vec<&str> = pieces(&text).collect();
+        assert_eq!((split.len(), split.concat()), (3, text.clone()));
     }
 }

@@ -5,7 +5,7 @@
 use crate::AppState;
 use crate::api::ApiQuery;
 use crate::api::{ApiError, JobPath, TokenQuery, job_reader};
-use crate::deltas::Answer;
+use crate::deltas::{self, Answer};
 use crate::notify::Wake;
 use crate::state::QueuePosition;
 use crate::store::JobEvent;
@@ -156,15 +156,19 @@ pub(crate) async fn job_events(
         let mut trace: Option<TraceHeaders> = None;
         // The first read is always from Postgres: it holds what happened before subscribing.
         let mut wake = Wake::Recheck;
+        // The terminal status, held while the rest of the answer goes out before it one piece
+        // at a time (each made when the connection has taken the one before).
+        let mut ending: Option<JobEvent> = None;
         loop {
             let written = match wake {
                 Wake::Changed => changes.written_after(position.seq),
                 Wake::Recheck => None,
                 Wake::Grown | Wake::QueueTick => Some(Vec::new()),
             };
-            let read = match written {
-                Some(events) => Ok(visible_to(events, user.as_deref())),
-                None => store.events_after(job_id, position.seq, user.as_deref()).await,
+            let read = match (ending.take(), written) {
+                (Some(terminal), _) => Ok(vec![terminal]),
+                (None, Some(events)) => Ok(visible_to(events, user.as_deref())),
+                (None, None) => store.events_after(job_id, position.seq, user.as_deref()).await,
             };
             let mut pushes = Vec::new();
             match read {
@@ -175,7 +179,13 @@ pub(crate) async fn job_events(
                             && !status_only
                             && let Some(rest) = rest_of_answer(&event, &answer, position.answer_bytes)
                         {
-                            pushes.push(Push::Delta(rest));
+                            let piece = deltas::pieces(rest).next().unwrap_or_default();
+                            let whole = piece.len() == rest.len();
+                            pushes.push(Push::Delta(piece.to_owned()));
+                            if !whole {
+                                ending = Some(event);
+                                break;
+                            }
                         }
                         relaying |= event.status == JobStatus::Running && !status_only;
                         queued = event.status == JobStatus::Queued && !status_only;
@@ -185,8 +195,12 @@ pub(crate) async fn job_events(
                 Err(error) => tracing::warn!(error = %error, "reading job events failed; retrying"),
             }
             let ends = pushes.iter().any(|push| matches!(push, Push::Status(event) if event.status.is_terminal()));
-            if relaying && !ends && let Some(growth) = answer.after(position.answer_bytes) {
+            // More of the answer than one piece: the next goes out as soon as the connection
+            // takes this one.
+            let mut more = ending.is_some();
+            if relaying && !ends && !more && let Some(growth) = answer.after(position.answer_bytes) {
                 if *restarts_seen.get_or_insert(growth.restarts) == growth.restarts {
+                    more = growth.more;
                     pushes.push(Push::Delta(growth.text));
                 } else {
                     // The job ran again from the start: its terminal status has the answer.
@@ -234,6 +248,10 @@ pub(crate) async fn job_events(
                 answer = current;
                 grown = answer.watch();
             }
+            if more {
+                wake = Wake::Grown;
+                continue;
+            }
             // Why: graceful shutdown waits for open responses, and a stream may wait for ever.
             wake = tokio::select! {
                 _ = stopping.cancelled() => return,
@@ -275,7 +293,11 @@ fn status_event(
 /// The terminal output's text past what the reader has, for a streamed job: what pieces were
 /// lost or not yet relayed, or a cache hit's whole answer. Nothing if
 /// the reader's part is not the beginning of this output (the job ran again from the start).
-fn rest_of_answer(terminal: &JobEvent, answer: &Answer, reader_bytes: usize) -> Option<String> {
+fn rest_of_answer<'a>(
+    terminal: &'a JobEvent,
+    answer: &Answer,
+    reader_bytes: usize,
+) -> Option<&'a str> {
     let streamed = terminal.job.pointer("/output/streamed") == Some(&serde_json::Value::Bool(true));
     if !streamed && reader_bytes == 0 {
         return None;
@@ -284,10 +306,7 @@ fn rest_of_answer(terminal: &JobEvent, answer: &Answer, reader_bytes: usize) -> 
     if !answer.agrees_with(content, reader_bytes) {
         return None;
     }
-    content
-        .get(reader_bytes..)
-        .filter(|rest| !rest.is_empty())
-        .map(str::to_owned)
+    content.get(reader_bytes..).filter(|rest| !rest.is_empty())
 }
 
 /// Events this replica wrote, as `Store::events_after` would show them to `user`: another user's

@@ -126,6 +126,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// A built results service: migrated, subscribed, bound, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    connections: sluice_common::http::ConnectionArgs,
     state: AppState,
     event_loop: EventLoop,
     lifecycle: Lifecycle,
@@ -224,6 +225,7 @@ impl Application {
         };
         Ok(Self {
             listener,
+            connections: config.connections,
             state,
             event_loop,
             lifecycle,
@@ -283,7 +285,7 @@ impl Application {
         let pool = self.state.store.pool().clone();
         lifecycle.spawn(
             "HTTP server",
-            sluice_common::http::serve(self.listener, router(self.state), stop),
+            sluice_common::http::serve(self.listener, router(self.state), self.connections, stop),
         );
         let result = lifecycle.run(shutdown, self.drain_timeout).await;
         pool.close().await;

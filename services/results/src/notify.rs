@@ -204,7 +204,7 @@ mod tests {
                 .map(|&seq| JobEvent {
                     seq,
                     status: JobStatus::Running,
-                    job: serde_json::json!({ "seq": seq }),
+                    job: Arc::new(serde_json::json!({ "seq": seq })),
                 })
                 .collect(),
         }

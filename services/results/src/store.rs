@@ -34,7 +34,7 @@ impl Recorded {
             let event = JobEvent {
                 seq: job.seq,
                 status: job.status,
-                job: serde_json::to_value(job).expect("a job serializes"),
+                job: std::sync::Arc::new(serde_json::to_value(job).expect("a job serializes")),
             };
             match recorded.last_mut() {
                 Some(last) if last.job_id == job.job_id => last.events.push(event),
@@ -53,12 +53,13 @@ impl Recorded {
     }
 }
 
-/// One recorded status change, as SSE sends it.
+/// One recorded status change, as SSE sends it. The job is shared: every stream of it holds the
+/// same one (a job's output may be up to a megabyte).
 #[derive(Debug, Clone)]
 pub struct JobEvent {
     pub seq: i64,
     pub status: JobStatus,
-    pub job: serde_json::Value,
+    pub job: std::sync::Arc<serde_json::Value>,
 }
 
 impl Store {
@@ -227,7 +228,7 @@ impl Store {
                     seq: row.try_get("seq")?,
                     status: JobStatus::parse(&status)
                         .ok_or_else(|| decode_error(format!("unknown status {status}")))?,
-                    job: row.try_get("job")?,
+                    job: std::sync::Arc::new(row.try_get("job")?),
                 })
             })
             .collect()
@@ -489,7 +490,7 @@ mod tests {
             events: vec![JobEvent {
                 seq,
                 status: JobStatus::Running,
-                job: serde_json::Value::Null,
+                job: std::sync::Arc::new(serde_json::Value::Null),
             }],
         }
     }

@@ -28,6 +28,9 @@ pub struct Config {
     pub secret_key: SecretString,
 
     #[command(flatten)]
+    pub connections: sluice_common::http::ConnectionArgs,
+
+    #[command(flatten)]
     pub kafka: KafkaArgs,
 
     #[command(flatten)]

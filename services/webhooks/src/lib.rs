@@ -41,6 +41,7 @@ async fn readyz(State(health): State<Health>) -> Response {
 /// A built webhooks service: connected, subscribed, bound, not yet running.
 pub struct Application {
     listener: TcpListener,
+    connections: sluice_common::http::ConnectionArgs,
     source: KafkaSource,
     pool: PgPool,
     scheduler: Arc<deliver::Scheduler>,
@@ -101,6 +102,7 @@ impl Application {
             .with_context(|| format!("binding {}", config.addr))?;
         Ok(Self {
             listener,
+            connections: config.connections,
             source,
             pool,
             scheduler: Arc::new(scheduler),
@@ -139,7 +141,7 @@ impl Application {
         let router = with_operations(Router::new(), get(readyz), Document::None).with_state(health);
         lifecycle.spawn(
             "HTTP server",
-            sluice_common::http::serve(self.listener, router, stop),
+            sluice_common::http::serve(self.listener, router, self.connections, stop),
         );
         let result = lifecycle.run(shutdown, self.drain_timeout).await;
         self.pool.close().await;

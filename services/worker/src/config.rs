@@ -16,6 +16,9 @@ pub struct Config {
     pub addr: String,
 
     #[command(flatten)]
+    pub connections: sluice_common::http::ConnectionArgs,
+
+    #[command(flatten)]
     pub kafka: KafkaArgs,
 
     #[command(flatten)]

@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 /// A built worker: subscribed, health endpoint bound, not yet consuming.
 pub struct Application {
     listener: TcpListener,
+    connections: sluice_common::http::ConnectionArgs,
     source: KafkaSource,
     context: JobContext,
     settings: LoopSettings,
@@ -96,6 +97,7 @@ impl Application {
         };
         Ok(Self {
             listener,
+            connections: config.connections,
             source,
             context,
             settings,
@@ -120,7 +122,7 @@ impl Application {
                 .with_state(self.source.health());
         lifecycle.spawn(
             "health endpoints",
-            sluice_common::http::serve(self.listener, router, stop.clone()),
+            sluice_common::http::serve(self.listener, router, self.connections, stop.clone()),
         );
         lifecycle.spawn(
             "control topic follower",

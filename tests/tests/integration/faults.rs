@@ -55,6 +55,21 @@ impl Cluster {
         service_time_ms: u64,
         brokers: String,
     ) -> Self {
+        let sim = |sim: &mut sluice_model_sim::Config| {
+            sim.service_time_ms = service_time_ms;
+            sim.jitter_ms = 50;
+        };
+        Self::built(name, brokers, sim, |_| ()).await
+    }
+
+    /// A cluster on the broker at `brokers` whose simulated model and ingest have settings of
+    /// the test's own.
+    pub(crate) async fn built(
+        name: &'static str,
+        brokers: String,
+        sim: impl FnOnce(&mut sluice_model_sim::Config),
+        ingest_settings: impl FnOnce(&mut sluice_ingest::Config),
+    ) -> Self {
         let mut kafka = kafka_args(6);
         kafka.brokers = brokers;
         let topics = TestTopics::unique();
@@ -68,8 +83,7 @@ impl Cluster {
         let stop = CancellationToken::new();
 
         let mut sim_config = sluice_model_sim::Config::defaults();
-        sim_config.service_time_ms = service_time_ms;
-        sim_config.jitter_ms = 50;
+        sim(&mut sim_config);
         let sim = sluice_model_sim::SimModel::new(sim_config);
         let stats = sim.stats.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -86,6 +100,7 @@ impl Cluster {
             r#"{"default": {"rate_per_sec": 100000, "burst": 100000}}"#,
         )
         .unwrap();
+        ingest_settings(&mut ingest);
         let ingest = sluice_ingest::Application::build(ingest)
             .await
             .expect("ingest builds");

@@ -26,6 +26,7 @@ mod queue;
 mod results;
 mod schema;
 mod secrets;
+mod slow_readers;
 mod streaming;
 mod streams;
 mod telemetry;
