@@ -116,8 +116,17 @@ pub(crate) async fn run(
         .record(answered_in.as_secs_f64());
     let now = Instant::now();
     // A 4xx about the request says nothing about the backend's health or capacity.
+    // A streamed answer's length is the answer's: the time to its first text is the backend's.
+    let first_text = sink
+        .as_ref()
+        .and_then(DeltaSink::first_text_at)
+        .map(|at| at.saturating_duration_since(call_started));
+    let answered = first_text.map_or(
+        crate::limit::Sample::Answered(answered_in),
+        crate::limit::Sample::FirstToken,
+    );
     let (healthy, sample) = match result.as_ref().map_err(|failed| failed.failure) {
-        Ok(_) | Err(Failure::Fatal) => (true, crate::limit::Sample::Answered(answered_in)),
+        Ok(_) | Err(Failure::Fatal) => (true, answered),
         Err(Failure::Retryable) => (false, crate::limit::Sample::Overloaded),
         Err(Failure::DeadlineCut) => (false, crate::limit::Sample::Ignored),
     };

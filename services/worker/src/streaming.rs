@@ -34,6 +34,8 @@ pub(crate) struct DeltaSink {
     index: u32,
     pending: String,
     last_sent: Option<Instant>,
+    /// When the answer's first text came from the backend.
+    first_text_at: Option<Instant>,
 }
 
 impl DeltaSink {
@@ -46,6 +48,7 @@ impl DeltaSink {
             index: 0,
             pending: String::new(),
             last_sent: None,
+            first_text_at: None,
         }
     }
 
@@ -54,7 +57,15 @@ impl DeltaSink {
         self.index > 0
     }
 
+    /// When the answer's first text came from the backend, if any has.
+    pub(crate) fn first_text_at(&self) -> Option<Instant> {
+        self.first_text_at
+    }
+
     fn push(&mut self, text: &str) {
+        if self.first_text_at.is_none() && !text.is_empty() {
+            self.first_text_at = Some(Instant::now());
+        }
         self.pending.push_str(text);
         let due = self
             .last_sent

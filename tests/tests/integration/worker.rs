@@ -378,8 +378,10 @@ async fn the_adaptive_limit_settles_near_the_backends_capacity() {
         (12.0..=24.0).contains(&mean_limit),
         "the limit settled at {mean_limit:.1}"
     );
+    // The limit shrinks once answers are half as slow again as the fastest: up to a third of
+    // it may wait inside the model.
     assert!(
-        mean_queue <= 4.0,
+        mean_queue <= mean_limit / 3.0,
         "{mean_queue:.1} calls queued inside the model on average"
     );
 }
