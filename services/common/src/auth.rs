@@ -50,11 +50,26 @@ pub async fn connect(database_url: &str, what: &str) -> anyhow::Result<PgPool> {
 }
 
 /// Who is calling, as their key says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Caller {
     pub key_id: String,
     pub user_id: String,
     pub tier: String,
+    /// The key's own spend budgets, besides its tier's.
+    pub budget: KeyBudget,
+}
+
+/// A key's spend budgets per UTC day and month, in the currency of the model prices.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KeyBudget {
+    pub per_day: Option<f64>,
+    pub per_month: Option<f64>,
+}
+
+impl KeyBudget {
+    pub fn is_some(&self) -> bool {
+        self.per_day.is_some() || self.per_month.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +110,9 @@ impl IntoResponse for AuthError {
 }
 
 const KEY_PREFIX: &str = "sk-sluice-";
+
+/// A live key's id, user, tier and budgets per day and month.
+type KeyRow = (String, String, String, Option<f64>, Option<f64>);
 
 fn hash(key: &str) -> String {
     format!("{:x}", Sha256::digest(key.as_bytes()))
@@ -141,16 +159,18 @@ impl KeyStore {
         {
             return cached.clone().ok_or(AuthError::Invalid);
         }
-        let row: Option<(String, String, String)> = sqlx::query_as(
-            "SELECT key_id, user_id, tier FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT key_id, user_id, tier, budget_per_day, budget_per_month FROM api_keys
+             WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&key_hash)
         .fetch_optional(&self.pool)
         .await?;
-        let caller = row.map(|(key_id, user_id, tier)| Caller {
+        let caller = row.map(|(key_id, user_id, tier, per_day, per_month)| Caller {
             key_id,
             user_id,
             tier,
+            budget: KeyBudget { per_day, per_month },
         });
         let mut cache = self.cache.lock().expect("key cache lock");
         if cache.len() > 100_000 {
@@ -168,6 +188,8 @@ pub struct KeyInfo {
     pub user_id: String,
     pub tier: String,
     pub name: Option<String>,
+    pub budget_per_day: Option<f64>,
+    pub budget_per_month: Option<f64>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -180,24 +202,41 @@ pub async fn create_key(
     tier: &str,
     name: Option<&str>,
 ) -> sqlx::Result<(String, String)> {
+    create_key_with_budget(pool, user_id, tier, name, KeyBudget::default()).await
+}
+
+/// `create_key`, with spend budgets of the key's own.
+pub async fn create_key_with_budget(
+    pool: &PgPool,
+    user_id: &str,
+    tier: &str,
+    name: Option<&str>,
+    budget: KeyBudget,
+) -> sqlx::Result<(String, String)> {
     let random = || uuid::Uuid::new_v4().simple().to_string();
     let key_id = format!("key_{}", &random()[..16]);
     let key = format!("{KEY_PREFIX}{}{}", random(), random());
     sqlx::query(
-        "INSERT INTO api_keys (key_id, key_hash, user_id, tier, name) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO api_keys (key_id, key_hash, user_id, tier, name, budget_per_day, budget_per_month)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&key_id)
     .bind(hash(&key))
     .bind(user_id)
     .bind(tier)
     .bind(name)
+    .bind(budget.per_day)
+    .bind(budget.per_month)
     .execute(pool)
     .await?;
     Ok((key_id, key))
 }
 
 pub async fn list_keys(pool: &PgPool) -> sqlx::Result<Vec<KeyInfo>> {
-    sqlx::query_as("SELECT key_id, user_id, tier, name, created_at, revoked_at FROM api_keys ORDER BY created_at")
+    sqlx::query_as(
+        "SELECT key_id, user_id, tier, name, budget_per_day, budget_per_month, created_at, revoked_at
+         FROM api_keys ORDER BY created_at",
+    )
         .fetch_all(pool)
         .await
 }

@@ -11,6 +11,7 @@ use crate::error::{ApiError, RateGate};
 use crate::submit::Accepted;
 use axum::http::HeaderMap;
 use chrono::Utc;
+use sluice_common::auth::KeyBudget;
 use sluice_common::cache::cache_key;
 use sluice_schemas::{JobStatus, Output, RequestEvent, StatusEvent, Task, Timings, TokenEstimate};
 
@@ -38,6 +39,7 @@ pub(crate) async fn admit_and_publish(
     state: &AppState,
     event: &RequestEvent,
     tier: &str,
+    key_budget: KeyBudget,
 ) -> Result<(Accepted, HeaderMap), ApiError> {
     let user_id = event.user_id.as_str();
     let (tier_name, tier) = state.tiers.get(Some(tier));
@@ -63,13 +65,19 @@ pub(crate) async fn admit_and_publish(
             .budgets
             .prices
             .cost(event.model.as_str(), estimate.prompt, estimate.completion);
-    let held = match tier.has_budget() {
+    let has_budget = tier.has_budget() || key_budget.is_some();
+    let held = match has_budget {
         true => state.reservations.held_cost(user_id),
         false => 0.0,
     };
+    let key = event
+        .key_id
+        .as_deref()
+        .filter(|_| key_budget.is_some())
+        .map(|key_id| (key_id, key_budget));
     let priced = state
         .budgets
-        .check(user_id, tier_name, tier, cost, held)
+        .check(user_id, tier_name, tier, key, cost, held)
         .await?;
     let mut limit_headers = HeaderMap::new();
     // Whether tokens were reserved: not when the store failed and the failure mode let it in.
@@ -105,7 +113,7 @@ pub(crate) async fn admit_and_publish(
     }
     let published = publish_unless_cached(state, event).await;
     match &published {
-        Ok(None) if reserved.is_some() || tier.has_budget() => {
+        Ok(None) if reserved.is_some() || has_budget => {
             let hold = Hold {
                 quota: reserved.map(|charge| charge.quota),
                 estimate,

@@ -78,12 +78,13 @@ pub enum ApiError {
         burst: u32,
     },
     #[error(
-        "the user's {period} budget of {budget:.4} (tier `{tier}`) would be passed: {spent:.4} spent, {held:.4} held by jobs still running, this job up to {cost:.4}; it resets at {}",
+        "the {period} budget of {budget:.4} ({whose}) would be passed: {spent:.4} spent, {held:.4} held by the user's jobs still running, this job up to {cost:.4}; it resets at {}",
         resets_at.to_rfc3339()
     )]
     BudgetExceeded {
         period: &'static str,
-        tier: String,
+        /// Whose budget: the user's under a tier, or a key's.
+        whose: String,
         budget: f64,
         spent: f64,
         held: f64,

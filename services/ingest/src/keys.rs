@@ -27,6 +27,13 @@ enum Action {
         tier: String,
         #[arg(long)]
         name: Option<String>,
+        /// The key's own spend budget per UTC day (in the currency of `SLUICE_MODEL_PRICES`),
+        /// besides its tier's.
+        #[arg(long, value_parser = budget)]
+        budget_per_day: Option<f64>,
+        /// The key's own spend budget per UTC month.
+        #[arg(long, value_parser = budget)]
+        budget_per_month: Option<f64>,
     },
     /// List keys (never the keys themselves).
     List,
@@ -43,13 +50,23 @@ impl KeysCommand {
                 user_id,
                 tier,
                 name,
+                budget_per_day,
+                budget_per_month,
             } => {
                 sluice_schemas::UserId::parse(user_id.as_str())?;
+                let budget = auth::KeyBudget {
+                    per_day: budget_per_day,
+                    per_month: budget_per_month,
+                };
                 let (key_id, key) =
-                    auth::create_key(&pool, &user_id, &tier, name.as_deref()).await?;
+                    auth::create_key_with_budget(&pool, &user_id, &tier, name.as_deref(), budget)
+                        .await?;
                 println!(
                     "{}",
-                    serde_json::json!({"key_id": key_id, "user_id": user_id, "tier": tier, "api_key": key})
+                    serde_json::json!({
+                        "key_id": key_id, "user_id": user_id, "tier": tier, "api_key": key,
+                        "budget_per_day": budget_per_day, "budget_per_month": budget_per_month,
+                    })
                 );
             }
             Action::List => {
@@ -66,5 +83,13 @@ impl KeysCommand {
             }
         }
         Ok(())
+    }
+}
+
+/// A budget: a finite amount, 0 or more.
+fn budget(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(amount) if amount.is_finite() && amount >= 0.0 => Ok(amount),
+        _ => Err(format!("`{text}` is not an amount of 0 or more")),
     }
 }

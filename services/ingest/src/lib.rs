@@ -116,10 +116,11 @@ impl AppState {
             ),
             None => None,
         };
-        // Budgets read the usage the results service records, in the same Postgres as the keys.
+        // Budgets read the usage the results service records, in the same Postgres as the keys
+        // (with keys on, a key may have budgets of its own).
         let budget_pool = match (&keys, config.tiers.by_name.any_budget()) {
-            (_, false) => None,
-            (Some(keys), true) => Some(keys.pool().clone()),
+            (Some(keys), _) => Some(keys.pool().clone()),
+            (None, false) => None,
             (None, true) => Some(
                 sluice_common::auth::connect(
                     secrecy::ExposeSecret::expose_secret(&config.database_url),
@@ -260,7 +261,8 @@ impl Application {
             ),
         );
         let config = &self.state.config;
-        if config.tiers.by_name.any_reservations() {
+        // With API keys on, a key may have a budget of its own, and its jobs hold their cost.
+        if config.tiers.by_name.any_reservations() || self.state.keys.is_some() {
             lifecycle.spawn(
                 "token settlement",
                 admission::tokens::follow(

@@ -475,6 +475,10 @@ pub(crate) async fn accept(
     let user_id = event.user_id.clone();
     // Usage is recorded per key too.
     event.key_id = caller.as_ref().map(|caller| caller.key_id.clone());
+    let key_budget = caller
+        .as_ref()
+        .map(|caller| caller.budget)
+        .unwrap_or_default();
     let tier = caller.map_or_else(|| DEFAULT_TIER.to_owned(), |caller| caller.tier);
     // A tier without the interactive lane has its jobs in the batch lane, whatever they ask.
     if !state.tiers.get(Some(&tier)).1.interactive {
@@ -516,7 +520,7 @@ pub(crate) async fn accept(
             Err(error) => on_store_failure(state, "idempotency", &error)?,
         }
     }
-    let result = crate::admit::admit_and_publish(state, &event, &tier).await;
+    let result = crate::admit::admit_and_publish(state, &event, &tier, key_budget).await;
     if let (Some(key), Some(pending)) = (&key, claimed) {
         match &result {
             Ok((accepted, _)) => {

@@ -272,3 +272,85 @@ async fn a_job_that_would_pass_its_users_daily_budget_is_refused_with_402() {
     assert!(spent <= 0.05 && spent + 0.026 > 0.05, "spent {spent}");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_own_budget_refuses_its_jobs_while_the_users_other_keys_go_on() {
+    // No budget for the tier: the key's own, 0.05 a day, is the only one.
+    let options = PipelineOptions {
+        api_keys: true,
+        model_prices: Some(
+            r#"{"sim": {"input_per_million": 1000, "output_per_million": 1000}}"#.into(),
+        ),
+        ..Default::default()
+    };
+    let pipeline = Pipeline::start(options).await;
+    let budget = sluice_common::auth::KeyBudget {
+        per_day: Some(0.05),
+        per_month: None,
+    };
+    let (capped_id, capped) = sluice_common::auth::create_key_with_budget(
+        &pipeline.database.pool,
+        "key-budget-user",
+        "default",
+        Some("capped"),
+        budget,
+    )
+    .await
+    .unwrap();
+    let (_, free) = pipeline.create_key("key-budget-user", "default").await;
+    let submit = |key: String, index: usize| {
+        let http = pipeline.http.clone();
+        let url = format!("{}/v1/jobs", pipeline.ingest_url);
+        async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&serde_json::json!({
+                    "model": "sim",
+                    "messages": [{"role": "user", "content": format!("spend {index}")}],
+                    "params": {"max_tokens": 20},
+                }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Each job is estimated at 0.026 and costs about 0.005 once answered: the capped key's
+    // jobs, one at a time, fit until its recorded spending and the next estimate pass 0.05.
+    let mut accepted = 0;
+    let refusal = loop {
+        let response = submit(capped.clone(), accepted).await;
+        if response.status() == 402 {
+            let retry_after = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            break (retry_after, response.json::<Value>().await.unwrap());
+        }
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        let id: uuid::Uuid = body["job_id"].as_str().unwrap().parse().unwrap();
+        pipeline.wait_terminal(&[id], Duration::from_secs(30)).await;
+        accepted += 1;
+        // The budget's reading of the usage is at most a second old.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(accepted < 20, "the key's budget never refused");
+    };
+    let (retry_after, body) = refusal;
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("daily budget of 0.0500") && message.contains(&capped_id),
+        "{message}"
+    );
+    assert!(retry_after.parse::<u64>().unwrap() >= 1);
+    // The same user's other key has no budget of its own: it goes on.
+    let other = submit(free, 100).await;
+    assert_eq!(other.status(), 202, "the user's other key");
+    let (_, usage) = usage_as(&pipeline, Some(&capped), "group_by=key").await;
+    println!(
+        "key budget: {accepted} jobs of key {capped_id} fit its 0.05 a day, then: {message}; usage by key: {}",
+        usage["data"]
+    );
+    assert!(accepted >= 3, "settled usage let only {accepted} jobs in");
+    pipeline.stop().await;
+}

@@ -1,12 +1,15 @@
-//! Spend budgets: a tier's budget per user per day and per month (UTC), in the currency of
-//! `SLUICE_MODEL_PRICES`. A job is refused before it is queued when what its user has spent
-//! (the usage the results service records from terminal statuses, `usage_daily`), what its
-//! jobs admitted here still hold, and this job's own estimated cost (its prompt and its answer's
-//! cap, priced) would pass a budget. Spending is read from Postgres at most once a second per
-//! user, so a burst of concurrent submissions can pass a budget by what they hold together.
+//! Spend budgets: a tier's budget per user per day and per month (UTC), and a key's own (`keys
+//! create --budget-per-day`), in the currency of `SLUICE_MODEL_PRICES`. A job is refused before
+//! it is queued when what its user (or its key) has spent (the usage the results service
+//! records from terminal statuses, `usage_daily`), what the user's jobs admitted here still
+//! hold (whatever their key: a key's budget counts them all, erring on the side of refusing),
+//! and this job's own estimated cost (its prompt and its answer's cap, priced) would pass a
+//! budget. Spending is read from Postgres at most once a second per user and per key, so a burst
+//! of concurrent submissions can pass a budget by what they hold together.
 
 use crate::error::ApiError;
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use sluice_common::auth::KeyBudget;
 use sluice_common::prices::Prices;
 use sluice_common::tiers::Tier;
 use sqlx::PgPool;
@@ -65,37 +68,46 @@ impl Budgets {
     }
 
     /// The job's estimated cost, or the refusal naming the budget it would pass and when that
-    /// budget resets. `held` is what the user's jobs admitted here still hold.
+    /// budget resets. `held` is what the user's jobs admitted here still hold; `key` is the
+    /// caller's key and its own budgets.
     pub async fn check(
         &self,
         user: &str,
         tier_name: &str,
         tier: &Tier,
+        key: Option<(&str, KeyBudget)>,
         cost: f64,
         held: f64,
     ) -> Result<Priced, ApiError> {
+        let key_budget = key.map(|(_, budget)| budget).unwrap_or_default();
         let budgets = [
-            ("daily", tier.budget_per_day),
-            ("monthly", tier.budget_per_month),
+            (None, "daily", tier.budget_per_day),
+            (None, "monthly", tier.budget_per_month),
+            (key.map(|(id, _)| id), "daily", key_budget.per_day),
+            (key.map(|(id, _)| id), "monthly", key_budget.per_month),
         ];
-        if budgets.iter().all(|(_, budget)| budget.is_none()) {
+        if budgets.iter().all(|(_, _, budget)| budget.is_none()) {
             return Ok(Priced { cost });
         }
         let Some(pool) = &self.pool else {
             return Ok(Priced { cost });
         };
         let now = Utc::now();
-        let spent = self.spent(pool, user, now).await?;
-        for (period, budget) in budgets {
+        for (key_id, period, budget) in budgets {
             let Some(budget) = budget else { continue };
+            let spent = self.spent(pool, user, key_id, now).await?;
             let (spent_so_far, resets_at) = match period {
                 "daily" => (spent.today, next_day(spent.day)),
                 _ => (spent.this_month, next_month(spent.day)),
             };
             if spent_so_far + held + cost > budget {
+                let whose = match key_id {
+                    Some(key_id) => format!("key `{key_id}`"),
+                    None => format!("the user's, tier `{tier_name}`"),
+                };
                 return Err(ApiError::BudgetExceeded {
                     period,
-                    tier: tier_name.to_owned(),
+                    whose,
                     budget,
                     spent: spent_so_far,
                     held,
@@ -108,14 +120,26 @@ impl Budgets {
         Ok(Priced { cost })
     }
 
+    /// What `user` (with `key_id`, what that key of theirs) spent today and this month.
     async fn spent(
         &self,
         pool: &PgPool,
         user: &str,
+        key_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Spent, ApiError> {
         let today = now.date_naive();
-        if let Some(spent) = self.spent.lock().expect("budget cache").get(user).copied()
+        // Why the NUL: a user id cannot hold one, so a user's entry and a key's never collide.
+        let cached_as = match key_id {
+            Some(key_id) => format!("{user}\0{key_id}"),
+            None => user.to_owned(),
+        };
+        if let Some(spent) = self
+            .spent
+            .lock()
+            .expect("budget cache")
+            .get(&cached_as)
+            .copied()
             && spent.read_at.elapsed() < FRESH_FOR
             && spent.day == today
         {
@@ -124,11 +148,13 @@ impl Budgets {
         let (today_cost, month_cost): (f64, f64) = sqlx::query_as(
             "SELECT coalesce(sum(cost_usd) FILTER (WHERE day = $2), 0)::float8,
                     coalesce(sum(cost_usd), 0)::float8
-             FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day <= $2",
+             FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day <= $2
+                AND ($4::text IS NULL OR key_id = $4)",
         )
         .bind(user)
         .bind(today)
         .bind(first_of_month(today))
+        .bind(key_id)
         .fetch_one(pool)
         .await
         .map_err(|error| {
@@ -148,7 +174,7 @@ impl Budgets {
         if cache.len() > 100_000 {
             cache.clear();
         }
-        cache.insert(user.to_owned(), spent);
+        cache.insert(cached_as, spent);
         Ok(spent)
     }
 }
