@@ -1,6 +1,8 @@
 //! The results service's work on the shared Kafka source: reads both topics in batches, writes
 //! each batch in one transaction, marks its records done after the commit. Undecodable status
-//! events go to the dead-letter topic.
+//! events go to the dead-letter topic, and so does an event Postgres refuses for what it holds
+//! (found by writing the batch's events one by one): the rest are stored and the pipeline goes
+//! on, where retrying the batch would stop it for good.
 
 use crate::notify::JobChanges;
 use crate::state::Update;
@@ -46,6 +48,8 @@ impl EventLoop {
     /// Writes one batch. Returns false if it gave up before the batch was written.
     async fn process(&self, batch: &[Record], give_up: &CancellationToken) -> bool {
         let mut updates = Vec::with_capacity(batch.len());
+        // The record each update came from, for the dead-letter topic.
+        let mut sources = Vec::with_capacity(batch.len());
         // One span per event, each in its job's trace, open while the batch is written.
         let mut spans = Vec::with_capacity(batch.len());
         for record in batch {
@@ -75,6 +79,7 @@ impl EventLoop {
                         update.request_record = Some((record.partition, record.offset));
                     }
                     updates.push(update);
+                    sources.push(record);
                 }
                 // The worker dead-letters bad request events; here they are only skipped.
                 Err(error) if is_request => {
@@ -105,22 +110,37 @@ impl EventLoop {
                 "batch received"
             );
         }
-        if !updates.is_empty() && !self.write(&updates, give_up).await {
+        if !updates.is_empty() && !self.write(&updates, &sources, give_up).await {
             return false;
         }
         drop(spans);
         true
     }
 
-    /// Retries until the write commits: Postgres restarts and deadlocks are waited out.
-    async fn write(&self, updates: &[Update], give_up: &CancellationToken) -> bool {
+    /// Retries until the write commits: Postgres restarts and deadlocks are waited out. A batch
+    /// Postgres refuses for its data is written again one event at a time, and an event it
+    /// refuses alone goes to the dead-letter topic with Postgres's reason. False if it gave up.
+    async fn write(
+        &self,
+        updates: &[Update],
+        sources: &[&Record],
+        give_up: &CancellationToken,
+    ) -> bool {
         let started = std::time::Instant::now();
-        let written = sluice_common::shutdown::retry_until_done("writing a batch", give_up, || {
-            self.store.apply(updates)
-        })
+        let written = sluice_common::shutdown::retry_unless(
+            "writing a batch",
+            give_up,
+            || self.store.apply(updates),
+            |error| refused_for_its_data(error).is_some(),
+        )
         .await;
-        let Some(recorded) = written else {
-            return false;
+        let recorded = match written {
+            None => return false,
+            Some(Ok(recorded)) => recorded,
+            Some(Err(error)) => {
+                let reason = refused_for_its_data(&error).unwrap_or_default();
+                return self.write_apart(updates, sources, reason, give_up).await;
+            }
         };
         for job in &recorded {
             self.changes.written(job);
@@ -138,6 +158,59 @@ impl EventLoop {
         );
         true
     }
+
+    /// After Postgres refused `updates` for their data: each written alone, and the one it
+    /// refuses alone dead-lettered.
+    async fn write_apart(
+        &self,
+        updates: &[Update],
+        sources: &[&Record],
+        reason: String,
+        give_up: &CancellationToken,
+    ) -> bool {
+        if let ([update], [record]) = (updates, sources) {
+            tracing::warn!(job_id = %update.job_id, reason, offset = record.offset, "dead-lettering an event Postgres refuses");
+            let rejection = record.rejection(&reason, "sluice-results");
+            return kafka::dead_letter(
+                &self.producer,
+                &self.dlq_topic,
+                record,
+                &rejection,
+                give_up,
+            )
+            .await
+            .is_ok();
+        }
+        tracing::warn!(
+            events = updates.len(),
+            reason,
+            "Postgres refused a batch for its data; writing its events one by one"
+        );
+        for (update, record) in updates.iter().zip(sources) {
+            let one = Box::pin(self.write(
+                std::slice::from_ref(update),
+                std::slice::from_ref(record),
+                give_up,
+            ));
+            if !one.await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The dead letter's reason when Postgres refused a write for the data it holds, which writing
+/// it again cannot mend: a data exception (SQLSTATE class 22: a value out of range, a bad
+/// encoding), a `NOT NULL` or a `CHECK` violated (23502, 23514). Not a unique or foreign-key
+/// violation: two writers of one job can meet those and the retry finds the row.
+fn refused_for_its_data(error: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(database) = error else {
+        return None;
+    };
+    let code = database.code()?;
+    let refused = code.starts_with("22") || code == "23502" || code == "23514";
+    refused.then(|| format!("rejected_by_store: Postgres {code}: {}", database.message()))
 }
 
 /// `sluice_job_end_to_end_seconds` for the jobs this batch made terminal (a replayed terminal

@@ -73,8 +73,25 @@ pub async fn retry_until_stopped<F, Fut, E>(
 pub async fn retry_until_done<T, F, Fut, E>(
     what: &str,
     give_up: &CancellationToken,
-    mut attempt: F,
+    attempt: F,
 ) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let done = retry_unless(what, give_up, attempt, |_| false).await?;
+    done.ok()
+}
+
+/// `retry_until_done`, except that an error `final_error` says retrying cannot mend (the
+/// database refused the data itself) is handed back at once.
+pub async fn retry_unless<T, F, Fut, E>(
+    what: &str,
+    give_up: &CancellationToken,
+    mut attempt: F,
+    final_error: impl Fn(&E) -> bool,
+) -> Option<Result<T, E>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -83,7 +100,8 @@ where
     let mut backoff = std::time::Duration::from_millis(50);
     loop {
         match attempt().await {
-            Ok(done) => return Some(done),
+            Ok(done) => return Some(Ok(done)),
+            Err(error) if final_error(&error) => return Some(Err(error)),
             Err(error) => {
                 tracing::warn!(error = %error, what, retry_in_ms = backoff.as_millis() as u64, "failed; retrying")
             }

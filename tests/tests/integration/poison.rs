@@ -200,3 +200,58 @@ async fn an_answer_with_a_nul_character_is_stored_and_its_partition_keeps_moving
     );
     pipeline.stop().await;
 }
+
+/// An event that decodes but that Postgres refuses for what it holds (here: a `CHECK` added to
+/// the test's database refusing one user's jobs, as Postgres refuses a value it cannot hold)
+/// was retried for ever, stopping its partition. It goes to the status dead-letter topic with
+/// Postgres's reason; the jobs before and after it, on the same partition, are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_postgres_refuses_is_dead_lettered_and_its_partition_keeps_moving() {
+    let pipeline = Pipeline::start(PipelineOptions {
+        partitions: 1,
+        ..PipelineOptions::default()
+    })
+    .await;
+    sqlx::query("ALTER TABLE jobs ADD CONSTRAINT refuse_one_user CHECK (user_id <> 'refused')")
+        .execute(&pipeline.database.pool)
+        .await
+        .unwrap();
+    let before = pipeline.submit("others", "before").await;
+    let refused = pipeline.submit("refused", "refused").await;
+    let after = pipeline.submit("others", "after").await;
+    let ids = [before.job_id.as_uuid(), after.job_id.as_uuid()];
+    pipeline.wait_terminal(&ids, Duration::from_secs(30)).await;
+    for accepted in [&before, &after] {
+        let job = pipeline.job(accepted.job_id).await.unwrap();
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    // Its request (queued), running and succeeded events, each refused.
+    let dead = read_topic(&pipeline.topics.status_dlq, 1, 3, Duration::from_secs(30));
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|record| {
+            let reason = record
+                .headers()
+                .and_then(|headers| headers.iter().find(|header| header.key == "dlq-reason"))
+                .and_then(|header| header.value)
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+                .unwrap_or_default();
+            let payload: Value = serde_json::from_slice(record.payload().unwrap()).unwrap();
+            assert_eq!(payload["job_id"], refused.job_id.to_string(), "{payload}");
+            reason
+        })
+        .collect();
+    println!(
+        "refused by Postgres: {} events dead-lettered: {reasons:?}",
+        reasons.len()
+    );
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|reason| reason.starts_with("rejected_by_store: Postgres 23514")),
+        "{reasons:?}"
+    );
+    assert!(pipeline.job(refused.job_id).await.is_none());
+    pipeline.stop().await;
+}

@@ -202,6 +202,33 @@ async fn spend(pipeline: &Pipeline, index: usize) -> reqwest::Response {
         .await
 }
 
+/// Submits jobs one at a time (`submit(accepted so far)`), each waited to its end, until one is
+/// refused with `402`: how many were accepted (counting `accepted` before), and the refusal.
+async fn spend_until_refused<Submit, Answer>(
+    pipeline: &Pipeline,
+    mut accepted: usize,
+    submit: Submit,
+) -> (usize, reqwest::Response)
+where
+    Submit: Fn(usize) -> Answer,
+    Answer: std::future::Future<Output = reqwest::Response>,
+{
+    loop {
+        let response = submit(accepted).await;
+        if response.status() == 402 {
+            return (accepted, response);
+        }
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        let id: uuid::Uuid = body["job_id"].as_str().unwrap().parse().unwrap();
+        pipeline.wait_terminal(&[id], Duration::from_secs(30)).await;
+        accepted += 1;
+        // The budget's reading of the usage is at most a second old.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(accepted < 20, "the budget never refused");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_that_would_pass_its_users_daily_budget_is_refused_with_402() {
     let mut options = PipelineOptions {
@@ -247,21 +274,9 @@ async fn a_job_that_would_pass_its_users_daily_budget_is_refused_with_402() {
     pipeline
         .wait_terminal(&[first_id], Duration::from_secs(30))
         .await;
-    let mut accepted = 1;
-    let refusal = loop {
-        let response = spend(&pipeline, accepted + 1).await;
-        if response.status() == 402 {
-            break response.json::<Value>().await.unwrap();
-        }
-        assert_eq!(response.status(), 202);
-        let body: Value = response.json().await.unwrap();
-        let id: uuid::Uuid = body["job_id"].as_str().unwrap().parse().unwrap();
-        pipeline.wait_terminal(&[id], Duration::from_secs(30)).await;
-        accepted += 1;
-        // The budget's reading of the usage is at most a second old.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(accepted < 20, "the budget never refused");
-    };
+    let (accepted, refused) =
+        spend_until_refused(&pipeline, 1, |accepted| spend(&pipeline, accepted + 1)).await;
+    let refusal = refused.json::<Value>().await.unwrap();
     let (_, usage) = usage(&pipeline, "user_id=budget-user").await;
     let spent = usage["total"]["cost_usd"].as_f64().unwrap();
     println!(
@@ -316,26 +331,13 @@ async fn a_keys_own_budget_refuses_its_jobs_while_the_users_other_keys_go_on() {
     };
     // Each job is estimated at 0.026 and costs about 0.005 once answered: the capped key's
     // jobs, one at a time, fit until its recorded spending and the next estimate pass 0.05.
-    let mut accepted = 0;
-    let refusal = loop {
-        let response = submit(capped.clone(), accepted).await;
-        if response.status() == 402 {
-            let retry_after = response.headers()["retry-after"]
-                .to_str()
-                .unwrap()
-                .to_owned();
-            break (retry_after, response.json::<Value>().await.unwrap());
-        }
-        assert_eq!(response.status(), 202);
-        let body: Value = response.json().await.unwrap();
-        let id: uuid::Uuid = body["job_id"].as_str().unwrap().parse().unwrap();
-        pipeline.wait_terminal(&[id], Duration::from_secs(30)).await;
-        accepted += 1;
-        // The budget's reading of the usage is at most a second old.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(accepted < 20, "the key's budget never refused");
-    };
-    let (retry_after, body) = refusal;
+    let (accepted, refused) =
+        spend_until_refused(&pipeline, 0, |accepted| submit(capped.clone(), accepted)).await;
+    let retry_after = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = refused.json::<Value>().await.unwrap();
     assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
