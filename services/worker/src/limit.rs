@@ -10,7 +10,8 @@
 //!
 //! It starts in slow start, as TCP does: until the first sign of queueing (above `BETA`, or an
 //! overload answer) it grows by one per answer, doubling each round trip, and on leaving it
-//! drops the calls it saw queued. Why: growing by one per round trip is slow when a round trip
+//! drops the calls it saw queued; a whole round trip of answers that found the limit reached and
+//! no queue starts it again. Why: growing by one per round trip is slow when a round trip
 //! is a whole streamed answer. From 8, a backend answering in 470 ms (21 tokens of 20 ms) needed
 //! about 30 s to reach the 75 calls that 160 jobs a second keep open, and jobs waited for slots
 //! until their deadlines passed (measured: first token p50 6.5 s at 160 streamed jobs/s).
@@ -54,6 +55,9 @@ struct State {
     first_token: Latency,
     /// No queueing seen yet: the limit doubles each round trip.
     slow_start: bool,
+    /// Answers in a row that found the limit reached and no queue at the backend: a whole
+    /// round trip of them (as many as the limit) starts slow start again.
+    clear: u32,
     /// Calls waiting for a slot, interactive and batch.
     interactive_waiting: usize,
     batch_waiting: usize,
@@ -136,6 +140,7 @@ impl AdaptiveLimit {
                 whole: Latency::default(),
                 first_token: Latency::default(),
                 slow_start: true,
+                clear: 0,
                 interactive_waiting: 0,
                 batch_waiting: 0,
                 since_batch: 0,
@@ -236,6 +241,17 @@ impl AdaptiveLimit {
                 let (in_flight_at_start, limit_at_start) = started;
                 let limit_was_reached = in_flight_at_start as f64 >= limit_at_start.floor() - 1.0;
                 let (alpha, beta) = (ALPHA.max(limit * ALPHA_SHARE), BETA.max(limit * BETA_SHARE));
+                // Load rose past a limit the backend shows no sign of minding: slow start again
+                // (after it, growing by one per round trip took half a minute to follow a jump
+                // from 40 to 317 streamed jobs a second).
+                state.clear = match queued < alpha && limit_was_reached {
+                    true => state.clear + 1,
+                    false => 0,
+                };
+                if !state.slow_start && f64::from(state.clear) >= limit {
+                    state.slow_start = true;
+                    state.clear = 0;
+                }
                 if state.slow_start {
                     if queued > beta {
                         state.slow_start = false;
@@ -435,9 +451,13 @@ mod tests {
         // is half as slow again as the fastest), and the calls seen queued are dropped.
         let queued = under_backlog(&limit, 5, streamed * 2).await;
         assert!(queued < grown, "left slow start: {grown} -> {queued}");
-        // From then on, at most one more per round trip.
+        // Then at most one more per round trip ...
         let after = under_backlog(&limit, queued as usize, streamed).await;
         assert!(after <= queued + 1.0, "{queued} -> {after} in a round trip");
+        // ... until a whole round trip of answers found the limit reached and no queue: slow
+        // start again, and it grows past where it was.
+        let again = under_backlog(&limit, 3 * after as usize, streamed).await;
+        assert!(again > grown, "{after} -> {again} in three round trips");
     }
 
     #[tokio::test]
