@@ -168,10 +168,15 @@ impl Cluster {
             "user_id": user, "model": "sim",
             "messages": [{"role": "user", "content": content}]
         });
+        self.submit_body(&body).await
+    }
+
+    /// `POST /v1/jobs` with `body`; the job's id (panics unless the answer is 202).
+    pub(crate) async fn submit_body(&self, body: &serde_json::Value) -> Uuid {
         let response = self
             .http
             .post(format!("{}/v1/jobs", self.ingest_url))
-            .json(&body)
+            .json(body)
             .send()
             .await
             .expect("POST /v1/jobs");

@@ -140,16 +140,7 @@ async fn stream_an_answer(
         "user_id": "reader", "model": "sim", "stream": true,
         "messages": [{"role": "user", "content": prompt}]
     });
-    let response = cluster
-        .http
-        .post(format!("{}/v1/jobs", cluster.ingest_url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let accepted: serde_json::Value = response.json().await.unwrap();
-    let job_id = accepted["job_id"].as_str().unwrap().to_owned();
+    let job_id = cluster.submit_body(&body).await.to_string();
     let address = results_url.trim_start_matches("http://");
     let mut connections = Vec::new();
     for _ in 0..stuck {
@@ -187,13 +178,7 @@ async fn never_reading(address: &str, job_id: &str) -> TcpStream {
 
 /// A process's resident memory now, in bytes.
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    kib * 1024
+    sluice_bench::status_kib(pid, "VmRSS").unwrap_or(0) * 1024
 }
 
 /// A gauge's value on a service's `/metrics`.

@@ -8,6 +8,7 @@ pub mod lanes;
 pub mod markdown;
 mod plot;
 mod procfs;
+pub use procfs::status_kib;
 mod report;
 pub mod soak;
 pub mod streaming;

@@ -59,7 +59,7 @@ fn cpu_secs(pid: u32) -> Option<f64> {
 }
 
 /// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
