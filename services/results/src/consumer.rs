@@ -5,12 +5,12 @@
 //! on, where retrying the batch would stop it for good.
 
 use crate::notify::JobChanges;
-use crate::state::Update;
+use crate::state::{RequestRecord, Update};
 use crate::store::Store;
 use rdkafka::producer::FutureProducer;
 use sluice_common::kafka::{self, KafkaSource, Record};
 use sluice_common::telemetry;
-use sluice_schemas::{RequestEvent, StatusEvent};
+use sluice_schemas::{Priority, RequestEvent, StatusEvent};
 use std::collections::HashSet;
 use tokio_util::sync::CancellationToken;
 
@@ -72,11 +72,17 @@ impl EventLoop {
                     telemetry::adopt(&span, record.trace.context());
                     spans.push(span);
                     update.traceparent = record.trace.traceparent.clone();
-                    // Queue positions rank the interactive lane's partitions only: a batch job
-                    // waits behind a lane that yields to interactive work, so its place in
-                    // its partition says little.
-                    if record.topic == self.requests_topic {
-                        update.request_record = Some((record.partition, record.offset));
+                    // A job's queue position is its place among its lane's queued jobs.
+                    if is_request {
+                        update.request_record = Some(RequestRecord {
+                            lane: if record.topic == self.requests_topic {
+                                Priority::Interactive
+                            } else {
+                                Priority::Batch
+                            },
+                            partition: record.partition,
+                            offset: record.offset,
+                        });
                     }
                     updates.push(update);
                     sources.push(record);

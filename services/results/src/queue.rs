@@ -1,5 +1,5 @@
 //! Queue positions for the streams of this replica: once a second, one query ranks every queued
-//! job in its partition and times each partition's recent starts, and the streams watching a
+//! job in its lane's partition and times each partition's recent starts, and the streams watching a
 //! queued job are handed its position. The cost is one query a second per replica, whatever the
 //! number of waiting streams (a query per stream would be thousands a second under a backlog).
 

@@ -4,7 +4,7 @@
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_schemas::{
-    JobError, JobId, JobStatus, ModelName, Output, RequestEvent, StatusEvent, UserId,
+    JobError, JobId, JobStatus, ModelName, Output, Priority, RequestEvent, StatusEvent, UserId,
 };
 
 /// One incoming fact about a job, from either topic.
@@ -25,10 +25,18 @@ pub struct Update {
     pub finished_at: Option<DateTime<Utc>>,
     /// The W3C `traceparent` the event carried; kept with the job for its SSE spans.
     pub traceparent: Option<String>,
-    /// Where a request event was read (partition, offset): its place in the queue.
-    pub request_record: Option<(i32, i64)>,
+    /// Where a request event was read: its place in its lane's queue.
+    pub request_record: Option<RequestRecord>,
     /// The API key that submitted the job (request events), for usage per key.
     pub key_id: Option<String>,
+}
+
+/// Where a job's request event sits: its lane's topic, the partition and the offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub lane: Priority,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 impl Update {

@@ -1,6 +1,6 @@
 //! Postgres access: one transaction per batch of events, a few set-based statements each.
 
-use crate::state::{Job, JobTimings, QueuePosition, Update};
+use crate::state::{Job, JobTimings, QueuePosition, RequestRecord, Update};
 use chrono::{DateTime, Utc};
 use sluice_schemas::JobStatus;
 use sluice_schemas::{JobId, ModelName, UserId};
@@ -148,7 +148,7 @@ impl Store {
     }
 
     /// The positions of those of `job_ids` that are queued, in one query: every queued job
-    /// ranked by offset within its partition, and each partition's recent start rate.
+    /// ranked by offset within its lane's partition, and each such partition's recent start rate.
     pub async fn queue_positions(
         &self,
         job_ids: &[JobId],
@@ -156,26 +156,28 @@ impl Store {
         let ids: Vec<Uuid> = job_ids.iter().map(JobId::as_uuid).collect();
         let rows: Vec<PositionRow> = sqlx::query_as(
             "WITH ranked AS (
-                 SELECT job_id, request_partition,
-                        row_number() OVER (PARTITION BY request_partition ORDER BY request_offset) - 1 AS position
+                 SELECT job_id, request_lane, request_partition,
+                        row_number() OVER (PARTITION BY request_lane, request_partition ORDER BY request_offset) - 1
+                            AS position
                  FROM jobs WHERE status = 'queued' AND request_partition IS NOT NULL
              ), wanted AS (
                  SELECT * FROM ranked WHERE job_id = ANY($1)
              ), partitions AS (
-                 SELECT DISTINCT request_partition FROM wanted
+                 SELECT DISTINCT request_lane, request_partition FROM wanted
              ), rates AS (
-                 SELECT p.request_partition, count(*) AS started,
+                 SELECT p.request_lane, p.request_partition, count(*) AS started,
                         extract(epoch FROM max(r.started_at) - min(r.started_at))::float8 AS span,
                         extract(epoch FROM now() - max(r.started_at))::float8 AS since_last
                  FROM partitions p CROSS JOIN LATERAL (
                      SELECT started_at FROM jobs
-                     WHERE jobs.request_partition = p.request_partition AND started_at IS NOT NULL
+                     WHERE jobs.request_lane = p.request_lane AND jobs.request_partition = p.request_partition
+                       AND started_at IS NOT NULL
                      ORDER BY started_at DESC LIMIT 20
                  ) r
-                 GROUP BY p.request_partition
+                 GROUP BY p.request_lane, p.request_partition
              )
              SELECT w.job_id, w.position, coalesce(r.started, 0), r.span, r.since_last
-             FROM wanted w LEFT JOIN rates r USING (request_partition)",
+             FROM wanted w LEFT JOIN rates r USING (request_lane, request_partition)",
         )
         .bind(&ids)
         .fetch_all(&self.pool)
@@ -315,7 +317,7 @@ async fn insert_placeholders(
         .values()
         .map(|updates| updates.iter().find_map(|update| update.traceparent.clone()))
         .collect();
-    let request_records: Vec<Option<(i32, i64)>> = by_job
+    let request_records: Vec<Option<RequestRecord>> = by_job
         .values()
         .map(|updates| updates.iter().find_map(|update| update.request_record))
         .collect();
@@ -324,17 +326,20 @@ async fn insert_placeholders(
         .map(|updates| updates.iter().find_map(|update| update.key_id.clone()))
         .collect();
     // Why DO UPDATE: a status event may have made the row before its request event came; the
-    // request's place in its partition and its key are filled in then, once.
+    // request's place in its lane and its key are filled in then, once.
     sqlx::query(
         "INSERT INTO jobs (job_id, user_id, model, status, status_rank, attempt, seq, queued_at, traceparent,
-                           request_partition, request_offset, key_id)
-         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent, request_partition,
-                request_offset, key_id
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int[], $7::bigint[],
-                     $8::text[])
-             AS p(job_id, user_id, model, queued_at, traceparent, request_partition, request_offset, key_id)
+                           request_lane, request_partition, request_offset, key_id)
+         SELECT job_id, user_id, model, 'queued', 0, 0, 0, queued_at, traceparent,
+                coalesce(request_lane, 'interactive'), request_partition, request_offset, key_id
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::int[],
+                     $8::bigint[], $9::text[])
+             AS p(job_id, user_id, model, queued_at, traceparent, request_lane, request_partition, request_offset,
+                  key_id)
          ON CONFLICT (job_id) DO UPDATE
-             SET request_partition = coalesce(jobs.request_partition, EXCLUDED.request_partition),
+             SET request_lane = CASE WHEN jobs.request_partition IS NULL THEN EXCLUDED.request_lane
+                                     ELSE jobs.request_lane END,
+                 request_partition = coalesce(jobs.request_partition, EXCLUDED.request_partition),
                  request_offset = coalesce(jobs.request_offset, EXCLUDED.request_offset),
                  key_id = coalesce(jobs.key_id, EXCLUDED.key_id)
              WHERE (jobs.request_partition IS NULL AND EXCLUDED.request_partition IS NOT NULL)
@@ -345,8 +350,9 @@ async fn insert_placeholders(
     .bind(placeholders.iter().map(|job| job.model.as_str()).collect::<Vec<_>>())
     .bind(placeholders.iter().map(|job| job.timings.queued_at).collect::<Vec<_>>())
     .bind(traceparents)
-    .bind(request_records.iter().map(|record| record.map(|(partition, _)| partition)).collect::<Vec<_>>())
-    .bind(request_records.iter().map(|record| record.map(|(_, offset)| offset)).collect::<Vec<_>>())
+    .bind(request_records.iter().map(|record| record.map(|record| record.lane.as_str())).collect::<Vec<_>>())
+    .bind(request_records.iter().map(|record| record.map(|record| record.partition)).collect::<Vec<_>>())
+    .bind(request_records.iter().map(|record| record.map(|record| record.offset)).collect::<Vec<_>>())
     .bind(key_ids)
     .execute(&mut **transaction)
     .await?;

@@ -1,13 +1,23 @@
 //! Where a waiting job stands: `queue` events on its events stream while it is queued, and the
-//! same position on `GET /v1/jobs/{id}`.
+//! same position on `GET /v1/jobs/{id}`, in either lane.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sluice_tests::{Pipeline, PipelineOptions, read_sse_until, wait_until};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_queued_job_sees_its_position_fall_to_zero_and_an_eta_near_its_real_wait() {
+    a_job_watches_its_place_in("interactive").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_batch_job_sees_its_place_in_the_batch_lane() {
+    a_job_watches_its_place_in("batch").await;
+}
+
+/// 50 jobs of one lane (`priority`) behind one slow worker; the eighth watches its place.
+async fn a_job_watches_its_place_in(lane: &str) {
     // One worker taking one job at a time from one partition, from a model that takes 1.5 s:
     // 50 jobs queue behind it. (1.5 s: longer than the one-second cadence of queue events, so
     // each position, 0 too, is seen.)
@@ -21,7 +31,15 @@ async fn a_queued_job_sees_its_position_fall_to_zero_and_an_eta_near_its_real_wa
     let pipeline = Pipeline::start(options).await;
     let mut accepted = Vec::new();
     for index in 0..50 {
-        accepted.push(pipeline.submit("patient", &format!("job {index}")).await);
+        let body = json!({
+            "user_id": "patient",
+            "model": "sim",
+            "priority": lane,
+            "messages": [{"role": "user", "content": format!("job {index}")}],
+        });
+        let job = pipeline.submit_body(&body).await;
+        assert_eq!(job.priority.as_str(), lane);
+        accepted.push(job);
     }
     // The eighth: seven ahead of it at first, and three starts to time before it runs.
     let watched = &accepted[7];
@@ -70,7 +88,7 @@ async fn a_queued_job_sees_its_position_fall_to_zero_and_an_eta_near_its_real_wa
         .iter()
         .map(|(_, event)| event["position"].as_i64().unwrap())
         .collect();
-    println!("positions {positions:?}");
+    println!("{lane} lane: positions {positions:?}");
     assert!(positions.len() >= 3, "{positions:?}");
     assert!(
         positions.windows(2).all(|pair| pair[0] > pair[1]),
@@ -96,7 +114,7 @@ async fn a_queued_job_sees_its_position_fall_to_zero_and_an_eta_near_its_real_wa
         .expect("an ETA once jobs have started");
     let waited = arrivals[running].duration_since(given_at).as_millis() as f64;
     let ratio = waited / first_eta.max(1) as f64;
-    println!("first ETA {first_eta} ms; waited {waited:.0} ms; ratio {ratio:.2}");
+    println!("{lane} lane: first ETA {first_eta} ms; waited {waited:.0} ms; ratio {ratio:.2}");
     assert!(
         (0.5..=2.0).contains(&ratio),
         "ETA {first_eta} ms against {waited:.0} ms"
