@@ -225,7 +225,7 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     tally.submitted.fetch_add(1, Ordering::Relaxed);
     let response = match request.send().await {
         Ok(response) => response,
-        Err(error) => return reject(tally, format!("transport: {}", error.without_url())),
+        Err(error) => return reject(tally, format!("transport: {}", root_cause(&error))),
     };
     let status = response.status();
     let answer: serde_json::Value = response.json().await.unwrap_or_default();
@@ -303,6 +303,16 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
         }
     }
     tally.finished.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The innermost error under a failed request (e.g. the connect error under reqwest's "error
+/// sending request"), which says what went wrong.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 fn reject(tally: &Tally, reason: String) {

@@ -1,7 +1,9 @@
 //! Streaming through Sluice against the model's own stream: time to the first token and to the
 //! whole answer through the OpenAI front door (`"stream": true`), and the same from the model
-//! called directly at the same moment, at a low rate and at half the sustainable rate, beside
-//! the broker's own hop; and broker records per job with and without streaming.
+//! called directly at the same moment, at a low rate, at half the sustainable rate of unstreamed
+//! jobs and at half the sustainable rate of streamed ones (swept here: a streamed job is about
+//! four times the records and ten times the model time of an unstreamed one), beside the
+//! broker's own hop; and broker records per job with and without streaming.
 
 use crate::capacity::Target;
 use crate::{HopProbe, HopReport, Percentiles};
@@ -35,8 +37,16 @@ pub struct StreamingArgs {
     pub flush_ms: u64,
     #[arg(long, default_value_t = 5.0)]
     pub low_rate: f64,
+    /// Half the sustainable rate of unstreamed jobs (`sluice-capacity sweep`).
     #[arg(long)]
     pub half_rate: f64,
+    /// Sweep streamed jobs from this rate up (25% a step, then two bisections) for their own
+    /// sustainable rate, and measure at half of it.
+    #[arg(long, conflicts_with = "streamed_sustainable")]
+    pub sweep_from: Option<f64>,
+    /// The streamed sustainable rate another run swept: measure at half of it.
+    #[arg(long)]
+    pub streamed_sustainable: Option<f64>,
     /// Words in each prompt; the answer (`echo: <prompt>`) is one token more.
     #[arg(long, default_value_t = 20)]
     pub words: usize,
@@ -81,12 +91,99 @@ pub struct Streaming {
     pub half: StreamingLoad,
     /// The same jobs at the low rate, not streamed.
     pub records_per_job_unstreamed: f64,
+    /// The streamed sweep's steps, when this run swept.
+    #[serde(default)]
+    pub sweep: Vec<SweepStep>,
+    /// The highest rate of streamed jobs sustained (swept here or by another run).
+    #[serde(default)]
+    pub streamed_sustainable: Option<f64>,
+    /// At half of that.
+    #[serde(default)]
+    pub half_streamed: Option<StreamingLoad>,
+}
+
+/// One rate of the streamed sweep.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepStep {
+    pub rate: f64,
+    pub sustained: bool,
+    pub whole_p99_ms: f64,
+    pub failed: u64,
+    pub refused: u64,
+}
+
+/// Sustained, as issue 11 has it for unstreamed jobs: nothing failed or refused, and the whole
+/// answer's p99 under a second.
+const SUSTAINED_WHOLE_P99_MS: f64 = 1_000.0;
+
+impl SweepStep {
+    fn of(load: &StreamingLoad) -> Self {
+        let sluice = &load.through_sluice;
+        Self {
+            rate: load.rate,
+            sustained: sluice.failed == 0
+                && sluice.refused == 0
+                && sluice.whole.p99_ms < SUSTAINED_WHOLE_P99_MS,
+            whole_p99_ms: sluice.whole.p99_ms,
+            failed: sluice.failed,
+            refused: sluice.refused,
+        }
+    }
+}
+
+/// The highest rate of streamed jobs sustained: up by 25% a step from `from` until a step is
+/// not sustained, then two bisections between the last sustained rate and that one.
+async fn sweep(args: &StreamingArgs, from: f64) -> anyhow::Result<(Vec<SweepStep>, f64)> {
+    let mut steps = Vec::new();
+    let mut rate = from;
+    let mut failed_at = None;
+    for _ in 0..12 {
+        let step = SweepStep::of(&load(args, rate, true).await?);
+        let sustained = step.sustained;
+        steps.push(step);
+        if !sustained {
+            failed_at = Some(rate);
+            break;
+        }
+        rate = (rate * 1.25).round();
+    }
+    let best = |steps: &[SweepStep]| {
+        steps
+            .iter()
+            .filter(|step| step.sustained)
+            .map(|step| step.rate)
+            .fold(0.0, f64::max)
+    };
+    if let Some(mut high) = failed_at {
+        for _ in 0..2 {
+            let middle = ((best(&steps) + high) / 2.0).round();
+            let step = SweepStep::of(&load(args, middle, true).await?);
+            if !step.sustained {
+                high = middle;
+            }
+            steps.push(step);
+        }
+    }
+    let sustainable = best(&steps);
+    anyhow::ensure!(sustainable > 0.0, "not even {from} streamed jobs/s were sustained");
+    Ok((steps, sustainable))
 }
 
 pub async fn run(args: &StreamingArgs) -> anyhow::Result<Streaming> {
     let low = load(args, args.low_rate, true).await?;
     let half = load(args, args.half_rate, true).await?;
     let unstreamed = load(args, args.low_rate, false).await?;
+    let (sweep, streamed_sustainable) = match (args.sweep_from, args.streamed_sustainable) {
+        (Some(from), _) => {
+            let (steps, sustainable) = sweep(args, from).await?;
+            (steps, Some(sustainable))
+        }
+        (None, given) => (Vec::new(), given),
+    };
+    let half_streamed = match streamed_sustainable {
+        Some(rate) => Some(load(args, (rate / 2.0).round(), true).await?),
+        None => None,
+    };
     Ok(Streaming {
         flush_ms: args.flush_ms,
         token_time_ms: args.token_time_ms,
@@ -94,6 +191,9 @@ pub async fn run(args: &StreamingArgs) -> anyhow::Result<Streaming> {
         low,
         half,
         records_per_job_unstreamed: unstreamed.records_per_job,
+        sweep,
+        streamed_sustainable,
+        half_streamed,
     })
 }
 
@@ -300,9 +400,39 @@ pub fn markdown(runs: &[Streaming]) -> String {
         "Each job asks `POST /v1/chat/completions` with `\"stream\": true` for a {}-token answer from a model that takes {} ms per token; at the same moment the same request goes to the model directly. Overhead is Sluice's p50 (p99) minus the model's own p50 (p99); a streamed token crosses the broker twice (the request, then its delta) before it reaches the client.\n",
         first.answer_tokens, first.token_time_ms
     );
-    text.push_str("| flush ms | rate /s | first token: Sluice p50 / p99 ms | model alone p50 / p99 | **overhead p50 / p99** | whole answer: Sluice p50 / p99 | model alone p50 / p99 | overhead p50 / p99 | broker hop p50 / p99 | failed | refused at admission | records per job (streamed / not) |\n|---:|---:|---|---|---|---|---|---|---|---:|---:|---|\n");
+    if let Some(swept) = runs.iter().find(|run| !run.sweep.is_empty()) {
+        let steps: Vec<String> = swept
+            .sweep
+            .iter()
+            .map(|step| {
+                let verdict = match (step.failed, step.refused, step.sustained) {
+                    (_, _, true) => "sustained".to_owned(),
+                    (0, 0, false) => "whole answer p99 over 1 s".to_owned(),
+                    (failed, refused, false) => format!("{failed} failed, {refused} refused"),
+                };
+                format!("{:.0}/s: whole p99 {:.0} ms, {verdict}", step.rate, step.whole_p99_ms)
+            })
+            .collect();
+        let _ = writeln!(
+            text,
+            "Streamed jobs have a sustainable rate of their own: each is {:.1} broker records against {:.1} for an unstreamed job, and {} ms of model time against 50. Swept with the worker's flush at {} ms (sustained: nothing failed or refused, the whole answer's p99 under a second): {}. Their sustainable rate: **{:.0}/s**; the rows \"half, streamed\" are at half of it, the rows \"half, unstreamed\" at half the unstreamed sustainable rate.\n",
+            swept.half.records_per_job,
+            swept.records_per_job_unstreamed,
+            50 + swept.token_time_ms * (swept.answer_tokens as u64 - 1),
+            swept.flush_ms,
+            steps.join("; "),
+            swept.streamed_sustainable.unwrap_or_default(),
+        );
+    }
+    text.push_str("| flush ms | load | rate /s | first token: Sluice p50 / p99 ms | model alone p50 / p99 | **overhead p50 / p99** | whole answer: Sluice p50 / p99 | model alone p50 / p99 | overhead p50 / p99 | broker hop p50 / p99 | failed | refused at admission | records per job (streamed / not) |\n|---:|---|---:|---|---|---|---|---|---|---|---:|---:|---|\n");
     for run in runs {
-        for load in [&run.low, &run.half] {
+        let loads = [
+            ("low", Some(&run.low)),
+            ("half, unstreamed", Some(&run.half)),
+            ("half, streamed", run.half_streamed.as_ref()),
+        ];
+        for (name, load) in loads {
+            let Some(load) = load else { continue };
             let (sluice, alone) = (&load.through_sluice, &load.model_alone);
             let pair = |p: &Percentiles| format!("{:.1} / {:.1}", p.p50_ms, p.p99_ms);
             let minus = |a: &Percentiles, b: &Percentiles| {
@@ -310,7 +440,7 @@ pub fn markdown(runs: &[Streaming]) -> String {
             };
             let _ = writeln!(
                 text,
-                "| {} | {:.0} | {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} |",
+                "| {} | {name} | {:.0} | {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} |",
                 run.flush_ms,
                 load.rate,
                 pair(&sluice.first_token),
@@ -330,3 +460,4 @@ pub fn markdown(runs: &[Streaming]) -> String {
     text.push('\n');
     text
 }
+

@@ -49,8 +49,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Streaming(args) => {
             let streaming = sluice_bench::streaming::run(&args).await?;
             capacity::write_json(&args.out, &streaming)?;
-            let failed = streaming.low.through_sluice.failed + streaming.half.through_sluice.failed;
+            let failed = [Some(&streaming.low), Some(&streaming.half), streaming.half_streamed.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|load| load.through_sluice.failed)
+                .sum::<u64>();
             anyhow::ensure!(failed == 0, "{failed} streamed calls through Sluice failed");
+            // The last line: the streamed sustainable rate, for the next runs (`--streamed-sustainable`).
+            if let Some(rate) = streaming.streamed_sustainable {
+                println!("{rate:.0}");
+            }
         }
         Command::Webhooks(args) => {
             let run = sluice_bench::webhooks::run(&args).await?;
