@@ -215,8 +215,11 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     if config.api_key.is_none() {
         body["user_id"] = format!("bench-user-{}", index % config.users).into();
     }
+    // A submission is answered in milliseconds or it has failed: bounded, so that one the
+    // client side lost track of (its connection gone under an overload) ends the run.
     let mut request = http
         .post(format!("{}/v1/jobs", config.ingest.trim_end_matches('/')))
+        .timeout(SUBMIT_TIMEOUT)
         .json(&body);
     if let Some(key) = &config.api_key {
         request = request.bearer_auth(key);
@@ -324,6 +327,9 @@ fn reject(tally: &Tally, reason: String) {
         .or_default() += 1;
     tally.finished.fetch_add(1, Ordering::Relaxed);
 }
+
+/// Longest a submission may take before it counts as a transport failure.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long after its deadline an accepted job may still report its terminal status.
 const LATE_GRACE: Duration = Duration::from_secs(60);
