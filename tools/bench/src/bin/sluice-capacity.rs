@@ -49,12 +49,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Streaming(args) => {
             let streaming = sluice_bench::streaming::run(&args).await?;
             capacity::write_json(&args.out, &streaming)?;
-            let failed = [Some(&streaming.low), Some(&streaming.half), streaming.half_streamed.as_ref()]
+            // Why not the unstreamed half rate: it can be past what streamed jobs sustain (the
+            // sweep says), and what fails there is in the report, as a sweep's failed steps are.
+            let failed = [Some(&streaming.low), streaming.half_streamed.as_ref()]
                 .into_iter()
                 .flatten()
                 .map(|load| load.through_sluice.failed)
                 .sum::<u64>();
-            anyhow::ensure!(failed == 0, "{failed} streamed calls through Sluice failed");
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} streamed calls through Sluice failed at the low rate or at half the streamed sustainable rate"
+            );
             // The last line: the streamed sustainable rate, for the next runs (`--streamed-sustainable`).
             if let Some(rate) = streaming.streamed_sustainable {
                 println!("{rate:.0}");
