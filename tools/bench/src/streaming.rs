@@ -170,8 +170,11 @@ async fn sweep(args: &StreamingArgs, from: f64) -> anyhow::Result<(Vec<SweepStep
 }
 
 pub async fn run(args: &StreamingArgs) -> anyhow::Result<Streaming> {
+    // Why this order: the unstreamed half rate can be past what streamed jobs sustain, and the
+    // pipeline takes a while to settle after an overload, so it comes after the sweep and the
+    // streamed half rate (a sweep step right after it measured 241/s as not sustained, and 305/s
+    // was on a settled stack).
     let low = load(args, args.low_rate, true).await?;
-    let half = load(args, args.half_rate, true).await?;
     let unstreamed = load(args, args.low_rate, false).await?;
     let (sweep, streamed_sustainable) = match (args.sweep_from, args.streamed_sustainable) {
         (Some(from), _) => {
@@ -184,6 +187,7 @@ pub async fn run(args: &StreamingArgs) -> anyhow::Result<Streaming> {
         Some(rate) => Some(load(args, (rate / 2.0).round(), true).await?),
         None => None,
     };
+    let half = load(args, args.half_rate, true).await?;
     Ok(Streaming {
         flush_ms: args.flush_ms,
         token_time_ms: args.token_time_ms,
