@@ -206,6 +206,49 @@ async fn open_loop(args: &SweepArgs, model: &str, rate: f64) -> anyhow::Result<S
     step(&args.target, config).await
 }
 
+/// A sweep's steps: from `start`, `growth` times more each step up to `max`, until one is not
+/// sustained, then `refine` bisections between the highest rate sustained and the lowest not.
+/// Returns every step and the highest rate sustained (0 when none was).
+pub async fn climb<S, Fut>(
+    start: f64,
+    growth: f64,
+    max: f64,
+    refine: usize,
+    mut step: impl FnMut(f64) -> Fut,
+    sustained: impl Fn(&S) -> bool,
+) -> anyhow::Result<(Vec<S>, f64)>
+where
+    Fut: std::future::Future<Output = anyhow::Result<S>>,
+{
+    let mut steps = Vec::new();
+    let mut best = 0.0_f64;
+    let mut first_failed = None;
+    let mut rate = start;
+    while rate <= max {
+        let result = step(rate).await?;
+        let held = sustained(&result);
+        steps.push(result);
+        if !held {
+            first_failed = Some(rate);
+            break;
+        }
+        best = best.max(rate);
+        rate = (rate * growth).round();
+    }
+    if let Some(mut high) = first_failed {
+        for _ in 0..refine {
+            let middle = ((best + high) / 2.0).round();
+            let result = step(middle).await?;
+            match sustained(&result) {
+                true => best = best.max(middle),
+                false => high = middle,
+            }
+            steps.push(result);
+        }
+    }
+    Ok((steps, best))
+}
+
 pub async fn sweep(args: SweepArgs) -> anyhow::Result<Sweep> {
     // Connections, consumer fetch sessions and Postgres caches warm up first, unmeasured.
     let warm_up = Config {
@@ -213,38 +256,15 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<Sweep> {
         ..bench_config(&args.target, &args.unlimited_model, 5.0)
     };
     crate::run(warm_up).await?;
-    let mut steps = Vec::new();
-    let mut rate = args.start_rate;
-    let mut first_failed = None;
-    while rate <= args.max_rate {
-        let result = open_loop(&args, &args.unlimited_model, rate).await?;
-        let sustained = result.sustained;
-        steps.push(result);
-        if !sustained {
-            first_failed = Some(rate);
-            break;
-        }
-        rate = (rate * args.growth).round();
-    }
-    let best = |steps: &[Step]| {
-        steps
-            .iter()
-            .filter(|step| step.sustained)
-            .map(|step| step.rate)
-            .fold(0.0, f64::max)
-    };
-    if let Some(mut high) = first_failed {
-        for _ in 0..args.refine {
-            let low = best(&steps);
-            let middle = ((low + high) / 2.0).round();
-            let result = open_loop(&args, &args.unlimited_model, middle).await?;
-            if !result.sustained {
-                high = middle;
-            }
-            steps.push(result);
-        }
-    }
-    let sustainable_rate = best(&steps);
+    let (steps, sustainable_rate) = climb(
+        args.start_rate,
+        args.growth,
+        args.max_rate,
+        args.refine,
+        |rate| open_loop(&args, &args.unlimited_model, rate),
+        |step: &Step| step.sustained,
+    )
+    .await?;
     anyhow::ensure!(
         sustainable_rate > 0.0,
         "not even {}/s was sustained",

@@ -137,38 +137,19 @@ impl SweepStep {
 /// from idle to 120 streamed jobs/s queues calls for its first seconds (whole answer p99 3.2 s
 /// in the first 15 s), which says how fast the limit follows a step, not what is sustained.
 async fn sweep(args: &StreamingArgs, from: f64) -> anyhow::Result<(Vec<SweepStep>, f64)> {
-    let mut steps = Vec::new();
-    let mut rate = from;
-    let mut failed_at = None;
-    for _ in 0..12 {
-        let step = SweepStep::of(&load(args, rate, true).await?);
-        let sustained = step.sustained;
-        steps.push(step);
-        if !sustained {
-            failed_at = Some(rate);
-            break;
-        }
-        rate = (rate * 1.4).round();
-    }
-    let best = |steps: &[SweepStep]| {
-        steps
-            .iter()
-            .filter(|step| step.sustained)
-            .map(|step| step.rate)
-            .fold(0.0, f64::max)
-    };
-    if let Some(mut high) = failed_at {
-        for _ in 0..2 {
-            let middle = ((best(&steps) + high) / 2.0).round();
-            let step = SweepStep::of(&load(args, middle, true).await?);
-            if !step.sustained {
-                high = middle;
-            }
-            steps.push(step);
-        }
-    }
-    let sustainable = best(&steps);
-    anyhow::ensure!(sustainable > 0.0, "not even {from} streamed jobs/s were sustained");
+    let (steps, sustainable) = crate::capacity::climb(
+        from,
+        1.4,
+        from * 1.4_f64.powi(12),
+        2,
+        |rate| async move { Ok(SweepStep::of(&load(args, rate, true).await?)) },
+        |step: &SweepStep| step.sustained,
+    )
+    .await?;
+    anyhow::ensure!(
+        sustainable > 0.0,
+        "not even {from} streamed jobs/s were sustained"
+    );
     Ok((steps, sustainable))
 }
 
@@ -417,7 +398,10 @@ pub fn markdown(runs: &[Streaming]) -> String {
                     (0, 0, false) => "whole answer p99 over 1 s".to_owned(),
                     (failed, refused, false) => format!("{failed} failed, {refused} refused"),
                 };
-                format!("{:.0}/s: whole p99 {:.0} ms, {verdict}", step.rate, step.whole_p99_ms)
+                format!(
+                    "{:.0}/s: whole p99 {:.0} ms, {verdict}",
+                    step.rate, step.whole_p99_ms
+                )
             })
             .collect();
         let _ = writeln!(
@@ -467,4 +451,3 @@ pub fn markdown(runs: &[Streaming]) -> String {
     text.push('\n');
     text
 }
-
