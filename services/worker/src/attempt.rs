@@ -41,7 +41,7 @@ pub(crate) async fn run(
     progress: &Progress,
     started_at: DateTime<Utc>,
 ) -> Result<Attempt, Abandoned> {
-    let Ok(permit) = tokio::time::timeout(
+    let Ok(mut permit) = tokio::time::timeout(
         time_left(request),
         backend.limit.acquire_as(request.priority),
     )
@@ -88,6 +88,8 @@ pub(crate) async fn run(
             attempt,
         )
     });
+    // A streamed call's first token reaches the limit as it comes, not when the answer ends.
+    let mut first_text = sink.as_ref().map(DeltaSink::watch_first_text);
     let call = backend
         .client
         .call(
@@ -99,6 +101,28 @@ pub(crate) async fn run(
         )
         .instrument(span.clone());
     let call_started = Instant::now();
+    let call = async {
+        let mut call = std::pin::pin!(call);
+        loop {
+            let Some(watch) = first_text.as_mut() else {
+                break call.await;
+            };
+            tokio::select! {
+                result = &mut call => break result,
+                changed = watch.changed() => {
+                    let at = *watch.borrow_and_update();
+                    match (changed, at) {
+                        (Ok(()), Some(at)) => {
+                            permit.first_token(at.saturating_duration_since(call_started));
+                            first_text = None;
+                        }
+                        (Err(_), _) => first_text = None,
+                        (Ok(()), None) => {}
+                    }
+                }
+            }
+        }
+    };
     let (published, result) = tokio::join!(context.publisher.publish(&running), call);
     let answered_in = call_started.elapsed();
     published?;

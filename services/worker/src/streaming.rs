@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_schemas::{DeltaEvent, ErrorCode, JobId, Output, SCHEMA_VERSION, Usage, UserId};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Where a worker's deltas go.
 #[derive(Clone)]
@@ -36,6 +37,8 @@ pub(crate) struct DeltaSink {
     last_sent: Option<Instant>,
     /// When the answer's first text came from the backend.
     first_text_at: Option<Instant>,
+    /// The same, for whoever watches it while the call runs (the concurrency limit).
+    first_text: watch::Sender<Option<Instant>>,
 }
 
 impl DeltaSink {
@@ -49,7 +52,13 @@ impl DeltaSink {
             pending: String::new(),
             last_sent: None,
             first_text_at: None,
+            first_text: watch::Sender::new(None),
         }
+    }
+
+    /// When the answer's first text comes, as it comes.
+    pub(crate) fn watch_first_text(&self) -> watch::Receiver<Option<Instant>> {
+        self.first_text.subscribe()
     }
 
     /// Whether any piece has gone out: a retry or a fallback would then garble the answer.
@@ -64,7 +73,9 @@ impl DeltaSink {
 
     fn push(&mut self, text: &str) {
         if self.first_text_at.is_none() && !text.is_empty() {
-            self.first_text_at = Some(Instant::now());
+            let now = Instant::now();
+            self.first_text_at = Some(now);
+            self.first_text.send_replace(Some(now));
         }
         self.pending.push_str(text);
         let due = self
