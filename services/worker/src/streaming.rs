@@ -35,9 +35,8 @@ pub(crate) struct DeltaSink {
     index: u32,
     pending: String,
     last_sent: Option<Instant>,
-    /// When the answer's first text came from the backend.
-    first_text_at: Option<Instant>,
-    /// The same, for whoever watches it while the call runs (the concurrency limit).
+    /// When the answer's first text came from the backend, watched while the call runs (by the
+    /// concurrency limit).
     first_text: watch::Sender<Option<Instant>>,
 }
 
@@ -51,7 +50,6 @@ impl DeltaSink {
             index: 0,
             pending: String::new(),
             last_sent: None,
-            first_text_at: None,
             first_text: watch::Sender::new(None),
         }
     }
@@ -68,14 +66,16 @@ impl DeltaSink {
 
     /// When the answer's first text came from the backend, if any has.
     pub(crate) fn first_text_at(&self) -> Option<Instant> {
-        self.first_text_at
+        *self.first_text.borrow()
     }
 
     fn push(&mut self, text: &str) {
-        if self.first_text_at.is_none() && !text.is_empty() {
-            let now = Instant::now();
-            self.first_text_at = Some(now);
-            self.first_text.send_replace(Some(now));
+        if !text.is_empty() {
+            self.first_text.send_if_modified(|first| {
+                let unset = first.is_none();
+                first.get_or_insert_with(Instant::now);
+                unset
+            });
         }
         self.pending.push_str(text);
         let due = self
