@@ -232,7 +232,7 @@ pub(crate) async fn job_events(
                         position.seq = event.seq;
                         position.queue = None;
                         if trace.is_none() {
-                            trace = Some(TraceHeaders::from_traceparent(store.traceparent(job_id).await.ok().flatten()));
+                            trace = Some(TraceHeaders::from_traceparent(event.traceparent.as_deref().map(str::to_owned)));
                         }
                         let terminal = event.status.is_terminal();
                         yield Ok(status_event(job_id, position, event, trace.as_ref()));
@@ -272,7 +272,9 @@ fn status_event(
     event: JobEvent,
     trace: Option<&TraceHeaders>,
 ) -> Event {
-    let JobEvent { seq, status, job } = event;
+    let JobEvent {
+        seq, status, job, ..
+    } = event;
     let span = tracing::info_span!(
         "sse push",
         otel.kind = "producer",

@@ -205,6 +205,7 @@ mod tests {
                     seq,
                     status: JobStatus::Running,
                     job: Arc::new(serde_json::json!({ "seq": seq })),
+                    traceparent: None,
                 })
                 .collect(),
         }

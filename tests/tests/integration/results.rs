@@ -142,6 +142,62 @@ async fn batches_are_idempotent_whatever_the_order_or_repetition() {
     assert_eq!(rows, 1);
 }
 
+/// Rows of `jobs` read by sequential scans so far, counted on `pool`'s one connection: its own
+/// scans are flushed to the statistics first (a backend otherwise flushes them seconds later).
+async fn jobs_rows_read_whole(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'jobs'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The planner's row counts come from the last `ANALYZE`: a table analyzed while small and grown
+/// since (a fresh database's first minute, a burst) must still be written by key, not read whole
+/// for every batch (as it was: a hash join over a sequential scan of `jobs`).
+#[tokio::test]
+async fn batches_look_jobs_up_by_key_when_the_statistics_are_stale() {
+    let database = TestDatabase::migrated().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&database.url)
+        .await
+        .unwrap();
+    let store = Store::new(pool.clone());
+    let queued = |count: usize| -> Vec<Update> {
+        (0..count)
+            .map(|_| update(JobId::new(), JobStatus::Queued, 0))
+            .collect()
+    };
+    store.apply(&queued(20)).await.unwrap();
+    sqlx::query("ANALYZE jobs").execute(&pool).await.unwrap();
+    let mut jobs = Vec::new();
+    for _ in 0..30 {
+        let batch = queued(100);
+        store.apply(&batch).await.unwrap();
+        jobs.extend(batch.into_iter().map(|update| update.job_id));
+    }
+
+    let before = jobs_rows_read_whole(&pool).await;
+    for chunk in jobs.chunks(50) {
+        let running: Vec<Update> = chunk
+            .iter()
+            .map(|&job_id| update(job_id, JobStatus::Running, 1))
+            .collect();
+        store.apply(&running).await.unwrap();
+    }
+    let read_whole = jobs_rows_read_whole(&pool).await - before;
+    println!("rows of jobs read by sequential scans in 60 batches over 3,020 jobs: {read_whole}");
+    assert_eq!(read_whole, 0, "the batches read the jobs table whole");
+    assert_eq!(
+        statuses(&store, jobs[0]).await,
+        [JobStatus::Queued, JobStatus::Running]
+    );
+}
+
 #[tokio::test]
 async fn concurrent_writers_of_the_same_jobs_agree() {
     let database = TestDatabase::migrated().await;
