@@ -2,6 +2,7 @@
 //! beside the call, and what the attempt teaches the breaker and the concurrency limit.
 
 use crate::context::{JobContext, status_event, time_left};
+use crate::limit::Permit;
 use crate::model::{CallError, Failure};
 use crate::routing::Backend;
 use crate::status::Abandoned;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Instant;
+use tokio::sync::watch;
 use tracing::Instrument;
 
 /// How one attempt ended.
@@ -89,7 +91,7 @@ pub(crate) async fn run(
         )
     });
     // A streamed call's first token reaches the limit as it comes, not when the answer ends.
-    let mut first_text = sink.as_ref().map(DeltaSink::watch_first_text);
+    let first_text = sink.as_ref().map(DeltaSink::watch_first_text);
     let call = backend
         .client
         .call(
@@ -101,28 +103,7 @@ pub(crate) async fn run(
         )
         .instrument(span.clone());
     let call_started = Instant::now();
-    let call = async {
-        let mut call = std::pin::pin!(call);
-        loop {
-            let Some(watch) = first_text.as_mut() else {
-                break call.await;
-            };
-            tokio::select! {
-                result = &mut call => break result,
-                changed = watch.changed() => {
-                    let at = *watch.borrow_and_update();
-                    match (changed, at) {
-                        (Ok(()), Some(at)) => {
-                            permit.first_token(at.saturating_duration_since(call_started));
-                            first_text = None;
-                        }
-                        (Err(_), _) => first_text = None,
-                        (Ok(()), None) => {}
-                    }
-                }
-            }
-        }
-    };
+    let call = counting_first_token(call, first_text, &mut permit, call_started);
     let (published, result) = tokio::join!(context.publisher.publish(&running), call);
     let answered_in = call_started.elapsed();
     published?;
@@ -175,4 +156,34 @@ pub(crate) async fn run(
             Attempt::Failed(failed)
         }
     })
+}
+
+/// Runs `call`, handing the limit the call's first token when `first_text` sees it (a streamed
+/// call), so the limit learns at the pace of first tokens rather than of whole answers.
+async fn counting_first_token<T>(
+    call: impl std::future::Future<Output = T>,
+    mut first_text: Option<watch::Receiver<Option<Instant>>>,
+    permit: &mut Permit<'_>,
+    call_started: Instant,
+) -> T {
+    let mut call = std::pin::pin!(call);
+    loop {
+        let Some(watch) = first_text.as_mut() else {
+            return call.await;
+        };
+        tokio::select! {
+            result = &mut call => return result,
+            changed = watch.changed() => {
+                let at = *watch.borrow_and_update();
+                match (changed, at) {
+                    (Ok(()), Some(at)) => {
+                        permit.first_token(at.saturating_duration_since(call_started));
+                        first_text = None;
+                    }
+                    (Err(_), _) => first_text = None,
+                    (Ok(()), None) => {}
+                }
+            }
+        }
+    }
 }
