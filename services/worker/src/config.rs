@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long = "batch-aging-secs", env = "SLUICE_BATCH_AGING_SECS", default_value = "60", value_parser = sluice_common::settings::secs)]
     pub batch_aging: std::time::Duration,
 
+    /// The share of the in-flight window batch jobs may not fill (0 to 0.5): kept for
+    /// interactive jobs, which then start at once behind a batch backlog.
+    #[arg(long, env = "SLUICE_INTERACTIVE_RESERVE", default_value_t = 0.1)]
+    pub interactive_reserve: f64,
+
     /// Records read ahead of the window, so users queued behind a burst are seen; past it
     /// (or past `SLUICE_READ_AHEAD_BYTES`) the partitions are paused.
     #[arg(long, env = "SLUICE_READ_AHEAD", default_value_t = 4096)]

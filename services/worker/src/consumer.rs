@@ -50,6 +50,7 @@ pub(crate) async fn consume(
     give_up: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut waiting = Lanes::new(
+        settings.max_in_flight,
         settings.per_user_in_flight,
         settings.fair_quantum_tokens,
         settings.batch_topic.clone(),

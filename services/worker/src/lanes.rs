@@ -3,7 +3,9 @@
 //! the lanes share the in-flight window by stride scheduling: when both have work, the batch
 //! lane starts `batch_share` of the jobs. Aging: each `aging` its oldest buffered job has
 //! waited adds `batch_share` again, up to half, so batch work is never starved and a long
-//! backlog drains faster the older it is. A lane alone gets every slot.
+//! backlog drains faster the older it is. A lane alone gets every slot but a reserve: batch jobs
+//! never fill the last `interactive_reserve` of the window, so an interactive job arriving behind
+//! a backlog starts at once instead of waiting for a batch job to end.
 
 use crate::fair::{FairQueue, Queued};
 use crate::job::{Ran, Record};
@@ -17,15 +19,23 @@ pub struct LaneSettings {
     pub batch_share: f64,
     /// Each time this passes for the oldest waiting batch job, the share grows by itself again.
     pub aging: Duration,
+    /// The share of the in-flight window batch jobs may not fill (0 to 0.5), kept for
+    /// interactive ones.
+    pub interactive_reserve: f64,
 }
 
 /// The most the batch lane's share grows to by aging.
 const MAX_AGED_SHARE: f64 = 0.5;
 
+/// The most of the window kept for interactive jobs.
+const MAX_INTERACTIVE_RESERVE: f64 = 0.5;
+
 struct Lane {
     queue: FairQueue,
     /// Stride scheduling's pass: grows by 1/weight per job started; the lowest goes next.
     pass: f64,
+    /// Its jobs started and not finished.
+    running: usize,
 }
 
 pub(crate) struct Lanes {
@@ -33,10 +43,14 @@ pub(crate) struct Lanes {
     batch: Lane,
     batch_topic: String,
     settings: LaneSettings,
+    /// The most batch jobs running at once: the window less the interactive reserve.
+    batch_slots: usize,
 }
 
 impl Lanes {
+    /// Lanes for a window of `window` jobs running at once.
     pub(crate) fn new(
+        window: usize,
         per_user: usize,
         quantum_tokens: u64,
         batch_topic: String,
@@ -45,12 +59,18 @@ impl Lanes {
         let lane = || Lane {
             queue: FairQueue::new(per_user, quantum_tokens),
             pass: 0.0,
+            running: 0,
         };
+        let reserve = settings
+            .interactive_reserve
+            .clamp(0.0, MAX_INTERACTIVE_RESERVE);
+        let reserved = (window as f64 * reserve).ceil() as usize;
         Self {
             interactive: lane(),
             batch: lane(),
             batch_topic,
             settings,
+            batch_slots: window.saturating_sub(reserved).max(1),
         }
     }
 
@@ -106,7 +126,8 @@ impl Lanes {
         (base * (1.0 + ages.floor())).min(MAX_AGED_SHARE).max(base)
     }
 
-    /// The next job to start: from the lane with the lower pass that can start one.
+    /// The next job to start: from the lane with the lower pass that can start one (the batch
+    /// lane only while it runs fewer than its slots).
     pub(crate) fn pop(&mut self) -> Option<Queued> {
         let share = self.batch_share(Instant::now());
         let order = if self.interactive.pass <= self.batch.pass {
@@ -114,14 +135,17 @@ impl Lanes {
         } else {
             [Priority::Batch, Priority::Interactive]
         };
+        let batch_may_start = self.batch.running < self.batch_slots;
         for priority in order {
             let weight = match priority {
                 Priority::Interactive => 1.0 - share,
-                Priority::Batch => share,
+                Priority::Batch if batch_may_start => share,
+                Priority::Batch => continue,
             };
             let lane = self.lane(priority);
             if let Some(queued) = lane.queue.pop() {
                 lane.pass += 1.0 / weight.max(0.001);
+                lane.running += 1;
                 return Some(queued);
             }
         }
@@ -137,9 +161,9 @@ impl Lanes {
     ) {
         let priority = self.priority_of(record);
         let user = record.key.as_deref().unwrap_or_default();
-        self.lane(priority)
-            .queue
-            .finished(user, estimate, charged, ran);
+        let lane = self.lane(priority);
+        lane.running = lane.running.saturating_sub(1);
+        lane.queue.finished(user, estimate, charged, ran);
     }
 
     /// Drops buffered records that `keep` rejects (those of revoked partitions).
@@ -200,12 +224,18 @@ mod tests {
         .to_string()
     }
 
+    /// Lanes with a window too large to be the limit.
     fn lanes(batch_share: f64, aging: Duration) -> Lanes {
         Lanes::new(
+            1_000_000,
             1000,
             1024,
             "batch".into(),
-            LaneSettings { batch_share, aging },
+            LaneSettings {
+                batch_share,
+                aging,
+                interactive_reserve: 0.1,
+            },
         )
     }
 
@@ -250,6 +280,45 @@ mod tests {
         started(&mut lanes, 500);
         lanes.push(queued("interactive", "chat", 0));
         assert_eq!(lanes.pop().unwrap().record.topic, "interactive");
+    }
+
+    #[test]
+    fn batch_jobs_leave_the_reserve_of_the_window_to_interactive_ones() {
+        let mut lanes = Lanes::new(
+            10,
+            1000,
+            1024,
+            "batch".into(),
+            LaneSettings {
+                batch_share: 0.1,
+                aging: Duration::from_secs(3600),
+                interactive_reserve: 0.1,
+            },
+        );
+        for offset in 0..100 {
+            lanes.push(queued("batch", &format!("b{offset}"), offset));
+        }
+        let batch: Vec<Queued> = std::iter::from_fn(|| lanes.pop()).collect();
+        assert_eq!(
+            batch.len(),
+            9,
+            "batch alone fills the window but its reserve"
+        );
+        lanes.push(queued("interactive", "chat", 0));
+        assert_eq!(lanes.pop().unwrap().record.topic, "interactive");
+        assert!(lanes.pop().is_none(), "no slot for batch until one ends");
+        let done = &batch[0];
+        lanes.finished(
+            &done.record,
+            done.estimate,
+            done.charged,
+            &Ran {
+                outcome: crate::job::Outcome::Finished(sluice_schemas::JobStatus::Succeeded),
+                output: None,
+            },
+        );
+        assert_eq!(lanes.pop().unwrap().record.topic, "batch");
+        assert!(lanes.pop().is_none());
     }
 
     #[test]

@@ -90,6 +90,7 @@ impl Application {
             lanes: lanes::LaneSettings {
                 batch_share: config.batch_share,
                 aging: config.batch_aging,
+                interactive_reserve: config.interactive_reserve,
             },
             read_ahead: config.read_ahead,
             read_ahead_bytes: config.read_ahead_bytes,
