@@ -226,8 +226,13 @@ mod tests {
 
     /// Lanes with a window too large to be the limit.
     fn lanes(batch_share: f64, aging: Duration) -> Lanes {
+        lanes_in_window(1_000_000, batch_share, aging)
+    }
+
+    /// Lanes for a window of `window` jobs, a tenth of it kept for interactive ones.
+    fn lanes_in_window(window: usize, batch_share: f64, aging: Duration) -> Lanes {
         Lanes::new(
-            1_000_000,
+            window,
             1000,
             1024,
             "batch".into(),
@@ -284,17 +289,7 @@ mod tests {
 
     #[test]
     fn batch_jobs_leave_the_reserve_of_the_window_to_interactive_ones() {
-        let mut lanes = Lanes::new(
-            10,
-            1000,
-            1024,
-            "batch".into(),
-            LaneSettings {
-                batch_share: 0.1,
-                aging: Duration::from_secs(3600),
-                interactive_reserve: 0.1,
-            },
-        );
+        let mut lanes = lanes_in_window(10, 0.1, Duration::from_secs(3600));
         for offset in 0..100 {
             lanes.push(queued("batch", &format!("b{offset}"), offset));
         }
