@@ -3,9 +3,10 @@
 //! the lanes share the in-flight window by stride scheduling: when both have work, the batch
 //! lane starts `batch_share` of the jobs. Aging: each `aging` its oldest buffered job has
 //! waited adds `batch_share` again, up to half, so batch work is never starved and a long
-//! backlog drains faster the older it is. A lane alone gets every slot but a reserve: batch jobs
-//! never fill the last `interactive_reserve` of the window, so an interactive job arriving behind
-//! a backlog starts at once instead of waiting for a batch job to end.
+//! backlog drains faster the older it is. Interactive work alone gets every slot, batch work alone
+//! all but a reserve: batch jobs never fill the last `interactive_reserve` of the window, so an
+//! interactive job arriving behind a backlog starts at once instead of waiting for a batch job to
+//! end.
 
 use crate::fair::{FairQueue, Queued};
 use crate::job::{Ran, Record};
