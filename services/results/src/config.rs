@@ -94,7 +94,8 @@ pub struct Config {
     #[arg(long = "sse-keepalive-secs", env = "SLUICE_SSE_KEEPALIVE_SECS", default_value = "15", value_parser = sluice_common::settings::secs)]
     pub sse_keepalive: std::time::Duration,
 
-    /// How often an open SSE stream re-reads its job even without a notification, in ms.
+    /// How often the jobs that open SSE streams watch are looked up even without a notification
+    /// (one query for all of them), in ms; also how soon a stream whose read failed reads again.
     #[arg(long = "sse-recheck-ms", env = "SLUICE_SSE_RECHECK_MS", default_value = "2000", value_parser = sluice_common::settings::millis)]
     pub sse_recheck: std::time::Duration,
 

@@ -171,6 +171,7 @@ pub(crate) async fn job_events(
                 (None, None) => store.events_after(job_id, position.seq, user.as_deref()).await,
             };
             let mut pushes = Vec::new();
+            let failed = read.is_err();
             match read {
                 Ok(events) => {
                     for event in events {
@@ -258,7 +259,8 @@ pub(crate) async fn job_events(
                 _ = tokio::time::sleep_until(quiet_until) => return,
                 Ok(()) = grown.changed(), if relaying => Wake::Grown,
                 Ok(()) = positions.receiver.changed(), if queued => Wake::QueueTick,
-                wake = changes.changed(recheck) => wake,
+                () = changes.changed() => Wake::Changed,
+                _ = tokio::time::sleep(recheck), if failed => Wake::Recheck,
             };
         }
     };

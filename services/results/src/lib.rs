@@ -56,8 +56,9 @@ pub struct AppState {
     /// Queue positions of the queued jobs this replica's streams watch.
     pub queue: queue::QueueWatch,
     pub keepalive: Duration,
-    /// How often an open SSE stream re-reads its job without a notification (a safety net
-    /// for notifications lost while the listener reconnects).
+    /// How often the watched jobs are looked up without a notification (a safety net for
+    /// notifications lost while the listener reconnects), and how soon a stream whose read
+    /// failed reads again.
     pub sse_recheck: Duration,
     /// The Kafka consumer's readiness, for `/readyz`.
     pub consumer: SourceHealth,
@@ -250,6 +251,18 @@ impl Application {
             let (changes, stop) = (self.state.changes.clone(), stop.clone());
             async move {
                 notify::listen(pool, changes, stop).await;
+                Ok(())
+            }
+        });
+        lifecycle.spawn("recheck of watched jobs", {
+            let (store, changes, every, stop) = (
+                self.state.store.clone(),
+                self.state.changes.clone(),
+                self.state.sse_recheck,
+                stop.clone(),
+            );
+            async move {
+                notify::recheck(store, changes, every, stop).await;
                 Ok(())
             }
         });

@@ -3,8 +3,11 @@
 //! with their events, which they push without reading Postgres again. Each stream waits on its
 //! own job only: a change wakes the streams of that job, not every open stream (with thousands
 //! of browsers waiting on slow models, a broadcast to all would cost streams x changes wake-ups).
+//! In case a notification is lost, one query per replica looks up every watched job's latest
+//! change on a timer and wakes the streams of those that moved: a re-read per stream would be
+//! thousands of queries a second under a backlog, and more the further behind it falls.
 
-use crate::store::{JobEvent, NOTIFY_CHANNEL, Recorded};
+use crate::store::{JobEvent, NOTIFY_CHANNEL, Recorded, Store};
 use sluice_schemas::JobId;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -52,7 +55,7 @@ pub struct Subscription {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
     Changed,
-    /// The recheck interval passed with no announcement: read Postgres, in case one was lost.
+    /// Read Postgres: the stream's first read, or a retry after a failed one.
     Recheck,
     /// The job's streamed answer grew (see `deltas`); its status did not change.
     Grown,
@@ -103,6 +106,31 @@ impl JobChanges {
         }
     }
 
+    /// The jobs some stream watches.
+    fn watched_ids(&self) -> Vec<JobId> {
+        self.watched
+            .lock()
+            .expect("job changes")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Postgres holds `latest` (each job's latest seq): wakes the streams of the watched jobs
+    /// whose latest change was not announced, and no others.
+    fn caught_up(&self, latest: &HashMap<JobId, i64>) {
+        for (job_id, watched) in self.watched.lock().expect("job changes").iter() {
+            let Some(&seq) = latest.get(job_id) else {
+                continue;
+            };
+            watched.known.send_if_modified(|known| {
+                let behind = known.seq < seq;
+                known.seq = known.seq.max(seq);
+                behind
+            });
+        }
+    }
+
     /// Wakes every stream to read Postgres: after a listener reconnect, notifications may have
     /// been missed.
     pub fn announce_all(&self) {
@@ -113,11 +141,11 @@ impl JobChanges {
 }
 
 impl Subscription {
-    /// Returns when the job changed since the last call (or since subscribing), or after `recheck`.
-    pub async fn changed(&mut self, recheck: Duration) -> Wake {
-        match tokio::time::timeout(recheck, self.receiver.changed()).await {
-            Ok(_) => Wake::Changed,
-            Err(_elapsed) => Wake::Recheck,
+    /// Returns when the job changed since the last call (or since subscribing).
+    pub async fn changed(&mut self) {
+        if self.receiver.changed().await.is_err() {
+            // The sender lives while this subscription does.
+            std::future::pending::<()>().await;
         }
     }
 
@@ -168,6 +196,27 @@ pub async fn listen(pool: PgPool, changes: JobChanges, shutdown: CancellationTok
         listen_once(&pool, &changes, &shutdown)
     })
     .await;
+}
+
+/// Every `every` until `stop`, looks up the latest change of every job a stream watches, in one
+/// query, and wakes the streams of those whose change was not announced.
+pub async fn recheck(store: Store, changes: JobChanges, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let ids = changes.watched_ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match store.latest_seqs(&ids).await {
+            Ok(latest) => changes.caught_up(&latest),
+            Err(error) => tracing::warn!(error = %error, "rechecking watched jobs failed"),
+        }
+    }
 }
 
 async fn listen_once(

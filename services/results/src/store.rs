@@ -205,6 +205,23 @@ impl Store {
             .collect()
     }
 
+    /// The latest seq of each of `job_ids` that has a row.
+    pub async fn latest_seqs(&self, job_ids: &[JobId]) -> sqlx::Result<HashMap<JobId, i64>> {
+        let ids: Vec<Uuid> = job_ids.iter().map(JobId::as_uuid).collect();
+        let rows: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT job_id, seq FROM jobs WHERE job_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(job_id, seq)| {
+                let job_id =
+                    JobId::try_from(job_id).map_err(|error| decode_error(error.to_string()))?;
+                Ok((job_id, seq))
+            })
+            .collect()
+    }
+
     /// Status changes of a job after `after_seq`, oldest first.
     /// With `user`, only if the job is that user's: another user's job looks like no job at all.
     pub async fn events_after(

@@ -417,3 +417,54 @@ async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_whose_notification_was_lost_reaches_its_stream_through_the_recheck() {
+    let database = TestDatabase::migrated().await;
+    let recheck = Duration::from_millis(300);
+    let serving = state(&database, recheck).await;
+    let (store, changes) = (serving.store.clone(), serving.changes.clone());
+    // No listener: every notification is lost.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, router(serving)).into_future());
+
+    let job_id = JobId::new();
+    let response = reqwest::get(format!("{url}/v1/jobs/{job_id}/events"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reader = tokio::spawn(read_sse(response, Duration::from_secs(20)));
+    // Why a sleep: the stream's first read must find nothing, so only a recheck can bring the
+    // changes below.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other_replica = Store::new(database.pool.clone());
+    for (status, attempt) in [
+        (JobStatus::Queued, 0),
+        (JobStatus::Running, 1),
+        (JobStatus::Succeeded, 1),
+    ] {
+        other_replica
+            .apply(&[update(job_id, status, attempt)])
+            .await
+            .unwrap();
+    }
+    // Several recheck intervals with no recheck running: the stream has heard nothing.
+    tokio::time::sleep(recheck * 4).await;
+    assert!(!reader.is_finished(), "nothing but the recheck can wake it");
+
+    let stop = CancellationToken::new();
+    tokio::spawn(sluice_results::notify::recheck(
+        store,
+        changes,
+        recheck,
+        stop.clone(),
+    ));
+    let (events, _) = reader.await.unwrap();
+    let names: Vec<_> = events
+        .iter()
+        .map(|event| event.event.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["queued", "running", "succeeded"]);
+    stop.cancel();
+}
