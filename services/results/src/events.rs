@@ -130,7 +130,7 @@ pub(crate) async fn job_events(
     // Subscribed before the first read, so a change committed in between is not missed.
     let mut changes = state.changes.subscribe(job_id);
     let answers = state.answers.clone();
-    let store = state.store.clone();
+    let reads = state.reads.clone();
     let recheck = state.sse_recheck;
     let stopping = state.stopping.clone();
     let queue_watch = state.queue.clone();
@@ -168,7 +168,7 @@ pub(crate) async fn job_events(
             let read = match (ending.take(), written) {
                 (Some(terminal), _) => Ok(vec![terminal]),
                 (None, Some(events)) => Ok(visible_to(events, user.as_deref())),
-                (None, None) => store.events_after(job_id, position.seq, user.as_deref()).await,
+                (None, None) => reads.events_after(job_id, position.seq, user.as_deref()).await,
             };
             let mut pushes = Vec::new();
             let failed = read.is_err();

@@ -11,6 +11,7 @@ mod events;
 pub mod list;
 pub mod notify;
 pub mod queue;
+pub mod reads;
 pub mod state;
 pub mod store;
 pub mod streams;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub answers: deltas::Answers,
     /// Queue positions of the queued jobs this replica's streams watch.
     pub queue: queue::QueueWatch,
+    /// Streams' reads of their jobs' events, gathered into shared queries.
+    pub reads: reads::EventReads,
     pub keepalive: Duration,
     /// How often the watched jobs are looked up without a notification (a safety net for
     /// notifications lost while the listener reconnects), and how soon a stream whose read
@@ -134,6 +137,7 @@ pub struct Application {
     drain_timeout: Duration,
     kafka: sluice_common::kafka::KafkaArgs,
     deltas_topic: String,
+    gatherer: reads::Gatherer,
 }
 
 impl Application {
@@ -167,6 +171,7 @@ impl Application {
         let store = Store::new(pool).with_prices(config.prices.prices.clone());
         let lifecycle = Lifecycle::new();
         let changes = notify::JobChanges::default();
+        let (reads, gatherer) = reads::gathered(store.clone());
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
@@ -184,6 +189,7 @@ impl Application {
             changes,
             answers: deltas::Answers::new(config.deltas_keep, config.deltas_max_jobs),
             queue: queue::QueueWatch::default(),
+            reads,
             keepalive: config.sse_keepalive,
             sse_recheck: config.sse_recheck,
             consumer: source.health(),
@@ -233,6 +239,7 @@ impl Application {
             drain_timeout: config.drain_timeout,
             kafka: config.kafka,
             deltas_topic: config.topics.deltas,
+            gatherer,
         })
     }
 
@@ -263,6 +270,13 @@ impl Application {
             );
             async move {
                 notify::recheck(store, changes, every, stop).await;
+                Ok(())
+            }
+        });
+        lifecycle.spawn("event reads", {
+            let (gatherer, stop) = (self.gatherer, stop.clone());
+            async move {
+                gatherer.run(stop).await;
                 Ok(())
             }
         });

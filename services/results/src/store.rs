@@ -205,6 +205,43 @@ impl Store {
             .collect()
     }
 
+    /// [`Self::events_after`] for each of `reads`, in one query; the answers in their order.
+    pub async fn events_after_each(
+        &self,
+        reads: &[crate::reads::ReadOf],
+    ) -> sqlx::Result<Vec<Vec<JobEvent>>> {
+        // Why `OFFSET 0`: it keeps the planner from turning the lateral part into a join that
+        // may read `job_events` whole; each read stays a lookup on the primary key.
+        let rows = sqlx::query(
+            "SELECT r.i, e.seq, e.status, e.job,
+                    (SELECT traceparent FROM jobs WHERE jobs.job_id = r.job_id) AS traceparent
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::text[]) WITH ORDINALITY AS r(job_id, after_seq, reader, i)
+             CROSS JOIN LATERAL (
+                 SELECT seq, status, job FROM job_events
+                 WHERE job_events.job_id = r.job_id AND job_events.seq > r.after_seq
+                   AND (r.reader IS NULL OR job_events.job->>'user_id' = r.reader)
+                 ORDER BY seq OFFSET 0
+             ) e
+             ORDER BY r.i, e.seq",
+        )
+        .bind(reads.iter().map(|read| read.job_id.as_uuid()).collect::<Vec<_>>())
+        .bind(reads.iter().map(|read| read.after_seq).collect::<Vec<_>>())
+        .bind(reads.iter().map(|read| read.user.clone()).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut answers = vec![Vec::new(); reads.len()];
+        for row in rows {
+            let index: i64 = row.try_get("i")?;
+            let event = event_from_row(&row)?;
+            let answer = usize::try_from(index - 1)
+                .ok()
+                .and_then(|index| answers.get_mut(index))
+                .ok_or_else(|| decode_error(format!("no read {index}")))?;
+            answer.push(event);
+        }
+        Ok(answers)
+    }
+
     /// The latest seq of each of `job_ids` that has a row.
     pub async fn latest_seqs(&self, job_ids: &[JobId]) -> sqlx::Result<HashMap<JobId, i64>> {
         let ids: Vec<Uuid> = job_ids.iter().map(JobId::as_uuid).collect();
@@ -243,21 +280,22 @@ impl Store {
         .bind(user)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                let status: String = row.try_get("status")?;
-                Ok(JobEvent {
-                    seq: row.try_get("seq")?,
-                    status: JobStatus::parse(&status)
-                        .ok_or_else(|| decode_error(format!("unknown status {status}")))?,
-                    job: Arc::new(row.try_get("job")?),
-                    traceparent: row
-                        .try_get::<Option<String>, _>("traceparent")?
-                        .map(Arc::from),
-                })
-            })
-            .collect()
+        rows.iter().map(event_from_row).collect()
     }
+}
+
+/// A row with `seq`, `status`, `job` and `traceparent` as a job event.
+fn event_from_row(row: &PgRow) -> sqlx::Result<JobEvent> {
+    let status: String = row.try_get("status")?;
+    Ok(JobEvent {
+        seq: row.try_get("seq")?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| decode_error(format!("unknown status {status}")))?,
+        job: Arc::new(row.try_get("job")?),
+        traceparent: row
+            .try_get::<Option<String>, _>("traceparent")?
+            .map(Arc::from),
+    })
 }
 
 /// A queued job's rank in its partition, and the partition's recent starts: how many, over how

@@ -74,8 +74,12 @@ pub(crate) async fn state(database: &TestDatabase, recheck: Duration) -> AppStat
             }
         }
     });
+    let store = Store::new(database.pool.clone());
+    let (reads, gatherer) = sluice_results::reads::gathered(store.clone());
+    tokio::spawn(gatherer.run(CancellationToken::new()));
     AppState {
-        store: Store::new(database.pool.clone()),
+        store,
+        reads,
         changes: sluice_results::notify::JobChanges::default(),
         answers: sluice_results::deltas::Answers::new(Duration::from_secs(60), 100),
         queue: sluice_results::queue::QueueWatch::default(),
@@ -467,4 +471,58 @@ async fn a_change_whose_notification_was_lost_reaches_its_stream_through_the_rec
         .collect();
     assert_eq!(names, ["queued", "running", "succeeded"]);
     stop.cancel();
+}
+
+#[tokio::test]
+async fn gathered_reads_answer_each_read_as_a_read_of_its_own_would() {
+    let database = TestDatabase::migrated().await;
+    let store = Store::new(database.pool.clone());
+    let (first, second, unknown) = (JobId::new(), JobId::new(), JobId::new());
+    for job_id in [first, second] {
+        store
+            .apply(&[
+                update(job_id, JobStatus::Queued, 0),
+                update(job_id, JobStatus::Running, 1),
+            ])
+            .await
+            .unwrap();
+    }
+    store
+        .apply(&[update(first, JobStatus::Succeeded, 1)])
+        .await
+        .unwrap();
+    let read = |job_id, after_seq, user: Option<&str>| sluice_results::reads::ReadOf {
+        job_id,
+        after_seq,
+        user: user.map(str::to_owned),
+    };
+    let asked = [
+        read(second, 0, None),
+        read(first, 1, None),
+        read(unknown, 0, None),
+        read(first, 0, Some("someone else")),
+        read(first, 0, Some("u")),
+    ];
+    let answers = store.events_after_each(&asked).await.unwrap();
+    assert_eq!(answers.len(), asked.len());
+    for (of, answer) in asked.iter().zip(&answers) {
+        let alone = store
+            .events_after(of.job_id, of.after_seq, of.user.as_deref())
+            .await
+            .unwrap();
+        let seqs = |events: &[sluice_results::store::JobEvent]| {
+            events
+                .iter()
+                .map(|event| (event.seq, event.status, event.job.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(answer), seqs(&alone), "{of:?}");
+    }
+    let statuses = |index: usize| -> Vec<JobStatus> {
+        answers[index].iter().map(|event| event.status).collect()
+    };
+    assert_eq!(statuses(0), [JobStatus::Queued, JobStatus::Running]);
+    assert_eq!(statuses(1), [JobStatus::Running, JobStatus::Succeeded]);
+    assert!(statuses(2).is_empty() && statuses(3).is_empty());
+    assert_eq!(statuses(4).len(), 3);
 }
