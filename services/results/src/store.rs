@@ -121,8 +121,8 @@ impl Store {
             events.extend(changes);
         }
         let recorded = Recorded::group(&events, &traceparents);
-        record_changes(&mut transaction, &changed_jobs, &events, &recorded).await?;
-        crate::usage::record(&mut transaction, &events, &self.prices).await?;
+        let ended = crate::usage::Ended::of(&events, &self.prices);
+        record_changes(&mut transaction, &changed_jobs, &events, &recorded, ended).await?;
         transaction.commit().await?;
         Ok(recorded)
     }
@@ -462,20 +462,22 @@ pub(crate) fn jsonb_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
     value.to_string()
 }
 
-/// Writes the changed jobs, their new event rows and the notifications in one statement: one
-/// round trip instead of three. Data-modifying `WITH` parts run once, to completion, whether or
-/// not the outer query reads them.
+/// Writes the changed jobs, their new event rows, the usage of those that ended and the
+/// notifications in one statement: one round trip instead of four. Data-modifying `WITH` parts
+/// run once, to completion, whether or not the outer query reads them.
 async fn record_changes(
     transaction: &mut Transaction<'_, Postgres>,
     jobs: &[Job],
     events: &[Job],
     recorded: &[Recorded],
+    ended: crate::usage::Ended,
 ) -> sqlx::Result<()> {
     if jobs.is_empty() && events.is_empty() {
         return Ok(());
     }
     let column = |get: fn(&Job) -> Option<DateTime<Utc>>| jobs.iter().map(get).collect::<Vec<_>>();
-    sqlx::query(
+    static STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
         "WITH updated AS (
              UPDATE jobs SET status = u.status, status_rank = u.status_rank, attempt = u.attempt, seq = u.seq,
                  output = u.output::jsonb, error = u.error::jsonb, worker_id = u.worker_id,
@@ -491,29 +493,68 @@ async fn record_changes(
              SELECT job_id, seq, status, job::jsonb
              FROM UNNEST($13::uuid[], $14::bigint[], $15::text[], $16::text[]) AS e(job_id, seq, status, job)
              ON CONFLICT (job_id, seq) DO NOTHING
+         ), usage AS (
+             {ADD_USAGE}
          )
          SELECT pg_notify($17, payload) FROM UNNEST($18::text[]) AS payload",
-    )
-    .bind(jobs.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| job.status.rank()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| job.attempt).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| job.seq).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| to_json_text(&job.output)).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| to_json_text(&job.error)).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|job| job.worker_id.clone()).collect::<Vec<_>>())
-    .bind(column(|job| job.timings.submitted_at))
-    .bind(column(|job| job.timings.deadline))
-    .bind(column(|job| job.timings.started_at))
-    .bind(column(|job| job.timings.finished_at))
-    .bind(events.iter().map(|job| job.job_id.as_uuid()).collect::<Vec<_>>())
-    .bind(events.iter().map(|job| job.seq).collect::<Vec<_>>())
-    .bind(events.iter().map(|job| job.status.as_str().to_owned()).collect::<Vec<_>>())
-    .bind(recorded.iter().flat_map(|job| job.events.iter().map(|event| jsonb_text(&event.job))).collect::<Vec<_>>())
-    .bind(NOTIFY_CHANNEL)
-    .bind(notify_payloads(recorded))
-    .execute(&mut **transaction)
-    .await?;
+        ADD_USAGE = crate::usage::ADD_USAGE,
+        )
+    });
+    let query = sqlx::query(&STATEMENT)
+        .bind(
+            jobs.iter()
+                .map(|job| job.job_id.as_uuid())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|job| job.status.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(jobs.iter().map(|job| job.status.rank()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|job| job.attempt).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|job| job.seq).collect::<Vec<_>>())
+        .bind(
+            jobs.iter()
+                .map(|job| to_json_text(&job.output))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|job| to_json_text(&job.error))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            jobs.iter()
+                .map(|job| job.worker_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|job| job.timings.submitted_at))
+        .bind(column(|job| job.timings.deadline))
+        .bind(column(|job| job.timings.started_at))
+        .bind(column(|job| job.timings.finished_at))
+        .bind(
+            events
+                .iter()
+                .map(|job| job.job_id.as_uuid())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|job| job.seq).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|job| job.status.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            recorded
+                .iter()
+                .flat_map(|job| job.events.iter().map(|event| jsonb_text(&event.job)))
+                .collect::<Vec<_>>(),
+        )
+        .bind(NOTIFY_CHANNEL)
+        .bind(notify_payloads(recorded));
+    ended.bind(query).execute(&mut **transaction).await?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use axum::http::HeaderMap;
 use chrono::{Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sluice_common::prices::Prices;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Row};
 
 /// A span of usage longer than this is refused (ask for it in parts).
 const MAX_DAYS: i64 = 366;
@@ -63,38 +63,29 @@ fn usage_of(job: &Job, prices: &Prices) -> (String, Totals) {
     (model, totals)
 }
 
-/// Adds the usage of the jobs whose terminal status `changes` holds (a terminal change is
-/// recorded once per job), with the key each was submitted with (from its row), summed per
-/// usage row in the statement: one row may not be updated twice in one statement.
-pub(crate) async fn record(
-    transaction: &mut Transaction<'_, Postgres>,
-    changes: &[Job],
-    prices: &Prices,
-) -> sqlx::Result<()> {
-    let ended: Vec<(&Job, String, Totals)> = changes
-        .iter()
-        .filter(|job| job.status.is_terminal())
-        .map(|job| {
-            let (model, totals) = usage_of(job, prices);
-            (job, model, totals)
-        })
-        .collect();
-    if ended.is_empty() {
-        return Ok(());
-    }
-    let column = |get: fn(&Totals) -> i64| {
-        ended
-            .iter()
-            .map(|(_, _, totals)| get(totals))
-            .collect::<Vec<_>>()
-    };
-    sqlx::query(
-        "INSERT INTO usage_daily (user_id, day, model, key_id, jobs, cached_jobs, prompt_tokens,
-                                  completion_tokens, cost_usd)
+/// The usage of the jobs whose terminal status `changes` holds (a terminal change is recorded
+/// once per job), one column per field, for [`ADD_USAGE`].
+pub(crate) struct Ended {
+    job_ids: Vec<uuid::Uuid>,
+    user_ids: Vec<String>,
+    days: Vec<NaiveDate>,
+    models: Vec<String>,
+    cached_jobs: Vec<i64>,
+    prompt_tokens: Vec<i64>,
+    completion_tokens: Vec<i64>,
+    cost_usd: Vec<f64>,
+}
+
+/// Adds [`Ended`] (bound as `$19` to `$26`) to the usage rows, with the key each job was
+/// submitted with (from its row), summed per usage row in the statement: one row may not be
+/// updated twice in one statement. A part of the statement that records the changes (`store.rs`),
+/// so that usage costs no round trip of its own.
+pub(crate) const ADD_USAGE: &str = "INSERT INTO usage_daily (user_id, day, model, key_id, jobs, cached_jobs,
+                                  prompt_tokens, completion_tokens, cost_usd)
          SELECT u.user_id, u.day, u.model, coalesce(jobs.key_id, ''), count(*), sum(u.cached),
                 sum(u.prompt), sum(u.completion), sum(u.cost)
-         FROM UNNEST($1::uuid[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],
-                     $7::bigint[], $8::float8[])
+         FROM UNNEST($19::uuid[], $20::text[], $21::date[], $22::text[], $23::bigint[], $24::bigint[],
+                     $25::bigint[], $26::float8[])
              AS u(job_id, user_id, day, model, cached, prompt, completion, cost)
          LEFT JOIN jobs ON jobs.job_id = u.job_id
          GROUP BY u.user_id, u.day, u.model, coalesce(jobs.key_id, '')
@@ -103,49 +94,54 @@ pub(crate) async fn record(
              cached_jobs = usage_daily.cached_jobs + excluded.cached_jobs,
              prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,
              completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,
-             cost_usd = usage_daily.cost_usd + excluded.cost_usd",
-    )
-    .bind(
-        ended
-            .iter()
-            .map(|(job, _, _)| job.job_id.as_uuid())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        ended
-            .iter()
-            .map(|(job, _, _)| job.user_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        ended
-            .iter()
-            .map(|(job, _, _)| {
+             cost_usd = usage_daily.cost_usd + excluded.cost_usd";
+
+impl Ended {
+    pub(crate) fn of(changes: &[Job], prices: &Prices) -> Self {
+        let mut ended = Self {
+            job_ids: Vec::new(),
+            user_ids: Vec::new(),
+            days: Vec::new(),
+            models: Vec::new(),
+            cached_jobs: Vec::new(),
+            prompt_tokens: Vec::new(),
+            completion_tokens: Vec::new(),
+            cost_usd: Vec::new(),
+        };
+        for job in changes.iter().filter(|job| job.status.is_terminal()) {
+            let (model, totals) = usage_of(job, prices);
+            ended.job_ids.push(job.job_id.as_uuid());
+            ended.user_ids.push(job.user_id.as_str().to_owned());
+            ended.days.push(
                 job.timings
                     .finished_at
                     .unwrap_or_else(Utc::now)
-                    .date_naive()
-            })
-            .collect::<Vec<_>>(),
-    )
-    .bind(
+                    .date_naive(),
+            );
+            ended.models.push(model);
+            ended.cached_jobs.push(totals.cached_jobs);
+            ended.prompt_tokens.push(totals.prompt_tokens);
+            ended.completion_tokens.push(totals.completion_tokens);
+            ended.cost_usd.push(totals.cost_usd);
+        }
         ended
-            .iter()
-            .map(|(_, model, _)| model.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(column(|totals| totals.cached_jobs))
-    .bind(column(|totals| totals.prompt_tokens))
-    .bind(column(|totals| totals.completion_tokens))
-    .bind(
-        ended
-            .iter()
-            .map(|(_, _, totals)| totals.cost_usd)
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
+    }
+
+    /// Binds the columns as `$19` to `$26` of [`ADD_USAGE`].
+    pub(crate) fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.job_ids)
+            .bind(self.user_ids)
+            .bind(self.days)
+            .bind(self.models)
+            .bind(self.cached_jobs)
+            .bind(self.prompt_tokens)
+            .bind(self.completion_tokens)
+            .bind(self.cost_usd)
+    }
 }
 
 #[derive(Debug, Deserialize)]
