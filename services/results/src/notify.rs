@@ -201,22 +201,17 @@ pub async fn listen(pool: PgPool, changes: JobChanges, shutdown: CancellationTok
 /// Every `every` until `stop`, looks up the latest change of every job a stream watches, in one
 /// query, and wakes the streams of those whose change was not announced.
 pub async fn recheck(store: Store, changes: JobChanges, every: Duration, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    sluice_common::shutdown::every(every, &stop, || async {
         let ids = changes.watched_ids();
         if ids.is_empty() {
-            continue;
+            return;
         }
         match store.latest_seqs(&ids).await {
             Ok(latest) => changes.caught_up(&latest),
             Err(error) => tracing::warn!(error = %error, "rechecking watched jobs failed"),
         }
-    }
+    })
+    .await;
 }
 
 async fn listen_once(

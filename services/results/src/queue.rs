@@ -86,20 +86,15 @@ impl Drop for PositionSubscription {
 
 /// Computes the watched jobs' positions every [`QUEUE_CHECK`] until `stop`.
 pub async fn run(store: Store, queue: QueueWatch, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(QUEUE_CHECK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    sluice_common::shutdown::every(QUEUE_CHECK, &stop, || async {
         let ids = queue.watched_ids();
         if ids.is_empty() {
-            continue;
+            return;
         }
         match store.queue_positions(&ids).await {
             Ok(positions) => queue.publish(&positions),
             Err(error) => tracing::warn!(error = %error, "computing queue positions failed"),
         }
-    }
+    })
+    .await;
 }

@@ -67,6 +67,25 @@ pub async fn retry_until_stopped<F, Fut, E>(
     }
 }
 
+/// Runs `tick` every `period` until `shutdown` is cancelled, the first at once; a tick that
+/// takes longer than `period` delays the next rather than bunching them up. For the periodic
+/// work of a whole replica (one query for every stream that waits on it).
+pub async fn every<F, Fut>(period: std::time::Duration, shutdown: &CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        tick().await;
+    }
+}
+
 /// Runs `attempt` until it succeeds, waiting 50 ms after the first failure and twice as long
 /// after each next one (at most 5 s), logging each; `None` if `give_up` comes first. For writes
 /// on the at-least-once path, which must not be skipped: a database restart is waited out.

@@ -105,6 +105,22 @@ pub(crate) async fn state(database: &TestDatabase, recheck: Duration) -> AppStat
     }
 }
 
+/// Serves `serving` on a free port and reads the job's event stream there (for up to 20 s, or
+/// until its terminal status), as a browser would.
+async fn follow(
+    serving: AppState,
+    job_id: JobId,
+) -> tokio::task::JoinHandle<(Vec<sluice_tests::SseEvent>, usize)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, router(serving)).into_future());
+    let response = reqwest::get(format!("{url}/v1/jobs/{job_id}/events"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "a stream opens for any job id");
+    tokio::spawn(read_sse(response, Duration::from_secs(20)))
+}
+
 #[tokio::test]
 async fn batches_are_idempotent_whatever_the_order_or_repetition() {
     let database = TestDatabase::migrated().await;
@@ -374,20 +390,9 @@ async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_
         serving.changes.clone(),
         stop.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(axum::serve(listener, router(serving)).into_future());
-
     let job_id = JobId::new();
-    let response = reqwest::get(format!("{url}/v1/jobs/{job_id}/events"))
-        .await
-        .unwrap();
-    assert_eq!(
-        response.status(),
-        200,
-        "a job not yet visible still gets a stream"
-    );
-    let reader = tokio::spawn(read_sse(response, Duration::from_secs(20)));
+    // A job not yet visible still gets a stream.
+    let reader = follow(serving, job_id).await;
 
     // Another replica: its own store on the same database.
     let other_replica = Store::new(database.pool.clone());
@@ -429,16 +434,8 @@ async fn a_change_whose_notification_was_lost_reaches_its_stream_through_the_rec
     let serving = state(&database, recheck).await;
     let (store, changes) = (serving.store.clone(), serving.changes.clone());
     // No listener: every notification is lost.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(axum::serve(listener, router(serving)).into_future());
-
     let job_id = JobId::new();
-    let response = reqwest::get(format!("{url}/v1/jobs/{job_id}/events"))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let reader = tokio::spawn(read_sse(response, Duration::from_secs(20)));
+    let reader = follow(serving, job_id).await;
     // Why a sleep: the stream's first read must find nothing, so only a recheck can bring the
     // changes below.
     tokio::time::sleep(Duration::from_millis(500)).await;
