@@ -206,6 +206,7 @@ impl Store {
     }
 
     /// [`Self::events_after`] for each of `reads`, in one query; the answers in their order.
+    /// (The traceparent in the same round trip: a scalar subquery per event on its job's key.)
     pub async fn events_after_each(
         &self,
         reads: &[crate::reads::ReadOf],
@@ -267,20 +268,13 @@ impl Store {
         after_seq: i64,
         user: Option<&str>,
     ) -> sqlx::Result<Vec<JobEvent>> {
-        // The traceparent in the same round trip: a scalar subquery on `$1` alone, which
-        // Postgres evaluates once for the statement.
-        let rows = sqlx::query(
-            "SELECT seq, status, job, (SELECT traceparent FROM jobs WHERE job_id = $1) AS traceparent
-             FROM job_events
-             WHERE job_id = $1 AND seq > $2 AND ($3::text IS NULL OR job->>'user_id' = $3)
-             ORDER BY seq",
-        )
-        .bind(job_id.as_uuid())
-        .bind(after_seq)
-        .bind(user)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_from_row).collect()
+        let read = crate::reads::ReadOf {
+            job_id,
+            after_seq,
+            user: user.map(str::to_owned),
+        };
+        let mut answers = self.events_after_each(std::slice::from_ref(&read)).await?;
+        Ok(answers.pop().unwrap_or_default())
     }
 }
 
