@@ -2,9 +2,12 @@
 //! opens (about one read per job), and one query answers all the reads waiting at that moment.
 //! Nothing waits to gather more: one read alone goes at once, and the batches grow with the load
 //! as the writer's do, while a read per query would be a Postgres round trip per job.
+//! Reads asking the same (many streams of one job, woken by one change) are read once and
+//! share their answer: a long answer is then held once, not once per stream.
 
 use crate::store::{JobEvent, Store};
 use sluice_schemas::JobId;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +31,7 @@ pub struct Gatherer {
 }
 
 /// What [`Store::events_after_each`] is asked for one job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReadOf {
     pub job_id: JobId,
     pub after_seq: i64,
@@ -81,11 +84,12 @@ impl Gatherer {
             if received == 0 {
                 return;
             }
-            let asked: Vec<ReadOf> = reads.iter().map(|read| read.of.clone()).collect();
+            let (asked, answer_of) = distinct(&reads);
             match self.store.events_after_each(&asked).await {
                 Ok(answers) => {
-                    for (read, events) in reads.drain(..).zip(answers) {
-                        let _ = read.reply.send(Ok(events));
+                    // Why cloning shares: an event's job is behind an `Arc`.
+                    for (read, index) in reads.drain(..).zip(answer_of) {
+                        let _ = read.reply.send(Ok(answers[index].clone()));
                     }
                 }
                 Err(error) => {
@@ -96,5 +100,66 @@ impl Gatherer {
                 }
             }
         }
+    }
+}
+
+/// The distinct reads among `reads`, and for each read the index of its own among them.
+fn distinct(reads: &[Read]) -> (Vec<ReadOf>, Vec<usize>) {
+    let mut index_of: HashMap<&ReadOf, usize> = HashMap::with_capacity(reads.len());
+    let mut asked = Vec::new();
+    let answer_of = reads
+        .iter()
+        .map(|read| {
+            *index_of.entry(&read.of).or_insert_with(|| {
+                asked.push(read.of.clone());
+                asked.len() - 1
+            })
+        })
+        .collect();
+    (asked, answer_of)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(job_id: JobId, after_seq: i64, user: Option<&str>) -> Read {
+        let of = ReadOf {
+            job_id,
+            after_seq,
+            user: user.map(str::to_owned),
+        };
+        Read {
+            of,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn reads_asking_the_same_are_asked_once_and_each_read_is_told_which_answer_is_its() {
+        let (first, second) = (JobId::new(), JobId::new());
+        let reads = [
+            read(first, 2, None),
+            read(second, 2, None),
+            read(first, 2, None),
+            read(first, 3, None),
+            read(first, 2, Some("u")),
+            read(second, 2, None),
+        ];
+        let (asked, answer_of) = distinct(&reads);
+        let keys: Vec<(JobId, i64, Option<&str>)> = asked
+            .iter()
+            .map(|of| (of.job_id, of.after_seq, of.user.as_deref()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (first, 2, None),
+                (second, 2, None),
+                (first, 3, None),
+                (first, 2, Some("u"))
+            ]
+        );
+        assert_eq!(answer_of, [0, 1, 0, 2, 3, 1]);
     }
 }
