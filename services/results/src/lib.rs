@@ -17,6 +17,7 @@ pub mod store;
 pub mod streams;
 mod usage;
 mod webhooks;
+mod write;
 
 pub use api::ApiError;
 pub use cancel::Canceller;

@@ -229,7 +229,7 @@ async fn listen_once(
             _ = shutdown.cancelled() => return Ok(()),
             notification = listener.recv() => notification?,
         };
-        for (job_id, seq) in crate::store::notified_changes(notification.payload()) {
+        for (job_id, seq) in crate::write::notified_changes(notification.payload()) {
             changes.announce(job_id, seq);
         }
     }

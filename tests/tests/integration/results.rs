@@ -227,14 +227,19 @@ async fn concurrent_writers_of_the_same_jobs_agree() {
             .map(|id| update(*id, status, attempt))
             .collect::<Vec<_>>()
     };
-    let (first, second) = (
-        Store::new(database.pool.clone()),
-        Store::new(database.pool.clone()),
+    let writers = [(); 3].map(|_| Store::new(database.pool.clone()));
+    // Three writers of every job at once, each with a status of its own: whoever reads a job
+    // before another writes it must read it again, and each change is recorded by one of them.
+    let (queued, running, done) = (
+        batch(JobStatus::Queued, 0),
+        batch(JobStatus::Running, 1),
+        batch(JobStatus::Succeeded, 1),
     );
-    let (running, done) = (batch(JobStatus::Running, 1), batch(JobStatus::Succeeded, 1));
-    let (a, b) = tokio::join!(first.apply(&running), second.apply(&done));
-    a.unwrap();
-    b.unwrap();
+    let (a, b, c) = tokio::join!(
+        writers[0].apply(&queued),
+        writers[1].apply(&running),
+        writers[2].apply(&done)
+    );
     let counts: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
             .fetch_all(&database.pool)
@@ -247,6 +252,22 @@ async fn concurrent_writers_of_the_same_jobs_agree() {
             .await
             .unwrap();
     assert_eq!(terminal, 200, "each job recorded its terminal status once");
+    // What the writers say they recorded is what the table holds, each change said once.
+    let mut said: Vec<(Uuid, i64)> = [a, b, c]
+        .into_iter()
+        .flat_map(|recorded| recorded.unwrap())
+        .flat_map(|job| {
+            let id = job.job_id.as_uuid();
+            job.events.into_iter().map(move |event| (id, event.seq))
+        })
+        .collect();
+    said.sort();
+    let held: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT job_id, seq FROM job_events ORDER BY job_id, seq")
+            .fetch_all(&database.pool)
+            .await
+            .unwrap();
+    assert_eq!(said, held);
 }
 
 async fn get(app: axum::Router, uri: &str, last_event_id: Option<&str>) -> (StatusCode, Value) {
