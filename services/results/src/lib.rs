@@ -254,11 +254,11 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let lifecycle = self.lifecycle;
         let stop = lifecycle.stop().clone();
-        let pool = self.state.store.pool().clone();
         lifecycle.spawn("notification listener", {
-            let (changes, stop) = (self.state.changes.clone(), stop.clone());
+            let (store, changes) = (self.state.store.clone(), self.state.changes.clone());
+            let stop = stop.clone();
             async move {
-                notify::listen(pool, changes, stop).await;
+                notify::listen(store, changes, stop).await;
                 Ok(())
             }
         });

@@ -85,6 +85,8 @@ impl Gatherer {
                 return;
             }
             let (asked, answer_of) = distinct(&reads);
+            metrics::counter!("sluice_sse_reads_total").increment(reads.len() as u64);
+            metrics::counter!("sluice_sse_read_queries_total").increment(1);
             match self.store.events_after_each(&asked).await {
                 Ok(answers) => {
                     // Why cloning shares: an event's job is behind an `Arc`.

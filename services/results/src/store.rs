@@ -18,6 +18,9 @@ pub struct Store {
     pub(crate) pool: PgPool,
     /// What the usage recorded with each terminal status costs.
     pub(crate) prices: std::sync::Arc<sluice_common::prices::Prices>,
+    /// Names this store's writes in their notifications, so that its own replica's listener
+    /// can tell them from other replicas' (see `notify::listen`).
+    pub(crate) writer_id: Arc<str>,
 }
 
 /// The status changes one transaction recorded for one job, oldest first.
@@ -73,7 +76,13 @@ impl Store {
         Self {
             pool,
             prices: Default::default(),
+            writer_id: Arc::from(Uuid::now_v7().simple().to_string()),
         }
+    }
+
+    /// What names this store's writes in their notifications.
+    pub fn writer_id(&self) -> &str {
+        &self.writer_id
     }
 
     /// Prices the usage it records with `prices`.

@@ -55,7 +55,16 @@ impl Store {
         }
         let recorded = Recorded::group(&events, &traceparents);
         let ended = crate::usage::Ended::of(&events, &self.prices);
-        record_changes(&mut transaction, &changed_jobs, &events, &recorded, ended).await?;
+        let notifications = notify_payloads(&self.writer_id, &recorded);
+        record_changes(
+            &mut transaction,
+            &changed_jobs,
+            &events,
+            &recorded,
+            ended,
+            notifications,
+        )
+        .await?;
         transaction.commit().await?;
         Ok(recorded)
     }
@@ -173,6 +182,7 @@ async fn record_changes(
     events: &[Job],
     recorded: &[Recorded],
     ended: crate::usage::Ended,
+    notifications: Vec<String>,
 ) -> sqlx::Result<()> {
     if jobs.is_empty() && events.is_empty() {
         return Ok(());
@@ -255,30 +265,40 @@ async fn record_changes(
                 .collect::<Vec<_>>(),
         )
         .bind(NOTIFY_CHANNEL)
-        .bind(notify_payloads(recorded));
+        .bind(notifications);
     ended.bind(query).execute(&mut **transaction).await?;
     Ok(())
 }
 
-/// Changed jobs as `job_id:seq` (the job's latest change), comma separated, in as few
-/// notifications as fit Postgres' payload limit (under 8,000 bytes): one per transaction in all
-/// but the largest batches. Why inside the transaction: Postgres delivers a NOTIFY only when
-/// its transaction commits, so a listener never hears of a change it cannot read yet.
-pub(crate) fn notify_payloads(recorded: &[Recorded]) -> Vec<String> {
-    const JOBS_PER_NOTIFICATION: usize = 130; // 130 x (36 + 1 + 19 + 1) bytes = 7,410 at most
+/// `writer:<id>` (the store that wrote them: `Store::writer_id`), then the changed jobs as
+/// `job_id:seq` (the job's latest change), comma separated, in as few notifications as fit
+/// Postgres' payload limit (under 8,000 bytes): one per transaction in all but the largest
+/// batches. Why inside the transaction: Postgres delivers a NOTIFY only when its transaction
+/// commits, so a listener never hears of a change it cannot read yet.
+pub(crate) fn notify_payloads(writer_id: &str, recorded: &[Recorded]) -> Vec<String> {
+    // 7 + 32 + 1 + 130 x (36 + 1 + 19 + 1) bytes = 7,450 at most
+    const JOBS_PER_NOTIFICATION: usize = 130;
     recorded
         .chunks(JOBS_PER_NOTIFICATION)
         .map(|chunk| {
-            chunk
-                .iter()
-                .map(|job| format!("{}:{}", job.job_id, job.latest_seq()))
-                .collect::<Vec<_>>()
-                .join(",")
+            let mut payload = format!("{WRITER_PREFIX}{writer_id}");
+            for job in chunk {
+                payload.push_str(&format!(",{}:{}", job.job_id, job.latest_seq()));
+            }
+            payload
         })
         .collect()
 }
 
-/// The `(job_id, seq)` pairs in one notification's payload; what does not parse is skipped.
+const WRITER_PREFIX: &str = "writer:";
+
+/// The writer a notification names, if it names one.
+pub(crate) fn notified_by(payload: &str) -> Option<&str> {
+    payload.split(',').next()?.strip_prefix(WRITER_PREFIX)
+}
+
+/// The `(job_id, seq)` pairs in one notification's payload; what does not parse (the writer's
+/// name) is skipped.
 pub(crate) fn notified_changes(payload: &str) -> impl Iterator<Item = (JobId, i64)> + '_ {
     payload.split(',').filter_map(|item| {
         let (id, seq) = item.trim().split_once(':')?;
@@ -323,9 +343,16 @@ mod tests {
         let changes: Vec<Recorded> = (0..300)
             .map(|index| recorded(JobId::new(), i64::MAX - index))
             .collect();
-        let payloads = notify_payloads(&changes);
+        let writer = uuid::Uuid::now_v7().simple().to_string();
+        let payloads = notify_payloads(&writer, &changes);
         assert_eq!(payloads.len(), 3, "130 + 130 + 40");
         assert!(payloads.iter().all(|payload| payload.len() < 8000));
+        assert!(
+            payloads
+                .iter()
+                .all(|payload| notified_by(payload) == Some(writer.as_str()))
+        );
+        assert_eq!(notified_by("0190a1b2-0000-7000-8000-000000000000:3"), None);
         let parsed: Vec<(JobId, i64)> = payloads
             .iter()
             .flat_map(|payload| notified_changes(payload))
@@ -335,6 +362,6 @@ mod tests {
             .map(|change| (change.job_id, change.latest_seq()))
             .collect();
         assert_eq!(parsed, expected);
-        assert!(notify_payloads(&[]).is_empty());
+        assert!(notify_payloads(&writer, &[]).is_empty());
     }
 }

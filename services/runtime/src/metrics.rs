@@ -122,6 +122,14 @@ pub const CATALOGUE: &[(&str, &str)] = &[
         "Server-Sent Event streams open now",
     ),
     (
+        "sluice_sse_reads_total",
+        "Reads of a job's events from Postgres by event streams (one when a stream opens, more when a change another replica wrote wakes it)",
+    ),
+    (
+        "sluice_sse_read_queries_total",
+        "Queries answering those reads (each answers every read waiting at that moment)",
+    ),
+    (
         "sluice_webhook_enqueued_total",
         "Webhook deliveries enqueued from status events (webhooks)",
     ),

@@ -407,7 +407,7 @@ async fn sse_waits_for_an_unknown_job_and_hears_another_replicas_writes_through_
     let serving = state(&database, Duration::from_secs(60)).await;
     let stop = CancellationToken::new();
     tokio::spawn(sluice_results::notify::listen(
-        database.pool.clone(),
+        serving.store.clone(),
         serving.changes.clone(),
         stop.clone(),
     ));
