@@ -15,12 +15,12 @@ pub const NOTIFY_CHANNEL: &str = "sluice_job_changed";
 
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) pool: PgPool,
+    pool: PgPool,
     /// What the usage recorded with each terminal status costs.
     pub(crate) prices: std::sync::Arc<sluice_common::prices::Prices>,
     /// Names this store's writes in their notifications, so that its own replica's listener
     /// can tell them from other replicas' (see `notify::listen`).
-    pub(crate) writer_id: Arc<str>,
+    writer_id: Arc<str>,
 }
 
 /// The status changes one transaction recorded for one job, oldest first.

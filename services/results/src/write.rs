@@ -28,7 +28,7 @@ impl Store {
         for update in updates {
             by_job.entry(update.job_id).or_default().push(update);
         }
-        let mut transaction = self.pool.begin_with(WRITE_BEGIN).await?;
+        let mut transaction = self.pool().begin_with(WRITE_BEGIN).await?;
         insert_placeholders(&mut transaction, &by_job).await?;
         let ids: Vec<Uuid> = by_job.keys().map(JobId::as_uuid).collect();
         let rows = sqlx::query(&format!(
@@ -55,7 +55,7 @@ impl Store {
         }
         let recorded = Recorded::group(&events, &traceparents);
         let ended = crate::usage::Ended::of(&events, &self.prices);
-        let notifications = notify_payloads(&self.writer_id, &recorded);
+        let notifications = notify_payloads(self.writer_id(), &recorded);
         record_changes(
             &mut transaction,
             &changed_jobs,
