@@ -218,6 +218,29 @@ async fn batches_look_jobs_up_by_key_when_the_statistics_are_stale() {
     );
 }
 
+/// Every write of a job's row adds an entry to each index of `jobs` (its status changes are not
+/// HOT updates), so an index that repeats another (the same columns, either direction, the same
+/// predicate) costs every job for nothing.
+#[tokio::test]
+async fn no_index_repeats_another() {
+    let database = TestDatabase::migrated().await;
+    let repeated: Vec<(String, String)> = sqlx::query_as(
+        "SELECT a.indexrelid::regclass::text, b.indexrelid::regclass::text
+         FROM pg_index a
+         JOIN pg_index b ON b.indrelid = a.indrelid AND b.indexrelid > a.indexrelid
+              AND b.indkey::text = a.indkey::text
+              AND pg_get_expr(b.indpred, b.indrelid) IS NOT DISTINCT FROM pg_get_expr(a.indpred, a.indrelid)
+              AND pg_get_expr(b.indexprs, b.indrelid) IS NOT DISTINCT FROM pg_get_expr(a.indexprs, a.indrelid)
+         JOIN pg_class t ON t.oid = a.indrelid
+         JOIN pg_namespace n ON n.oid = t.relnamespace
+         WHERE n.nspname = 'public'",
+    )
+    .fetch_all(&database.pool)
+    .await
+    .unwrap();
+    assert_eq!(repeated, []);
+}
+
 #[tokio::test]
 async fn concurrent_writers_of_the_same_jobs_agree() {
     let database = TestDatabase::migrated().await;
