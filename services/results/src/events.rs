@@ -267,7 +267,8 @@ pub(crate) async fn job_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.keepalive)))
 }
 
-/// A status change as an SSE event, in a span of the job's trace covering its hand-over.
+/// A status change as an SSE event, in a span of the job's trace covering its hand-over (when
+/// traces are exported: only a trace shows it).
 fn status_event(
     job_id: JobId,
     position: Position,
@@ -277,6 +278,15 @@ fn status_event(
     let JobEvent {
         seq, status, job, ..
     } = event;
+    let event = || {
+        Event::default()
+            .id(position.id())
+            .event(status.as_str())
+            .data(job.to_string())
+    };
+    if !telemetry::exporting() {
+        return event();
+    }
     let span = tracing::info_span!(
         "sse push",
         otel.kind = "producer",
@@ -286,12 +296,7 @@ fn status_event(
         trace_id = tracing::field::Empty,
     );
     telemetry::adopt(&span, trace.map(TraceHeaders::context).unwrap_or_default());
-    span.in_scope(|| {
-        Event::default()
-            .id(position.id())
-            .event(status.as_str())
-            .data(job.to_string())
-    })
+    span.in_scope(event)
 }
 
 /// The terminal output's text past what the reader has, for a streamed job: what pieces were
