@@ -39,12 +39,16 @@ async fn accepted(response: reqwest::Response) -> Uuid {
 }
 
 async fn reserve_refuse_and_settle(redis: bool) {
-    let pipeline = Pipeline::start(PipelineOptions {
+    let mut options = PipelineOptions {
         tiers: Some(TIERS.into()),
         redis,
         ..Default::default()
-    })
-    .await;
+    };
+    // Why 2 s a call: the third submission must meet the first two's reservations, not their
+    // settlement. With the pipeline's 5 ms model a slow machine let the first job end and give
+    // its tokens back before the third was posted (a CI run on 2026-12-02: 202, not 429).
+    options.sim.service_time_ms = 2_000;
+    let pipeline = Pipeline::start(options).await;
 
     // Never admissible: named, a 400, not a 429 to retry.
     let too_large = post(&pipeline, "far too much", 2000).await;
