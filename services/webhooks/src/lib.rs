@@ -67,7 +67,7 @@ impl Application {
         .await?;
         config.topics.ensure(&config.kafka).await?;
         let source = KafkaSource::subscribe(
-            &config.kafka,
+            &config.kafka.gathering_fetches(config.fetch_wait),
             "sluice-webhooks",
             &config.group_id,
             &[&config.topics.status],

@@ -36,6 +36,12 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 500)]
     pub fetch_wait_max_ms: u32,
 
+    /// Bytes a fetch waits for at the broker (up to `fetch_wait_max_ms`) before it is answered;
+    /// librdkafka's default of 1 when unset. Set by a service for a consumer that may wait
+    /// (`gathering_fetches`), not a flag.
+    #[arg(skip)]
+    pub fetch_min_bytes: Option<u32>,
+
     /// Consumer group protocol: `consumer` (KIP-848, Kafka 4: the broker assigns partitions
     /// incrementally, member by member) or `classic` (join/sync with the cooperative-sticky
     /// assignor).
@@ -182,6 +188,19 @@ fn parse_properties(text: &str) -> Result<Properties, String> {
 }
 
 impl KafkaArgs {
+    /// The same settings for a consumer whose records may wait up to `wait` at the broker:
+    /// each fetch is answered when `wait` has passed (or a mebibyte is ready), not when the
+    /// first record arrives. Why: every fetch costs the broker about as much as a small
+    /// produce, and a consumer that is answered at once fetches once per produce request on
+    /// its topics, under load a few hundred times a second.
+    pub fn gathering_fetches(&self, wait: Duration) -> Self {
+        Self {
+            fetch_wait_max_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
+            fetch_min_bytes: Some(1 << 20),
+            ..self.clone()
+        }
+    }
+
     fn base(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
@@ -223,6 +242,10 @@ impl KafkaArgs {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
+            .set(
+                "fetch.min.bytes",
+                self.fetch_min_bytes.unwrap_or(1).to_string(),
+            )
             .set("max.poll.interval.ms", "300000")
             // For `sluice_consumer_lag`: librdkafka reports each partition's lag in its statistics.
             .set("statistics.interval.ms", "5000");
