@@ -229,7 +229,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
 
     let _ = writeln!(
         text,
-        "\n## Overload: {:.0}/s offered for {:.0} s against a global limit of {:.0}/s\n\nMade {:.1}/s; accepted {}, rejected {:?}, completed {:?}, **lost {}**.\n",
+        "\n## Overload: {:.0}/s offered for {:.0} s against a global limit of {:.0}/s\n\nMade {:.1}/s; accepted {}, rejected {:?}, completed {:?}, **lost {}** (terminal in their records but late over SSE: {}).\n",
         overload.rate,
         overload.duration_secs,
         overload.global_limit,
@@ -237,7 +237,8 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
         over.accepted,
         over.rejected,
         over.completed,
-        over.lost
+        over.lost,
+        over.late
     );
     latency_rows(&mut text, &overload.step);
     text.push('\n');
@@ -308,8 +309,10 @@ fn default_settings_overload(runs: &[Overload], sustainable: f64) -> String {
          Ingest with its defaults (per user 10/s, burst 20; global 1,000/s, burst 2,000), 100 \
          users, every job with a {:.0} s timeout; offered at multiples of the sustainable rate \
          ({sustainable:.0}/s) for {:.0} s each. \"Within deadline\" is the accepted jobs that \
-         succeeded (a job the worker reaches after its deadline ends `expired`).\n\n\
-         | offered /s | ingest | accepted | refused, by code | accepted: succeeded (within deadline) | expired | lost | submit p50 / p99 ms, accepted | refusal p50 / p99 ms | end to end p99 ms | peak RSS MiB: ingest, results |\n\
+         succeeded (a job the worker reaches after its deadline ends `expired`). \"Late\" is the \
+         accepted jobs whose stream brought no terminal event within a minute of their \
+         deadline but whose record was terminal then.\n\n\
+         | offered /s | ingest | accepted | refused, by code | accepted: succeeded (within deadline) | expired | lost (late) | submit p50 / p99 ms, accepted | refusal p50 / p99 ms | end to end p99 ms | peak RSS MiB: ingest, results |\n\
          |---:|---|---:|---|---:|---:|---:|---|---|---:|---|\n",
         runs.first().map_or(0.0, |run| run.timeout_secs),
         runs.first().map_or(0.0, |run| run.duration_secs),
@@ -331,13 +334,14 @@ fn default_settings_overload(runs: &[Overload], sustainable: f64) -> String {
         };
         let _ = writeln!(
             text,
-            "| {:.0} | {} | {} | {} | {succeeded} = **{:.1}%** | {expired} | **{}** | {} | {} | {:.0} | {}, {} |",
+            "| {:.0} | {} | {} | {} | {succeeded} = **{:.1}%** | {expired} | **{}** ({}) | {} | {} | {:.0} | {}, {} |",
             report.offered_per_sec,
             run.setting,
             report.accepted,
             refused.join(", "),
             100.0 * succeeded as f64 / report.accepted.max(1) as f64,
             report.lost,
+            report.late,
             p50_p99(&report.latency.submit),
             p50_p99(&report.latency.rejection),
             report.latency.end_to_end.p99_ms,

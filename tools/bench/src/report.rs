@@ -59,8 +59,12 @@ pub struct Report {
     pub rejected: BTreeMap<String, u64>,
     /// By terminal status.
     pub completed: BTreeMap<String, u64>,
-    /// Accepted, but no terminal status within the timeout.
+    /// Accepted, but no terminal status within the timeout, over SSE or in the job's record.
     pub lost: u64,
+    /// Accepted and terminal in the job's record, but its SSE stream brought no terminal event
+    /// within the timeout (the load generator's own connections failing under an overload).
+    #[serde(default)]
+    pub late: u64,
     /// Completed jobs per second over the whole run.
     pub throughput_per_sec: f64,
     /// Jobs reaching a terminal status in each second of the run.
@@ -82,6 +86,7 @@ impl Report {
             rejected: tally.rejected.lock().expect("rejected").clone(),
             completed,
             lost: tally.lost.load(Ordering::Relaxed),
+            late: tally.late.load(Ordering::Relaxed),
             throughput_per_sec: total as f64 / elapsed.as_secs_f64().max(1e-3),
             completions_per_sec: tally
                 .completions_per_sec
@@ -116,12 +121,13 @@ impl Report {
 
     pub fn render(&self) -> String {
         let mut text = format!(
-            "{:.1} s: submitted {} ({:.1}/s), accepted {}, LOST {}, {:.1} completed/s\n",
+            "{:.1} s: submitted {} ({:.1}/s), accepted {}, LOST {}, late over SSE {}, {:.1} completed/s\n",
             self.duration_secs,
             self.submitted,
             self.offered_per_sec,
             self.accepted,
             self.lost,
+            self.late,
             self.throughput_per_sec
         );
         text.push_str(&format!(
