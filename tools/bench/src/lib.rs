@@ -221,13 +221,12 @@ async fn one_job(http: &reqwest::Client, config: &Config, tally: &Tally, index: 
     }
     // A submission is answered in milliseconds or it has failed: bounded, so that one the
     // client side lost track of (its connection gone under an overload) ends the run.
-    let mut request = http
-        .post(format!("{}/v1/jobs", config.ingest.trim_end_matches('/')))
-        .timeout(SUBMIT_TIMEOUT)
-        .json(&body);
-    if let Some(key) = &config.api_key {
-        request = request.bearer_auth(key);
-    }
+    let request = with_key(
+        http.post(format!("{}/v1/jobs", config.ingest.trim_end_matches('/'))),
+        config.api_key.as_deref(),
+    )
+    .timeout(SUBMIT_TIMEOUT)
+    .json(&body);
     let submitted = Instant::now();
     tally.submitted.fetch_add(1, Ordering::Relaxed);
     let response = match request.send().await {
@@ -329,10 +328,7 @@ async fn stored_status(
 ) -> Option<String> {
     let url = answer["status_url"].as_str()?;
     for _ in 0..50 {
-        let mut request = http.get(url).timeout(SUBMIT_TIMEOUT);
-        if let Some(key) = api_key {
-            request = request.bearer_auth(key);
-        }
+        let request = with_key(http.get(url), api_key).timeout(SUBMIT_TIMEOUT);
         if let Ok(response) = request.send().await
             && response.status().is_success()
             && let Ok(job) = response.json::<serde_json::Value>().await
@@ -343,6 +339,14 @@ async fn stored_status(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     None
+}
+
+/// The request with the API key as its bearer token, if the run has one.
+fn with_key(request: reqwest::RequestBuilder, api_key: Option<&str>) -> reqwest::RequestBuilder {
+    match api_key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    }
 }
 
 /// The innermost error under a failed request (e.g. the connect error under reqwest's "error
@@ -380,11 +384,7 @@ async fn follow(
     api_key: Option<&str>,
 ) -> Option<(String, serde_json::Value)> {
     loop {
-        let mut request = http.get(events_url);
-        if let Some(key) = api_key {
-            request = request.bearer_auth(key);
-        }
-        let Ok(response) = request.send().await else {
+        let Ok(response) = with_key(http.get(events_url), api_key).send().await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };

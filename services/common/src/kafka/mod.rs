@@ -36,11 +36,11 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 500)]
     pub fetch_wait_max_ms: u32,
 
-    /// Bytes a fetch waits for at the broker (up to `fetch_wait_max_ms`) before it is answered;
-    /// librdkafka's default of 1 when unset. Set by a service for a consumer that may wait
-    /// (`gathering_fetches`), not a flag.
-    #[arg(skip)]
-    pub fetch_min_bytes: Option<u32>,
+    /// Bytes a fetch waits for at the broker (up to `fetch_wait_max_ms`) before it is answered:
+    /// librdkafka's default of 1, more for a consumer that may wait (`gathering_fetches`). Not
+    /// a flag.
+    #[arg(skip = 1_u32)]
+    pub fetch_min_bytes: u32,
 
     /// Consumer group protocol: `consumer` (KIP-848, Kafka 4: the broker assigns partitions
     /// incrementally, member by member) or `classic` (join/sync with the cooperative-sticky
@@ -196,7 +196,7 @@ impl KafkaArgs {
     pub fn gathering_fetches(&self, wait: Duration) -> Self {
         Self {
             fetch_wait_max_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
-            fetch_min_bytes: Some(1 << 20),
+            fetch_min_bytes: 1 << 20,
             ..self.clone()
         }
     }
@@ -242,10 +242,7 @@ impl KafkaArgs {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
-            .set(
-                "fetch.min.bytes",
-                self.fetch_min_bytes.unwrap_or(1).to_string(),
-            )
+            .set("fetch.min.bytes", self.fetch_min_bytes.to_string())
             .set("max.poll.interval.ms", "300000")
             // For `sluice_consumer_lag`: librdkafka reports each partition's lag in its statistics.
             .set("statistics.interval.ms", "5000");
@@ -308,5 +305,48 @@ impl KafkaArgs {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn parsed(args: &[&str]) -> KafkaArgs {
+        Cli::parse_from(std::iter::once("sluice").chain(args.iter().copied())).kafka
+    }
+
+    fn fetch_settings(config: &ClientConfig) -> (Option<&str>, Option<&str>) {
+        (
+            config.get("fetch.wait.max.ms"),
+            config.get("fetch.min.bytes"),
+        )
+    }
+
+    #[test]
+    fn a_consumer_is_answered_at_once_unless_it_gathers_fetches_and_extras_win_over_both() {
+        let kafka = parsed(&["--fetch-wait-max-ms", "300"]);
+        assert_eq!(
+            fetch_settings(&kafka.consumer_config("c", "g")),
+            (Some("300"), Some("1"))
+        );
+        let gathering = kafka.gathering_fetches(Duration::from_millis(100));
+        assert_eq!(
+            fetch_settings(&gathering.consumer_config("c", "g")),
+            (Some("100"), Some("1048576"))
+        );
+        let tuned = parsed(&["--extra-properties", "fetch.min.bytes=1"])
+            .gathering_fetches(Duration::from_millis(100));
+        assert_eq!(
+            fetch_settings(&tuned.consumer_config("c", "g")),
+            (Some("100"), Some("1"))
+        );
     }
 }
