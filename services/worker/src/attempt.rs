@@ -1,5 +1,5 @@
 //! One model attempt: a slot toward the backend, its circuit, the `running` status published
-//! beside the call, and what the attempt teaches the breaker and the concurrency limit.
+//! beside the call (once it has run for `SLUICE_RUNNING_AFTER_MS`), and what the attempt teaches the breaker and the concurrency limit.
 
 use crate::context::{JobContext, status_event, time_left};
 use crate::limit::Permit;
@@ -10,7 +10,7 @@ use crate::streaming::DeltaSink;
 use chrono::{DateTime, Utc};
 use sluice_schemas::{ErrorCode, JobError, JobStatus, Output, RequestEvent};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -68,9 +68,6 @@ pub(crate) async fn run(
         }));
     }
     let attempt = progress.attempts.fetch_add(1, Ordering::SeqCst) + 1;
-    // Why not wait for this acknowledgement first: the idempotent producer keeps
-    // per-partition order, so `running` lands before the terminal status anyway.
-    let running = status_event(context, request, JobStatus::Running, attempt, started_at);
     let remaining = time_left(request);
     let per_attempt = context.retry.attempt_timeout;
     let span = tracing::info_span!(
@@ -90,6 +87,11 @@ pub(crate) async fn run(
             attempt,
         )
     });
+    // A streamed job's pieces follow its `running`, so it goes out at once.
+    let running_after = match sink {
+        Some(_) => Duration::ZERO,
+        None => context.running_after,
+    };
     // A streamed call's first token reaches the limit as it comes, not when the answer ends.
     let first_text = sink.as_ref().map(DeltaSink::watch_first_text);
     let call = backend
@@ -104,7 +106,14 @@ pub(crate) async fn run(
         .instrument(span.clone());
     let call_started = Instant::now();
     let call = counting_first_token(call, first_text, &mut permit, call_started);
-    let (published, result) = tokio::join!(context.publisher.publish(&running), call);
+    // Published beside the call, not before it: the idempotent producer keeps per-partition
+    // order, so `running` lands before the terminal status anyway. Made when it goes out, so its
+    // `emitted_at` says when that was.
+    let running = async {
+        let event = status_event(context, request, JobStatus::Running, attempt, started_at);
+        context.publisher.publish(&event).await
+    };
+    let (published, result) = alongside_once_running(running, call, running_after).await;
     let answered_in = call_started.elapsed();
     published?;
 
@@ -158,6 +167,28 @@ pub(crate) async fn run(
     })
 }
 
+/// Runs `call` and, once it has run for `after`, `publish` beside it; a call that ends sooner
+/// ends without it (`Ok`). A publish that has started is finished before this returns, so the
+/// terminal status the caller publishes next lands after it.
+async fn alongside_once_running<P, C>(
+    publish: P,
+    call: C,
+    after: Duration,
+) -> (P::Output, C::Output)
+where
+    P: std::future::Future<Output = Result<(), Abandoned>>,
+    C: std::future::Future,
+{
+    if after.is_zero() {
+        return tokio::join!(publish, call);
+    }
+    let mut call = std::pin::pin!(call);
+    tokio::select! {
+        result = &mut call => (Ok(()), result),
+        () = tokio::time::sleep(after) => tokio::join!(publish, call),
+    }
+}
+
 /// Runs `call`, handing the limit the call's first token when `first_text` sees it (a streamed
 /// call), so the limit learns at the pace of first tokens rather than of whole answers.
 async fn counting_first_token<T>(
@@ -185,5 +216,53 @@ async fn counting_first_token<T>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    async fn published(count: &AtomicUsize) -> Result<(), Abandoned> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn answered_in(time: Duration) -> &'static str {
+        tokio::time::sleep(time).await;
+        "answer"
+    }
+
+    #[tokio::test]
+    async fn running_goes_out_with_the_call_only_once_the_call_has_run_that_long() {
+        let count = AtomicUsize::new(0);
+        let at_once = alongside_once_running(
+            published(&count),
+            answered_in(Duration::from_millis(10)),
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!((at_once.1, count.load(Ordering::SeqCst)), ("answer", 1));
+
+        let quick = alongside_once_running(
+            published(&count),
+            answered_in(Duration::from_millis(10)),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            (quick.0.is_ok(), quick.1, count.load(Ordering::SeqCst)),
+            (true, "answer", 1),
+            "a call answered before the delay publishes nothing"
+        );
+
+        let slow = alongside_once_running(
+            published(&count),
+            answered_in(Duration::from_millis(300)),
+            Duration::from_millis(20),
+        )
+        .await;
+        assert_eq!((slow.1, count.load(Ordering::SeqCst)), ("answer", 2));
     }
 }

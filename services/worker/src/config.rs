@@ -156,6 +156,15 @@ pub struct Config {
     #[arg(long = "delta-flush-ms", env = "SLUICE_DELTA_FLUSH_MS", default_value = "50", value_parser = sluice_common::settings::millis)]
     pub delta_flush: std::time::Duration,
 
+    /// How long an attempt runs before its `running` status is published. An attempt answered
+    /// sooner goes from `queued` straight to its terminal status, whose record carries
+    /// `started_at` all the same: for short jobs (embeddings, a fast model) that is one status
+    /// event fewer per job for the broker, the results service and every stream. 0 publishes
+    /// `running` as each attempt starts. Streamed jobs publish it at once whatever this says:
+    /// their answer's pieces follow it.
+    #[arg(long = "running-after-ms", env = "SLUICE_RUNNING_AFTER_MS", default_value = "0", value_parser = sluice_common::settings::millis)]
+    pub running_after: std::time::Duration,
+
     /// The in-process embedding model, `all-minilm-l6-v2`: a directory holding its
     /// `config.json`, `model.safetensors` and `tokenizer.json`. Unset: no in-process model.
     #[arg(long, env = "SLUICE_EMBEDDING_MODEL_DIR")]

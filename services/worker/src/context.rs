@@ -26,6 +26,8 @@ pub struct JobContext {
     pub coalescer: Coalescer,
     /// Where streamed answers' pieces go.
     pub deltas: DeltaTopic,
+    /// How long an attempt runs before its `running` status is published.
+    pub running_after: Duration,
 }
 
 impl JobContext {
@@ -54,6 +56,7 @@ impl JobContext {
             cancellations: Cancellations::default(),
             cache: Arc::new(config.response_cache().await?),
             coalescer: Coalescer::default(),
+            running_after: config.running_after,
         })
     }
 }

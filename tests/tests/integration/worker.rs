@@ -162,6 +162,45 @@ async fn runs_expires_and_dead_letters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_running_delay_only_attempts_that_outlast_it_publish_running() {
+    let delayed = |config: &mut sluice_worker::Config| {
+        config.running_after = Duration::from_millis(300);
+    };
+    let (_, quick_url) = sim(|_| {}).await;
+    let quick = Harness::new(&quick_url, delayed).await;
+    let job = request("sim", 10_000);
+    assert_eq!(
+        quick.run(job.encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    let events = quick.statuses(1);
+    assert_eq!(summary(&events), [(JobStatus::Succeeded, 1)]);
+    assert!(
+        events[0].timings.started_at.is_some(),
+        "the terminal status carries when the job started"
+    );
+
+    let (_, slow_url) = sim(|config| config.service_time_ms = 800).await;
+    let slow = Harness::new(&slow_url, delayed).await;
+    let job = request("sim", 10_000);
+    assert_eq!(
+        slow.run(job.encode()).await,
+        Outcome::Finished(JobStatus::Succeeded)
+    );
+    let events = slow.statuses(2);
+    assert_eq!(
+        summary(&events),
+        [(JobStatus::Running, 1), (JobStatus::Succeeded, 1)]
+    );
+    assert_eq!(events[0].timings.started_at, events[1].timings.started_at);
+    assert!(
+        events[0].emitted_at - events[0].timings.started_at.unwrap()
+            >= chrono::Duration::milliseconds(300),
+        "running went out once the attempt had run for the delay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_are_retried_and_each_attempt_is_reported() {
     let (stats, url) = sim(|sim| sim.fail_first = 2).await;
     let harness = Harness::new(&url, |_| {}).await;
