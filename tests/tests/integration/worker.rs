@@ -163,38 +163,33 @@ async fn runs_expires_and_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_running_delay_only_attempts_that_outlast_it_publish_running() {
-    let delayed = |config: &mut sluice_worker::Config| {
-        config.running_after = Duration::from_millis(300);
+    // One job on a model answering in `service_ms`, with `running` held back 300 ms.
+    let statuses = |service_ms: u64, expected: usize| async move {
+        let (_, url) = sim(|config| config.service_time_ms = service_ms).await;
+        let harness = Harness::new(&url, |config| {
+            config.running_after = Duration::from_millis(300);
+        })
+        .await;
+        let outcome = harness.run(request("sim", 10_000).encode()).await;
+        assert_eq!(outcome, Outcome::Finished(JobStatus::Succeeded));
+        harness.statuses(expected)
     };
-    let (_, quick_url) = sim(|_| {}).await;
-    let quick = Harness::new(&quick_url, delayed).await;
-    let job = request("sim", 10_000);
-    assert_eq!(
-        quick.run(job.encode()).await,
-        Outcome::Finished(JobStatus::Succeeded)
-    );
-    let events = quick.statuses(1);
-    assert_eq!(summary(&events), [(JobStatus::Succeeded, 1)]);
+
+    let quick = statuses(1, 1).await;
+    assert_eq!(summary(&quick), [(JobStatus::Succeeded, 1)]);
     assert!(
-        events[0].timings.started_at.is_some(),
+        quick[0].timings.started_at.is_some(),
         "the terminal status carries when the job started"
     );
 
-    let (_, slow_url) = sim(|config| config.service_time_ms = 800).await;
-    let slow = Harness::new(&slow_url, delayed).await;
-    let job = request("sim", 10_000);
+    let slow = statuses(800, 2).await;
     assert_eq!(
-        slow.run(job.encode()).await,
-        Outcome::Finished(JobStatus::Succeeded)
-    );
-    let events = slow.statuses(2);
-    assert_eq!(
-        summary(&events),
+        summary(&slow),
         [(JobStatus::Running, 1), (JobStatus::Succeeded, 1)]
     );
-    assert_eq!(events[0].timings.started_at, events[1].timings.started_at);
+    assert_eq!(slow[0].timings.started_at, slow[1].timings.started_at);
     assert!(
-        events[0].emitted_at - events[0].timings.started_at.unwrap()
+        slow[0].emitted_at - slow[0].timings.started_at.unwrap()
             >= chrono::Duration::milliseconds(300),
         "running went out once the attempt had run for the delay"
     );
