@@ -1,5 +1,6 @@
 //! One model attempt: a slot toward the backend, its circuit, the `running` status published
-//! beside the call (once it has run for `SLUICE_RUNNING_AFTER_MS`), and what the attempt teaches the breaker and the concurrency limit.
+//! beside the call (once it has run for `SLUICE_RUNNING_AFTER_MS`), and what the attempt teaches
+//! the breaker and the concurrency limit.
 
 use crate::context::{JobContext, status_event, time_left};
 use crate::limit::Permit;
@@ -88,9 +89,10 @@ pub(crate) async fn run(
         )
     });
     // A streamed job's pieces follow its `running`, so it goes out at once.
-    let running_after = match sink {
-        Some(_) => Duration::ZERO,
-        None => context.running_after,
+    let running_after = if sink.is_some() {
+        Duration::ZERO
+    } else {
+        context.running_after
     };
     // A streamed call's first token reaches the limit as it comes, not when the answer ends.
     let first_text = sink.as_ref().map(DeltaSink::watch_first_text);
