@@ -140,8 +140,9 @@ impl Config {
             "SLUICE_RESULTS_MAX_BATCH must be above 0"
         );
         anyhow::ensure!(
-            self.database_max_connections >= 2,
-            "DATABASE_MAX_CONNECTIONS must be at least 2"
+            self.database_max_connections >= 4,
+            "DATABASE_MAX_CONNECTIONS must be at least 4 (the writer, the streams' reads and \
+             the change listener each keep one; requests need the rest)"
         );
         anyhow::ensure!(
             !self.sse_keepalive.is_zero(),

@@ -4,6 +4,7 @@
 //! (found by writing the batch's events one by one): the rest are stored and the pipeline goes
 //! on, where retrying the batch would stop it for good.
 
+use crate::kept::KeptConnection;
 use crate::notify::JobChanges;
 use crate::state::{RequestRecord, Update};
 use crate::store::Store;
@@ -18,6 +19,8 @@ pub(crate) struct EventLoop {
     pub source: KafkaSource,
     pub producer: FutureProducer,
     pub store: Store,
+    /// The writer's connection, kept from one batch to the next.
+    pub connection: KeptConnection,
     /// This replica's SSE streams, handed each committed change.
     pub changes: JobChanges,
     pub requests_topic: String,
@@ -139,7 +142,10 @@ impl EventLoop {
         let written = sluice_common::shutdown::retry_unless(
             "writing a batch",
             give_up,
-            || self.store.apply(updates),
+            || {
+                self.connection
+                    .run(async |connection| self.store.apply_on(connection, updates).await)
+            },
             |error| refused_for_its_data(error).is_some(),
         )
         .await;

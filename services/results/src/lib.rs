@@ -8,6 +8,7 @@ mod console;
 mod consumer;
 pub mod deltas;
 mod events;
+pub mod kept;
 pub mod list;
 pub mod notify;
 pub mod queue;
@@ -224,6 +225,7 @@ impl Application {
         let event_loop = EventLoop {
             source,
             producer,
+            connection: kept::KeptConnection::new(store.pool().clone()),
             store,
             changes: state.changes.clone(),
             requests_topic: config.topics.requests,

@@ -5,6 +5,7 @@
 //! Reads asking the same (many streams of one job, woken by one change) are read once and
 //! share their answer: a long answer is then held once, not once per stream.
 
+use crate::kept::KeptConnection;
 use crate::store::{JobEvent, Store};
 use sluice_schemas::JobId;
 use std::collections::HashMap;
@@ -27,6 +28,8 @@ pub struct EventReads {
 /// Answers the reads handed over, until stopped.
 pub struct Gatherer {
     store: Store,
+    /// One query at a time, so one connection, kept from one to the next.
+    connection: KeptConnection,
     receiver: mpsc::Receiver<Read>,
 }
 
@@ -47,7 +50,13 @@ struct Read {
 /// The two ends: streams read through the first, the second runs in the service's lifecycle.
 pub fn gathered(store: Store) -> (EventReads, Gatherer) {
     let (sender, receiver) = mpsc::channel(4 * MAX_GATHERED);
-    (EventReads { sender }, Gatherer { store, receiver })
+    let connection = KeptConnection::new(store.pool().clone());
+    let gatherer = Gatherer {
+        store,
+        connection,
+        receiver,
+    };
+    (EventReads { sender }, gatherer)
 }
 
 impl EventReads {
@@ -87,7 +96,12 @@ impl Gatherer {
             let (asked, answer_of) = distinct(&reads);
             metrics::counter!("sluice_sse_reads_total").increment(reads.len() as u64);
             metrics::counter!("sluice_sse_read_queries_total").increment(1);
-            match self.store.events_after_each(&asked).await {
+            let store = &self.store;
+            let answered = self
+                .connection
+                .run(async |connection| store.events_after_each_on(connection, &asked).await)
+                .await;
+            match answered {
                 Ok(answers) => {
                     // Why cloning shares: an event's job is behind an `Arc`.
                     for (read, index) in reads.drain(..).zip(answer_of) {

@@ -179,6 +179,16 @@ impl Store {
         &self,
         reads: &[crate::reads::ReadOf],
     ) -> sqlx::Result<Vec<Vec<JobEvent>>> {
+        let mut connection = self.pool.acquire().await?;
+        self.events_after_each_on(&mut connection, reads).await
+    }
+
+    /// [`Self::events_after_each`] on `connection` (the gatherer's kept one: `kept.rs`).
+    pub async fn events_after_each_on(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        reads: &[crate::reads::ReadOf],
+    ) -> sqlx::Result<Vec<Vec<JobEvent>>> {
         // Why `OFFSET 0`: it keeps the planner from turning the lateral part into a join that
         // may read `job_events` whole; each read stays a lookup on the primary key.
         let rows = sqlx::query(
@@ -196,7 +206,7 @@ impl Store {
         .bind(reads.iter().map(|read| read.job_id.as_uuid()).collect::<Vec<_>>())
         .bind(reads.iter().map(|read| read.after_seq).collect::<Vec<_>>())
         .bind(reads.iter().map(|read| read.user.clone()).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
+        .fetch_all(connection)
         .await?;
         let mut answers = vec![Vec::new(); reads.len()];
         for row in rows {

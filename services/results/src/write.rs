@@ -13,7 +13,7 @@ use crate::state::{Job, RequestRecord, Update};
 use crate::store::{JOB_COLUMNS, NOTIFY_CHANNEL, Recorded, Store, job_from_row};
 use chrono::{DateTime, Utc};
 use sluice_schemas::JobId;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -22,13 +22,23 @@ impl Store {
     /// Applies a batch of updates in one transaction and returns what it recorded, job by job.
     /// Replayed, duplicated or out-of-order updates never move a job back or add a row.
     pub async fn apply(&self, updates: &[Update]) -> sqlx::Result<Vec<Recorded>> {
+        let mut connection = self.pool().acquire().await?;
+        self.apply_on(&mut connection, updates).await
+    }
+
+    /// [`Self::apply`] on `connection` (the writer's kept one: `kept.rs`).
+    pub async fn apply_on(
+        &self,
+        connection: &mut PgConnection,
+        updates: &[Update],
+    ) -> sqlx::Result<Vec<Recorded>> {
         // Sorted by job id so every writer takes row locks in the same order (no deadlocks
         // between results replicas that share jobs through the two topics).
         let mut by_job: BTreeMap<JobId, Vec<&Update>> = BTreeMap::new();
         for update in updates {
             by_job.entry(update.job_id).or_default().push(update);
         }
-        let mut transaction = self.pool().begin_with(WRITE_BEGIN).await?;
+        let mut transaction = connection.begin_with(WRITE_BEGIN).await?;
         insert_placeholders(&mut transaction, &by_job).await?;
         let ids: Vec<Uuid> = by_job.keys().map(JobId::as_uuid).collect();
         let rows = sqlx::query(&format!(

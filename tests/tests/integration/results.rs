@@ -560,3 +560,36 @@ async fn gathered_reads_answer_each_read_in_its_place_after_its_seq_for_its_read
     assert!(statuses(2).is_empty() && statuses(3).is_empty());
     assert_eq!(statuses(4).len(), 3);
 }
+
+/// The writer's and the stream reads' kept connection (`kept.rs`): the same backend from one
+/// use to the next, with no pool checks between; when its backend dies, the one use that
+/// meets the dead connection fails, and the next runs on a new one.
+#[tokio::test]
+async fn a_kept_connection_is_used_again_and_replaced_after_its_backend_dies() {
+    let database = TestDatabase::create().await;
+    let kept = sluice_results::kept::KeptConnection::new(database.pool.clone());
+    let backend = async || {
+        kept.run(async |connection| {
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(connection)
+                .await
+        })
+        .await
+    };
+    let first = backend().await.unwrap();
+    assert_eq!(backend().await.unwrap(), first, "kept, not taken anew");
+
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    assert!(
+        backend().await.is_err(),
+        "the use that meets the dead connection fails"
+    );
+    let replaced = backend().await.unwrap();
+    assert_ne!(replaced, first, "the next use is on a new connection");
+    assert_eq!(backend().await.unwrap(), replaced, "which is kept in turn");
+}

@@ -1,0 +1,78 @@
+//! A Postgres connection kept by one serial user of the store (the batch writer, the streams'
+//! read gatherer) from one batch to the next, rather than taken from the pool for each.
+//!
+//! Why: sqlx's pool checks a connection with a round trip to Postgres each time it hands one
+//! out (`test_before_acquire`) and again each time it takes one back (always, to flush what a
+//! dropped query left), so a writer that took a connection per batch paid two round trips on
+//! top of its five, and a gathered read two on top of its one. Counted at 797 jobs/s: 303
+//! write batches and 590 gathered reads a second, so about 1,800 of Postgres' 3,900 round
+//! trips a second were these checks, each a wake-up of a backend on a machine whose cores are
+//! full. A kept connection is checked only when it is taken: after an error (it goes back to
+//! the pool, which closes it if it is broken), after it has been idle long enough for a
+//! firewall or Postgres to have dropped it, and when it is old enough that the pool would have
+//! replaced it.
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+use std::time::{Duration, Instant};
+
+/// A kept connection unused this long is handed back and a checked one taken instead.
+const IDLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// A kept connection is handed back after this long, as the pool retires its own (sqlx's
+/// default `max_lifetime`).
+const AGE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// The connection of one serial user; its work runs one at a time (a lock, never contended).
+#[derive(Debug)]
+pub struct KeptConnection {
+    pool: PgPool,
+    kept: tokio::sync::Mutex<Option<Kept>>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    connection: PoolConnection<Postgres>,
+    taken_at: Instant,
+    last_used: Instant,
+}
+
+impl KeptConnection {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            kept: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `work` on the kept connection, taking one from the pool first if none is kept or
+    /// the kept one is past its limits. After an error the connection goes back to the pool,
+    /// so the next call starts on a checked one: a failed statement may leave it in a state
+    /// only the pool's check clears, or broken.
+    pub async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> sqlx::Result<T>,
+    ) -> sqlx::Result<T> {
+        let mut kept = self.kept.lock().await;
+        let now = Instant::now();
+        if kept.as_ref().is_some_and(|kept| {
+            now - kept.last_used > IDLE_LIMIT || now - kept.taken_at > AGE_LIMIT
+        }) {
+            *kept = None;
+        }
+        let held = match kept.as_mut() {
+            Some(held) => held,
+            None => kept.insert(Kept {
+                connection: self.pool.acquire().await?,
+                taken_at: now,
+                last_used: now,
+            }),
+        };
+        let result = work(&mut held.connection).await;
+        held.last_used = Instant::now();
+        if result.is_err() {
+            *kept = None;
+        }
+        result
+    }
+}
