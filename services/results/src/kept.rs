@@ -46,32 +46,29 @@ impl KeptConnection {
     }
 
     /// Runs `work` on the kept connection, taking one from the pool first if none is kept or
-    /// the kept one is past its limits. After an error the connection goes back to the pool,
-    /// so the next call starts on a checked one: a failed statement may leave it in a state
-    /// only the pool's check clears, or broken.
+    /// the kept one is past its limits. The connection is kept again only if `work` succeeds:
+    /// after an error, or if `work` is dropped before it ends, it goes back to the pool, whose
+    /// check clears what a failed or abandoned statement left on it (or closes it, broken).
     pub async fn run<T>(
         &self,
         work: impl AsyncFnOnce(&mut PgConnection) -> sqlx::Result<T>,
     ) -> sqlx::Result<T> {
-        let mut kept = self.kept.lock().await;
+        let mut slot = self.kept.lock().await;
         let now = Instant::now();
-        if kept.as_ref().is_some_and(|kept| {
-            now - kept.last_used > IDLE_LIMIT || now - kept.taken_at > AGE_LIMIT
-        }) {
-            *kept = None;
-        }
-        let held = match kept.as_mut() {
+        let fresh =
+            |kept: &Kept| now - kept.last_used <= IDLE_LIMIT && now - kept.taken_at <= AGE_LIMIT;
+        let mut held = match slot.take().filter(fresh) {
             Some(held) => held,
-            None => kept.insert(Kept {
+            None => Kept {
                 connection: self.pool.acquire().await?,
                 taken_at: now,
                 last_used: now,
-            }),
+            },
         };
         let result = work(&mut held.connection).await;
-        held.last_used = Instant::now();
-        if result.is_err() {
-            *kept = None;
+        if result.is_ok() {
+            held.last_used = Instant::now();
+            *slot = Some(held);
         }
         result
     }

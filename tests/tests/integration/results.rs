@@ -592,4 +592,20 @@ async fn a_kept_connection_is_used_again_and_replaced_after_its_backend_dies() {
     let replaced = backend().await.unwrap();
     assert_ne!(replaced, first, "the next use is on a new connection");
     assert_eq!(backend().await.unwrap(), replaced, "which is kept in turn");
+
+    // A use dropped before it ends (its caller timed out) takes its connection with it, back to
+    // the pool: the next use does not wait behind the abandoned statement.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        kept.run(async |connection| sqlx::query("SELECT pg_sleep(5)").execute(connection).await),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the caller gave up on it");
+    let started = std::time::Instant::now();
+    assert_ne!(backend().await.unwrap(), replaced);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
