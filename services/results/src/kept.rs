@@ -4,13 +4,13 @@
 //! Why: sqlx's pool checks a connection with a round trip to Postgres each time it hands one
 //! out (`test_before_acquire`) and again each time it takes one back (always, to flush what a
 //! dropped query left), so a writer that took a connection per batch paid two round trips on
-//! top of its five, and a gathered read two on top of its one. Counted at 797 jobs/s: 303
-//! write batches and 590 gathered reads a second, so about 1,800 of Postgres' 3,900 round
-//! trips a second were these checks, each a wake-up of a backend on a machine whose cores are
-//! full. A kept connection is checked only when it is taken: after an error (it goes back to
-//! the pool, which closes it if it is broken), after it has been idle long enough for a
-//! firewall or Postgres to have dropped it, and when it is old enough that the pool would have
-//! replaced it.
+//! top of its five, and a gathered read two on top of its one. At 797 jobs/s on the bench
+//! machine (about 300 write batches and 600 gathered reads a second) results sent Postgres
+//! 4,100-4,700 TCP segments a second with the checks and 2,400-2,600 without (BENCHMARKS.md);
+//! where Postgres is across a network, each check is a network round trip on the write's path.
+//! A kept connection is checked only when it is taken: after an error (it goes back to the
+//! pool, which closes it if it is broken), after it has been idle long enough for a firewall or
+//! Postgres to have dropped it, and when it is old enough that the pool would have replaced it.
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
