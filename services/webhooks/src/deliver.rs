@@ -526,42 +526,12 @@ async fn write_outcomes(pool: PgPool, mut outcomes: mpsc::Receiver<Outcome>) {
                  AS o(delivery_id, state, attempts, last_status, last_error, wait_ms)
              WHERE d.delivery_id = o.delivery_id",
         )
-        .bind(
-            batch
-                .iter()
-                .map(|outcome| outcome.delivery_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .iter()
-                .map(|outcome| outcome.state)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .iter()
-                .map(|outcome| outcome.attempts)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .iter()
-                .map(|outcome| outcome.status)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .iter()
-                .map(|outcome| outcome.error.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            batch
-                .iter()
-                .map(|outcome| outcome.wait_ms)
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&batch, |outcome| outcome.delivery_id))
+        .bind(column(&batch, |outcome| outcome.state))
+        .bind(column(&batch, |outcome| outcome.attempts))
+        .bind(column(&batch, |outcome| outcome.status))
+        .bind(column(&batch, |outcome| outcome.error.clone()))
+        .bind(column(&batch, |outcome| outcome.wait_ms))
         .execute(&pool)
         .await;
         if let Err(error) = result {
@@ -570,6 +540,11 @@ async fn write_outcomes(pool: PgPool, mut outcomes: mpsc::Receiver<Outcome>) {
         }
         batch.clear();
     }
+}
+
+/// One field of every outcome, as a statement's array parameter.
+fn column<T>(outcomes: &[Outcome], field: impl Fn(&Outcome) -> T) -> Vec<T> {
+    outcomes.iter().map(field).collect()
 }
 
 /// A status as the outcome it is.
