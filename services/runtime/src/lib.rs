@@ -2,6 +2,7 @@
 //! Prometheus metrics, stop signals, one lifecycle, HTTP basics and settings parsers. Nothing
 //! here links Kafka, Postgres or Redis; `sluice-common` adds those for the services.
 
+mod allocator;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
